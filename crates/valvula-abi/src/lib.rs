@@ -1,0 +1,198 @@
+//! `#[repr(C)]` mirror of `include/valvula/module.h`. No logic: the header is the
+//! contract, this crate only spells it in Rust, and the `const` assertions at the bottom
+//! fail the build if a field moves.
+//!
+//! Read the header for what each item means, who owns what and on which threads it may
+//! be used; the comments here do not repeat it.
+
+#![no_std]
+
+use core::ffi::{c_char, c_void};
+use core::mem::{offset_of, size_of};
+
+pub const VLV_ABI_MAJOR: u16 = 0;
+pub const VLV_ABI_MINOR: u16 = 1;
+pub const VLV_MODULE_MAGIC: u32 = 0x4D56_4C56;
+/// `VLV_MODULE_SYMBOL`, NUL-terminated for dlsym.
+pub const VLV_MODULE_SYMBOL: &[u8] = b"vlv_module_v1\0";
+
+pub const VLV_OK: i32 = 0;
+pub const VLV_E_NOT_FOUND: i32 = -1;
+pub const VLV_E_INVALID: i32 = -2;
+pub const VLV_E_TOO_SMALL: i32 = -3;
+pub const VLV_E_FAILED: i32 = -4;
+pub const VLV_E_UNAVAILABLE: i32 = -5;
+
+pub const VLV_ACTION_DUNNO: u32 = 0;
+pub const VLV_ACTION_OK: u32 = 1;
+pub const VLV_ACTION_REJECT: u32 = 2;
+pub const VLV_ACTION_DEFER: u32 = 3;
+pub const VLV_ACTION_DEFER_IF_PERMIT: u32 = 4;
+pub const VLV_ACTION_DEFER_IF_REJECT: u32 = 5;
+pub const VLV_ACTION_DISCARD: u32 = 6;
+pub const VLV_ACTION_HOLD: u32 = 7;
+pub const VLV_ACTION_PREPEND: u32 = 8;
+pub const VLV_ACTION_REDIRECT: u32 = 9;
+pub const VLV_ACTION_BCC: u32 = 10;
+pub const VLV_ACTION_FILTER: u32 = 11;
+pub const VLV_ACTION_WARN: u32 = 12;
+pub const VLV_ACTION_INFO: u32 = 13;
+pub const VLV_ACTION_RAW: u32 = 14;
+pub const VLV_REPLY_TEXT_MAX: u32 = 2000;
+
+pub const VLV_LOG_ERROR: u32 = 1;
+pub const VLV_LOG_WARN: u32 = 2;
+pub const VLV_LOG_INFO: u32 = 3;
+pub const VLV_LOG_DEBUG: u32 = 4;
+pub const VLV_LOG_TRACE: u32 = 5;
+
+pub const VLV_TICK_MINUTE: u32 = 0x1;
+pub const VLV_TICK_HOUR: u32 = 0x2;
+pub const VLV_TICK_DAY: u32 = 0x4;
+pub const VLV_TICK_MONTH: u32 = 0x8;
+
+pub const VLV_FLAG_NONBLOCKING: u32 = 0x1;
+pub const VLV_FLAG_SERIALIZE: u32 = 0x2;
+/// Every flag this ABI version knows; a module setting any other bit is refused.
+pub const VLV_FLAGS_KNOWN: u32 = VLV_FLAG_NONBLOCKING | VLV_FLAG_SERIALIZE;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vlv_str {
+    pub ptr: *const c_char,
+    pub len: usize,
+}
+
+impl vlv_str {
+    pub const EMPTY: vlv_str = vlv_str {
+        ptr: core::ptr::null(),
+        len: 0,
+    };
+
+    /// Borrows a Rust string: valid as long as `s` is.
+    pub const fn from_str(s: &str) -> vlv_str {
+        vlv_str {
+            ptr: s.as_ptr().cast(),
+            len: s.len(),
+        }
+    }
+}
+
+/// Opaque: the host's handle for one module.
+#[repr(C)]
+pub struct vlv_module_ctx {
+    _private: [u8; 0],
+}
+
+/// Opaque: one request during one `process` call.
+#[repr(C)]
+pub struct vlv_request {
+    _private: [u8; 0],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct vlv_host_api {
+    pub struct_size: u32,
+    pub abi_major: u16,
+    pub abi_minor: u16,
+    pub log: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, level: u32, msg: vlv_str)>,
+    pub config_get: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            key: vlv_str,
+            buf: *mut c_char,
+            cap: usize,
+            len: *mut usize,
+        ) -> i32,
+    >,
+    pub request_get: Option<
+        unsafe extern "C" fn(req: *const vlv_request, name: vlv_str, value: *mut vlv_str) -> i32,
+    >,
+    pub request_attr: Option<
+        unsafe extern "C" fn(
+            req: *const vlv_request,
+            index: usize,
+            name: *mut vlv_str,
+            value: *mut vlv_str,
+        ) -> i32,
+    >,
+    pub reply_set:
+        Option<unsafe extern "C" fn(req: *mut vlv_request, action: u32, text: vlv_str) -> i32>,
+    pub now: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx) -> i64>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct vlv_module_def {
+    pub magic: u32,
+    pub abi_major: u16,
+    pub abi_minor: u16,
+    pub struct_size: u32,
+    pub flags: u32,
+    pub name: vlv_str,
+    pub version: vlv_str,
+    pub description: vlv_str,
+    pub init: Option<
+        unsafe extern "C" fn(
+            host: *const vlv_host_api,
+            ctx: *mut vlv_module_ctx,
+            state: *mut *mut c_void,
+        ) -> i32,
+    >,
+    pub process: Option<unsafe extern "C" fn(state: *mut c_void, req: *mut vlv_request) -> i32>,
+    pub reconf: Option<unsafe extern "C" fn(state: *mut c_void) -> i32>,
+    pub close: Option<unsafe extern "C" fn(state: *mut c_void)>,
+    pub tick: Option<unsafe extern "C" fn(state: *mut c_void, kinds: u32, now: i64)>,
+}
+
+// SAFETY: the definition is immutable static data of the module; its pointers refer to
+// static strings and functions, so sharing it between threads is sound.
+unsafe impl Sync for vlv_module_def {}
+// SAFETY: as above: a copy of the definition only points at the module's static data
+// and code, which stay mapped (modules are never unloaded).
+unsafe impl Send for vlv_module_def {}
+// SAFETY: the host table holds only function pointers and integers.
+unsafe impl Sync for vlv_host_api {}
+// SAFETY: see above; the table is plain data.
+unsafe impl Send for vlv_host_api {}
+
+/// Bytes of `vlv_module_def` a module built for ABI 0.`minor` must provide: the end of
+/// the last field that minor defines. Minor 0 and 1 share one layout.
+pub const fn module_def_min_size(minor: u16) -> usize {
+    let _ = minor;
+    offset_of!(vlv_module_def, tick) + size_of::<usize>()
+}
+
+// The layout C compilers give the header on the platforms we build for (LP64: Linux and
+// the BSDs on 64-bit targets). A change here is an ABI break.
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(size_of::<vlv_str>() == 16);
+    assert!(offset_of!(vlv_host_api, struct_size) == 0);
+    assert!(offset_of!(vlv_host_api, abi_major) == 4);
+    assert!(offset_of!(vlv_host_api, abi_minor) == 6);
+    assert!(offset_of!(vlv_host_api, log) == 8);
+    assert!(offset_of!(vlv_host_api, config_get) == 16);
+    assert!(offset_of!(vlv_host_api, request_get) == 24);
+    assert!(offset_of!(vlv_host_api, request_attr) == 32);
+    assert!(offset_of!(vlv_host_api, reply_set) == 40);
+    assert!(offset_of!(vlv_host_api, now) == 48);
+    assert!(size_of::<vlv_host_api>() == 56);
+
+    assert!(offset_of!(vlv_module_def, magic) == 0);
+    assert!(offset_of!(vlv_module_def, abi_major) == 4);
+    assert!(offset_of!(vlv_module_def, abi_minor) == 6);
+    assert!(offset_of!(vlv_module_def, struct_size) == 8);
+    assert!(offset_of!(vlv_module_def, flags) == 12);
+    assert!(offset_of!(vlv_module_def, name) == 16);
+    assert!(offset_of!(vlv_module_def, version) == 32);
+    assert!(offset_of!(vlv_module_def, description) == 48);
+    assert!(offset_of!(vlv_module_def, init) == 64);
+    assert!(offset_of!(vlv_module_def, process) == 72);
+    assert!(offset_of!(vlv_module_def, reconf) == 80);
+    assert!(offset_of!(vlv_module_def, close) == 88);
+    assert!(offset_of!(vlv_module_def, tick) == 96);
+    assert!(size_of::<vlv_module_def>() == 104);
+    assert!(module_def_min_size(1) == 104);
+};

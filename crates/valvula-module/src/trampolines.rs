@@ -1,0 +1,210 @@
+//! The `extern "C"` functions behind [`crate::export_module!`]. Each one runs the
+//! module's code under `catch_unwind`: a panic must never unwind into the host (that is
+//! undefined behaviour across a C ABI), so it becomes `VLV_E_FAILED` and a log line.
+
+use std::any::Any;
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use crate::abi::{self, vlv_host_api, vlv_module_ctx, vlv_module_def, vlv_request, vlv_str};
+use crate::{Action, Host, LogLevel, Module, Request, Ticks};
+
+/// What the `state` pointer given to the host points at.
+struct Slot<M> {
+    host: Host,
+    module: M,
+}
+
+/// Builds the definition `export_module!` exports.
+pub const fn definition<M: Module>(
+    name: &'static str,
+    version: &'static str,
+    description: &'static str,
+    flags: u32,
+) -> vlv_module_def {
+    vlv_module_def {
+        magic: abi::VLV_MODULE_MAGIC,
+        abi_major: abi::VLV_ABI_MAJOR,
+        abi_minor: abi::VLV_ABI_MINOR,
+        struct_size: std::mem::size_of::<vlv_module_def>() as u32,
+        flags,
+        name: vlv_str::from_str(name),
+        version: vlv_str::from_str(version),
+        description: vlv_str::from_str(description),
+        init: Some(init::<M>),
+        process: Some(process::<M>),
+        reconf: Some(reconf::<M>),
+        close: Some(close::<M>),
+        tick: Some(tick::<M>),
+    }
+}
+
+fn panic_text(p: &(dyn Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// # Safety
+/// `state` must be a pointer this module's `init` returned and `close` has not freed.
+unsafe fn slot<'a, M>(state: *mut c_void) -> Option<&'a Slot<M>> {
+    // SAFETY: per the contract above the pointer is a live Box<Slot<M>> or NULL.
+    unsafe { state.cast::<Slot<M>>().as_ref() }
+}
+
+unsafe extern "C" fn init<M: Module>(
+    api: *const vlv_host_api,
+    ctx: *mut vlv_module_ctx,
+    state: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: the host passes a table that lives until the process exits.
+    let Some(api) = (unsafe { api.as_ref() }) else {
+        return abi::VLV_E_INVALID;
+    };
+    if state.is_null() {
+        return abi::VLV_E_INVALID;
+    }
+    let host = Host::new(api, ctx);
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        crate::log_bridge::install(host);
+        M::init(host)
+    }));
+    match r {
+        Ok(Ok(module)) => {
+            let b = Box::new(Slot { host, module });
+            // SAFETY: state was checked non-NULL; the host gave us a place to write.
+            unsafe { *state = Box::into_raw(b).cast() };
+            abi::VLV_OK
+        }
+        Ok(Err(e)) => {
+            host.log(LogLevel::Error, &format!("init failed: {e}"));
+            abi::VLV_E_FAILED
+        }
+        Err(p) => {
+            host.log(
+                LogLevel::Error,
+                &format!("init panicked: {}", panic_text(&*p)),
+            );
+            abi::VLV_E_FAILED
+        }
+    }
+}
+
+unsafe extern "C" fn process<M: Module>(state: *mut c_void, req: *mut vlv_request) -> i32 {
+    // SAFETY: the host passes back the state init returned.
+    let Some(slot) = (unsafe { slot::<M>(state) }) else {
+        return abi::VLV_E_INVALID;
+    };
+    let api = slot.host.api();
+    let request = Request::new(api, req);
+    let r = catch_unwind(AssertUnwindSafe(|| slot.module.process(&request)));
+    match r {
+        Ok(Ok(v)) if v.action == Action::Dunno && v.text.is_empty() => abi::VLV_OK,
+        Ok(Ok(v)) => {
+            let Some(set) = api.reply_set else {
+                return abi::VLV_E_FAILED;
+            };
+            // SAFETY: req is the live request of this call; the text is copied by the
+            // host before reply_set returns.
+            let rc = unsafe {
+                set(
+                    request.raw(),
+                    action_code(v.action),
+                    vlv_str::from_str(&v.text),
+                )
+            };
+            if rc != abi::VLV_OK {
+                slot.host.log(
+                    LogLevel::Error,
+                    &format!(
+                        "the host refused the verdict {} {:?} (status {rc})",
+                        v.action, v.text
+                    ),
+                );
+            }
+            rc
+        }
+        Ok(Err(e)) => {
+            slot.host
+                .log(LogLevel::Error, &format!("request failed: {e}"));
+            abi::VLV_E_FAILED
+        }
+        Err(p) => {
+            slot.host
+                .log(LogLevel::Error, &format!("panicked: {}", panic_text(&*p)));
+            abi::VLV_E_FAILED
+        }
+    }
+}
+
+unsafe extern "C" fn reconf<M: Module>(state: *mut c_void) -> i32 {
+    // SAFETY: the host passes back the state init returned.
+    let Some(slot) = (unsafe { slot::<M>(state) }) else {
+        return abi::VLV_E_INVALID;
+    };
+    match catch_unwind(AssertUnwindSafe(|| slot.module.reconf())) {
+        Ok(Ok(())) => abi::VLV_OK,
+        Ok(Err(e)) => {
+            slot.host
+                .log(LogLevel::Error, &format!("reconf failed: {e}"));
+            abi::VLV_E_FAILED
+        }
+        Err(p) => {
+            slot.host.log(
+                LogLevel::Error,
+                &format!("reconf panicked: {}", panic_text(&*p)),
+            );
+            abi::VLV_E_FAILED
+        }
+    }
+}
+
+unsafe extern "C" fn tick<M: Module>(state: *mut c_void, kinds: u32, now: i64) {
+    // SAFETY: the host passes back the state init returned.
+    let Some(slot) = (unsafe { slot::<M>(state) }) else {
+        return;
+    };
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| slot.module.tick(Ticks(kinds), now))) {
+        slot.host.log(
+            LogLevel::Error,
+            &format!("tick panicked: {}", panic_text(&*p)),
+        );
+    }
+}
+
+unsafe extern "C" fn close<M: Module>(state: *mut c_void) {
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: the host calls close once, last, with the pointer init returned; we take
+    // the box back and nothing uses the pointer afterwards.
+    let slot = unsafe { Box::from_raw(state.cast::<Slot<M>>()) };
+    let host = slot.host;
+    if let Err(p) = catch_unwind(AssertUnwindSafe(move || slot.module.close())) {
+        host.log(
+            LogLevel::Error,
+            &format!("close panicked: {}", panic_text(&*p)),
+        );
+    }
+}
+
+fn action_code(a: Action) -> u32 {
+    match a {
+        Action::Dunno => abi::VLV_ACTION_DUNNO,
+        Action::Ok => abi::VLV_ACTION_OK,
+        Action::Reject => abi::VLV_ACTION_REJECT,
+        Action::Defer => abi::VLV_ACTION_DEFER,
+        Action::DeferIfPermit => abi::VLV_ACTION_DEFER_IF_PERMIT,
+        Action::DeferIfReject => abi::VLV_ACTION_DEFER_IF_REJECT,
+        Action::Discard => abi::VLV_ACTION_DISCARD,
+        Action::Hold => abi::VLV_ACTION_HOLD,
+        Action::Prepend => abi::VLV_ACTION_PREPEND,
+        Action::Redirect => abi::VLV_ACTION_REDIRECT,
+        Action::Bcc => abi::VLV_ACTION_BCC,
+        Action::Filter => abi::VLV_ACTION_FILTER,
+        Action::Warn => abi::VLV_ACTION_WARN,
+        Action::Info => abi::VLV_ACTION_INFO,
+        Action::Raw => abi::VLV_ACTION_RAW,
+    }
+}

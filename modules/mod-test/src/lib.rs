@@ -1,0 +1,90 @@
+//! mod-test: the module valvulad's own tests load, and a template for module authors.
+//!
+//! It answers its configured verdict (`[module.mod-test.config] action = "reject"`,
+//! `text = "..."`, default DUNNO). Requests can steer it with attributes a real Postfix
+//! never sends, so tests can make a module misbehave on purpose:
+//! `x_test_action`/`x_test_text` (answer this), `x_test_panic=1`, `x_test_error=1`,
+//! `x_test_sleep_ms=N`, `x_test_invalid=1` (a reply text with a newline),
+//! `x_test_config=KEY` (answer `info` with the current config value, to observe reloads).
+
+#![forbid(unsafe_code)]
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use serde::Deserialize;
+use valvula_module::{Action, Error, Host, Module, Request, Verdict, export_module};
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(default, deny_unknown_fields)]
+struct Config {
+    action: Option<String>,
+    text: String,
+    /// Make init fail, to test how the daemon refuses a module.
+    fail_init: bool,
+}
+
+struct TestModule {
+    host: Host,
+    config: RwLock<(Action, String)>,
+}
+
+fn load(host: &Host) -> Result<(Action, String), Error> {
+    let c: Config = host.config()?;
+    if c.fail_init {
+        return Err("fail_init is set".into());
+    }
+    let action = match c.action {
+        Some(a) => a.parse::<Action>()?,
+        None => Action::Dunno,
+    };
+    Ok((action, c.text))
+}
+
+impl Module for TestModule {
+    fn init(host: Host) -> Result<Self, Error> {
+        let config = load(&host)?;
+        tracing::info!(action = %config.0, "mod-test ready");
+        Ok(TestModule {
+            host,
+            config: RwLock::new(config),
+        })
+    }
+
+    fn process(&self, req: &Request<'_>) -> Result<Verdict, Error> {
+        if let Some(ms) = req.get("x_test_sleep_ms").and_then(|v| v.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        if req.get("x_test_panic") == Some("1") {
+            panic!("x_test_panic asked for a panic");
+        }
+        if req.get("x_test_error") == Some("1") {
+            return Err("x_test_error asked for an error".into());
+        }
+        if req.get("x_test_invalid") == Some("1") {
+            return Ok(Verdict::reject("two\nlines"));
+        }
+        if let Some(key) = req.get("x_test_config") {
+            let v = self.host.config_raw(key).unwrap_or_else(|| "<none>".into());
+            return Ok(Verdict::new(Action::Info, v));
+        }
+        if let Some(a) = req.get("x_test_action") {
+            let text = req.get("x_test_text").unwrap_or_default();
+            return Ok(Verdict::new(a.parse()?, text));
+        }
+        let (action, text) = self.config.read().map_err(|_| "poisoned")?.clone();
+        Ok(Verdict::new(action, text))
+    }
+
+    fn reconf(&self) -> Result<(), Error> {
+        let c = load(&self.host)?;
+        *self.config.write().map_err(|_| "poisoned")? = c;
+        Ok(())
+    }
+}
+
+export_module!(
+    TestModule,
+    name = "mod-test",
+    description = "test and template module"
+);

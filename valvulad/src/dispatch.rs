@@ -1,0 +1,273 @@
+//! Calling one module safely: a bounded share of the blocking pool (or inline for
+//! NONBLOCKING modules), a timeout, panic containment and quarantine.
+//!
+//! The server sees modules only through [`Handler`], so chain and failure tests run with
+//! in-process fakes; [`crate::host`] implements it for shared objects.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use valvula_policy::{Reply, Request};
+
+/// Why a module call did not produce an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    #[error("module returned status {0}")]
+    Status(i32),
+    #[error("module gave an invalid reply: {0}")]
+    InvalidReply(String),
+    #[error("module panicked: {0}")]
+    Panicked(String),
+    #[error("module did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("module is quarantined after repeated failures")]
+    Quarantined,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A policy module as the server sees it.
+pub trait Handler: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    /// Run `handle` inline on the event loop (no blocking pool hand-off).
+    fn nonblocking(&self) -> bool {
+        false
+    }
+    /// Decides one request: `Ok(None)` is DUNNO.
+    fn handle(&self, req: &Request) -> Result<Option<Reply>, HandlerError>;
+    /// The configuration was reloaded; `section` is the module's new `[module.NAME]`.
+    fn reconf(&self, _section: &toml::Table) -> Result<(), HandlerError> {
+        Ok(())
+    }
+    /// Clock boundaries (`VLV_TICK_*` bits).
+    fn tick(&self, _kinds: u32, _now: i64) {}
+    /// The daemon is stopping.
+    fn close(&self) {}
+}
+
+/// Tuning of a [`Dispatcher`], from `[server]`.
+#[derive(Clone, Copy, Debug)]
+pub struct DispatchSettings {
+    pub timeout: Duration,
+    pub threads: usize,
+    pub quarantine_after: u32,
+    pub quarantine_for: Duration,
+}
+
+/// Per-module counters, for logs and status.
+#[derive(Debug, Default)]
+pub struct ModuleStats {
+    pub calls: AtomicU64,
+    pub answers: AtomicU64,
+    pub failures: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub total_us: AtomicU64,
+    pub max_us: AtomicU64,
+}
+
+/// Wraps one [`Handler`] with its limits and failure accounting.
+pub struct Dispatcher {
+    handler: Arc<dyn Handler>,
+    permits: Arc<Semaphore>,
+    settings: std::sync::RwLock<DispatchSettings>,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the module is quarantined (0: not).
+    quarantined_until_ms: AtomicI64,
+    epoch: Instant,
+    closed: AtomicBool,
+    pub stats: ModuleStats,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("module", &self.handler.name())
+            .finish()
+    }
+}
+
+impl Dispatcher {
+    pub fn new(handler: Arc<dyn Handler>, settings: DispatchSettings) -> Arc<Self> {
+        Arc::new(Dispatcher {
+            handler,
+            permits: Arc::new(Semaphore::new(settings.threads)),
+            settings: std::sync::RwLock::new(settings),
+            consecutive_failures: AtomicU32::new(0),
+            quarantined_until_ms: AtomicI64::new(0),
+            epoch: Instant::now(),
+            closed: AtomicBool::new(false),
+            stats: ModuleStats::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.handler.name()
+    }
+
+    pub fn handler(&self) -> &Arc<dyn Handler> {
+        &self.handler
+    }
+
+    fn settings(&self) -> DispatchSettings {
+        *self.settings.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// New timeout and quarantine settings after a reload. The thread bound is fixed at
+    /// start: permits held by hung calls cannot be taken back.
+    pub fn update_settings(&self, s: DispatchSettings) {
+        let mut cur = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        *cur = DispatchSettings {
+            threads: cur.threads,
+            ..s
+        };
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.epoch.elapsed().as_millis() as i64
+    }
+
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Calls the module for one request.
+    pub async fn call(&self, req: &Arc<Request>) -> Result<Option<Reply>, HandlerError> {
+        if self.is_quarantined() {
+            return Err(HandlerError::Quarantined);
+        }
+        let settings = self.settings();
+        let started = Instant::now();
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let result = if self.handler.nonblocking() {
+            match catch_unwind(AssertUnwindSafe(|| self.handler.handle(req))) {
+                Ok(r) => r,
+                Err(p) => Err(HandlerError::Panicked(panic_text(&*p))),
+            }
+        } else {
+            self.call_blocking(req, settings.timeout).await
+        };
+        let us = started.elapsed().as_micros() as u64;
+        self.stats.total_us.fetch_add(us, Ordering::Relaxed);
+        self.stats.max_us.fetch_max(us, Ordering::Relaxed);
+        self.account(&result, settings);
+        result
+    }
+
+    async fn call_blocking(
+        &self,
+        req: &Arc<Request>,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, HandlerError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Waiting for a free slot counts against the timeout: a module whose calls hang
+        // holds its permits, and its later requests fail fast instead of piling up.
+        let permit =
+            match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => return Err(HandlerError::Other("module is closed".into())),
+                Err(_) => return Err(HandlerError::Timeout(timeout)),
+            };
+        let handler = self.handler.clone();
+        let req = req.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            catch_unwind(AssertUnwindSafe(|| handler.handle(&req)))
+        });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(HandlerError::Timeout(timeout)),
+            Ok(Err(join)) => Err(HandlerError::Panicked(join.to_string())),
+            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
+            Ok(Ok(Ok(r))) => r,
+        }
+    }
+
+    fn account(&self, result: &Result<Option<Reply>, HandlerError>, s: DispatchSettings) {
+        match result {
+            Ok(r) => {
+                if r.is_some() {
+                    self.stats.answers.fetch_add(1, Ordering::Relaxed);
+                }
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, HandlerError::Timeout(_)) {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= s.quarantine_after {
+                    let until = self.now_ms() + s.quarantine_for.as_millis() as i64;
+                    let was = self.quarantined_until_ms.swap(until, Ordering::Relaxed);
+                    if was <= self.now_ms() {
+                        tracing::error!(
+                            module = self.name(),
+                            failures = n,
+                            seconds = s.quarantine_for.as_secs_f64(),
+                            "module quarantined: its requests get the listener's on-error action until it recovers"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `reconf` on the blocking pool under the module timeout.
+    pub async fn reconf(&self, section: toml::Table) -> Result<(), HandlerError> {
+        let h = self.handler.clone();
+        let timeout = self.settings().timeout;
+        match tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || {
+                catch_unwind(AssertUnwindSafe(|| h.reconf(&section)))
+            }),
+        )
+        .await
+        {
+            Err(_) => Err(HandlerError::Timeout(timeout)),
+            Ok(Err(j)) => Err(HandlerError::Panicked(j.to_string())),
+            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
+            Ok(Ok(Ok(r))) => r,
+        }
+    }
+
+    /// Runs `tick` on the blocking pool under the module timeout; failures are logged.
+    pub async fn tick(&self, kinds: u32, now: i64) {
+        let h = self.handler.clone();
+        let timeout = self.settings().timeout;
+        let r = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || {
+                catch_unwind(AssertUnwindSafe(|| h.tick(kinds, now)))
+            }),
+        )
+        .await;
+        match r {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(p))) => {
+                tracing::error!(module = self.name(), "tick panicked: {}", panic_text(&*p))
+            }
+            Ok(Err(j)) => tracing::error!(module = self.name(), "tick failed: {j}"),
+            Err(_) => tracing::error!(
+                module = self.name(),
+                "tick did not finish within {timeout:?}"
+            ),
+        }
+    }
+
+    /// Calls `close` once. Modules whose calls hang are not waited for.
+    pub fn close(&self) {
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            let _ = catch_unwind(AssertUnwindSafe(|| self.handler.close()));
+        }
+    }
+}
+
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}

@@ -1,0 +1,836 @@
+//! Loading modules from shared objects and serving them the host API.
+//!
+//! Every check of the definition happens before any module function runs (file owner
+//! and mode as Postfix's dynamicmaps checks them, magic, ABI version, struct size, flags,
+//! name, duplicates); libraries are opened `RTLD_NOW | RTLD_LOCAL` and never closed, so a
+//! pointer a module handed out can never dangle.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{c_char, c_void};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use valvula_abi::{
+    self as abi, vlv_host_api, vlv_module_ctx, vlv_module_def, vlv_request, vlv_str,
+};
+use valvula_policy::{Action, Reply, ReplyError, Request};
+
+use crate::config::Config;
+use crate::dispatch::{DispatchSettings, Dispatcher, Handler, HandlerError};
+
+/// Seconds added to the system clock in what modules see as "now" (tests move time).
+static CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
+
+/// The host's clock, in seconds since the epoch.
+pub fn now() -> i64 {
+    let sys = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    sys + CLOCK_OFFSET.load(Ordering::Relaxed)
+}
+
+/// Moves the host clock (tests and the admin interface only).
+pub fn set_clock_offset(seconds: i64) {
+    CLOCK_OFFSET.store(seconds, Ordering::Relaxed);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("module {name:?}: no {candidates} in {dirs}")]
+    NotFound {
+        name: String,
+        candidates: String,
+        dirs: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "{path}: refused: the file is group- or world-writable (mode {mode:04o}); a module runs inside the daemon, so only its owner may change it"
+    )]
+    Writable { path: PathBuf, mode: u32 },
+    #[error(
+        "{path}: refused: owned by uid {uid}, not by root or the daemon's user (uid {daemon_uid})"
+    )]
+    Owner {
+        path: PathBuf,
+        uid: u32,
+        daemon_uid: u32,
+    },
+    #[error("{path}: cannot be loaded: {error}")]
+    Open { path: PathBuf, error: String },
+    #[error("{path}: not a valvulad module: no symbol vlv_module_v1")]
+    MissingSymbol { path: PathBuf },
+    #[error("{path}: not a valvulad module: bad magic {found:#010x} (expected {expected:#010x})")]
+    BadMagic {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error(
+        "{path}: built for module ABI {major}.{minor}, but this valvulad speaks ABI {host_major}.{host_minor} (major versions must match)"
+    )]
+    WrongMajor {
+        path: PathBuf,
+        major: u16,
+        minor: u16,
+        host_major: u16,
+        host_minor: u16,
+    },
+    #[error(
+        "{path}: built for module ABI {major}.{minor}, newer than this valvulad's ABI {host_major}.{host_minor}; upgrade valvulad"
+    )]
+    NewerMinor {
+        path: PathBuf,
+        major: u16,
+        minor: u16,
+        host_major: u16,
+        host_minor: u16,
+    },
+    #[error(
+        "{path}: module definition is {size} bytes, but ABI {major}.{minor} needs at least {need} (built against a broken header?)"
+    )]
+    ShortStruct {
+        path: PathBuf,
+        size: u32,
+        need: usize,
+        major: u16,
+        minor: u16,
+    },
+    #[error(
+        "{path}: unknown flags {flags:#x} in the module definition (ABI {host_major}.{host_minor} knows {known:#x})"
+    )]
+    UnknownFlags {
+        path: PathBuf,
+        flags: u32,
+        known: u32,
+        host_major: u16,
+        host_minor: u16,
+    },
+    #[error("{path}: invalid module name {name:?} (1-64 bytes of A-Z a-z 0-9 _ . -)")]
+    BadName { path: PathBuf, name: String },
+    #[error("{path}: the module definition has no {hook} function")]
+    MissingHook { path: PathBuf, hook: &'static str },
+    #[error("{second}: module name {name:?} is already taken by {first}")]
+    Duplicate {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("{path}: module {name:?} failed to initialise (init returned {status})")]
+    InitFailed {
+        path: PathBuf,
+        name: String,
+        status: i32,
+    },
+}
+
+/// The file a module entry (`mod-ticket` or a path) refers to.
+pub fn resolve(entry: &str, dirs: &[PathBuf]) -> Result<PathBuf, LoadError> {
+    if entry.contains('/') {
+        return Ok(PathBuf::from(entry));
+    }
+    let names = [
+        format!("{entry}.so"),
+        format!("lib{entry}.so"),
+        format!("lib{}.so", entry.replace('-', "_")),
+    ];
+    for d in dirs {
+        for n in &names {
+            let p = d.join(n);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(LoadError::NotFound {
+        name: entry.to_owned(),
+        candidates: names.join(" or "),
+        dirs: dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// A module's configuration section, pre-rendered for `config_get`.
+#[derive(Default)]
+struct Section {
+    whole: String,
+    keys: HashMap<String, String>,
+}
+
+impl Section {
+    fn new(t: &toml::Table) -> Self {
+        let json = |v: &toml::Value| serde_json::to_string(v).unwrap_or_default();
+        let keys = t
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Table(_) | toml::Value::Array(_) => json(v),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect();
+        Section {
+            whole: serde_json::to_string(t).unwrap_or_else(|_| "{}".into()),
+            keys,
+        }
+    }
+}
+
+/// What `vlv_module_ctx *` points at.
+struct ModuleCtx {
+    name: String,
+    section: RwLock<Section>,
+}
+
+/// What `vlv_request *` points at during one `process` call.
+struct RequestCall<'a> {
+    req: &'a Request,
+    reply: Option<Result<Reply, ReplyError>>,
+}
+
+fn bytes_of<'a>(s: vlv_str) -> &'a [u8] {
+    if s.ptr.is_null() || s.len == 0 {
+        return &[];
+    }
+    // SAFETY: the module passes (ptr, len) of memory it owns for the duration of the
+    // call; the header requires it.
+    unsafe { std::slice::from_raw_parts(s.ptr.cast::<u8>(), s.len) }
+}
+
+unsafe extern "C" fn host_log(ctx: *mut vlv_module_ctx, level: u32, msg: vlv_str) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: ctx is the pointer the host gave init; it lives until exit.
+        let Some(ctx) = (unsafe { ctx.cast::<ModuleCtx>().as_ref() }) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(bytes_of(msg)).replace(['\r', '\n'], " ");
+        let m = ctx.name.as_str();
+        match level {
+            abi::VLV_LOG_ERROR => tracing::error!(module = m, "{text}"),
+            abi::VLV_LOG_WARN => tracing::warn!(module = m, "{text}"),
+            abi::VLV_LOG_INFO => tracing::info!(module = m, "{text}"),
+            abi::VLV_LOG_DEBUG => tracing::debug!(module = m, "{text}"),
+            _ => tracing::trace!(module = m, "{text}"),
+        }
+    });
+}
+
+unsafe extern "C" fn host_config_get(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> i32 {
+    std::panic::catch_unwind(|| {
+        // SAFETY: ctx is the pointer the host gave init; it lives until exit.
+        let Some(ctx) = (unsafe { ctx.cast::<ModuleCtx>().as_ref() }) else {
+            return abi::VLV_E_INVALID;
+        };
+        if len.is_null() {
+            return abi::VLV_E_INVALID;
+        }
+        let key = String::from_utf8_lossy(bytes_of(key));
+        let section = ctx.section.read().unwrap_or_else(|e| e.into_inner());
+        let value = if key.is_empty() {
+            Some(&section.whole)
+        } else {
+            section.keys.get(key.as_ref())
+        };
+        let Some(value) = value else {
+            return abi::VLV_E_NOT_FOUND;
+        };
+        // SAFETY: len was checked non-NULL and points at the module's size_t.
+        unsafe { *len = value.len() };
+        if value.len() > cap {
+            return abi::VLV_E_TOO_SMALL;
+        }
+        if !value.is_empty() {
+            if buf.is_null() {
+                return abi::VLV_E_INVALID;
+            }
+            // SAFETY: buf holds cap >= value.len() bytes of the module's memory, and it
+            // cannot overlap our String.
+            unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), value.len()) };
+        }
+        abi::VLV_OK
+    })
+    .unwrap_or(abi::VLV_E_FAILED)
+}
+
+fn out_str(s: &str) -> vlv_str {
+    vlv_str::from_str(s)
+}
+
+unsafe extern "C" fn host_request_get(
+    req: *const vlv_request,
+    name: vlv_str,
+    value: *mut vlv_str,
+) -> i32 {
+    // SAFETY: req is the RequestCall of the running process() call (header: only valid
+    // during it).
+    let Some(call) = (unsafe { req.cast::<RequestCall<'_>>().as_ref() }) else {
+        return abi::VLV_E_INVALID;
+    };
+    if value.is_null() {
+        return abi::VLV_E_INVALID;
+    }
+    let Ok(name) = std::str::from_utf8(bytes_of(name)) else {
+        return abi::VLV_E_NOT_FOUND;
+    };
+    match call.req.get(name) {
+        Some(v) => {
+            // SAFETY: value was checked non-NULL; the string borrowed lives in the
+            // request, which outlives the call.
+            unsafe { *value = out_str(v) };
+            abi::VLV_OK
+        }
+        None => abi::VLV_E_NOT_FOUND,
+    }
+}
+
+unsafe extern "C" fn host_request_attr(
+    req: *const vlv_request,
+    index: usize,
+    name: *mut vlv_str,
+    value: *mut vlv_str,
+) -> i32 {
+    // SAFETY: as in host_request_get.
+    let Some(call) = (unsafe { req.cast::<RequestCall<'_>>().as_ref() }) else {
+        return abi::VLV_E_INVALID;
+    };
+    if name.is_null() || value.is_null() {
+        return abi::VLV_E_INVALID;
+    }
+    match call.req.attributes().get(index) {
+        Some(a) => {
+            // SAFETY: both out pointers were checked non-NULL; the strings live in the
+            // request, which outlives the call.
+            unsafe {
+                *name = out_str(&a.name);
+                *value = out_str(&a.value);
+            }
+            abi::VLV_OK
+        }
+        None => abi::VLV_E_NOT_FOUND,
+    }
+}
+
+fn action_of(code: u32) -> Option<Action> {
+    Some(match code {
+        abi::VLV_ACTION_DUNNO => Action::Dunno,
+        abi::VLV_ACTION_OK => Action::Ok,
+        abi::VLV_ACTION_REJECT => Action::Reject,
+        abi::VLV_ACTION_DEFER => Action::Defer,
+        abi::VLV_ACTION_DEFER_IF_PERMIT => Action::DeferIfPermit,
+        abi::VLV_ACTION_DEFER_IF_REJECT => Action::DeferIfReject,
+        abi::VLV_ACTION_DISCARD => Action::Discard,
+        abi::VLV_ACTION_HOLD => Action::Hold,
+        abi::VLV_ACTION_PREPEND => Action::Prepend,
+        abi::VLV_ACTION_REDIRECT => Action::Redirect,
+        abi::VLV_ACTION_BCC => Action::Bcc,
+        abi::VLV_ACTION_FILTER => Action::Filter,
+        abi::VLV_ACTION_WARN => Action::Warn,
+        abi::VLV_ACTION_INFO => Action::Info,
+        abi::VLV_ACTION_RAW => Action::Raw,
+        _ => return None,
+    })
+}
+
+unsafe extern "C" fn host_reply_set(req: *mut vlv_request, action: u32, text: vlv_str) -> i32 {
+    // SAFETY: req is the RequestCall of the running process() call, used only on its
+    // thread (header: THREADS), so this exclusive borrow is the only one.
+    let Some(call) = (unsafe { req.cast::<RequestCall<'_>>().as_mut() }) else {
+        return abi::VLV_E_INVALID;
+    };
+    let result = match (action_of(action), std::str::from_utf8(bytes_of(text))) {
+        (None, _) => Err(ReplyError::UnknownAction(format!("code {action}"))),
+        (_, Err(_)) => Err(ReplyError::UnknownAction("text is not UTF-8".into())),
+        (Some(a), Ok(t)) => Reply::new(a, t),
+    };
+    let rc = if result.is_ok() {
+        abi::VLV_OK
+    } else {
+        abi::VLV_E_INVALID
+    };
+    call.reply = Some(result);
+    rc
+}
+
+unsafe extern "C" fn host_now(_ctx: *mut vlv_module_ctx) -> i64 {
+    now()
+}
+
+/// The table every module gets. Static: it outlives every module.
+static HOST_API: vlv_host_api = vlv_host_api {
+    struct_size: std::mem::size_of::<vlv_host_api>() as u32,
+    abi_major: abi::VLV_ABI_MAJOR,
+    abi_minor: abi::VLV_ABI_MINOR,
+    log: Some(host_log),
+    config_get: Some(host_config_get),
+    request_get: Some(host_request_get),
+    request_attr: Some(host_request_attr),
+    reply_set: Some(host_reply_set),
+    now: Some(host_now),
+};
+
+/// A checked module definition, not yet initialised.
+pub struct Opened {
+    pub path: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    def: vlv_module_def,
+}
+
+fn str_of(s: vlv_str) -> String {
+    String::from_utf8_lossy(bytes_of(s)).into_owned()
+}
+
+fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Checks the file, loads it and checks its definition. Runs no module function (other
+/// than the library's own constructors, which dlopen runs).
+pub fn open(path: &Path) -> Result<Opened, LoadError> {
+    let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(LoadError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(LoadError::Writable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != daemon_uid {
+        return Err(LoadError::Owner {
+            path: path.to_owned(),
+            uid: meta.uid(),
+            daemon_uid,
+        });
+    }
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+    // SAFETY: loading runs the library's constructors. That is the trust an operator
+    // grants by installing a module file owned by root with a safe mode (checked above).
+    let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| {
+        LoadError::Open {
+            path: path.to_owned(),
+            error: e.to_string(),
+        }
+    })?;
+    // SAFETY: we only take the symbol's address; nothing is read through it yet.
+    let sym = unsafe { lib.get::<*const vlv_module_def>(abi::VLV_MODULE_SYMBOL) };
+    let ptr: *const u8 = match sym {
+        // For a data symbol, dlsym's result is the address of the data.
+        Ok(s) => s.into_raw().cast(),
+        Err(_) => {
+            return Err(LoadError::MissingSymbol {
+                path: path.to_owned(),
+            });
+        }
+    };
+    // Never close the library: code and data of a module must outlive every call.
+    let _handle = lib.into_raw();
+    let p = path.to_owned();
+
+    // Read the fixed header field by field: until the magic and size are known, nothing
+    // says the symbol is as large as our struct.
+    // SAFETY: the symbol is at least 4 bytes of readable data if it is a module at all;
+    // read_unaligned because a foreign library may not align it.
+    let magic = unsafe { ptr.cast::<u32>().read_unaligned() };
+    if magic != abi::VLV_MODULE_MAGIC {
+        return Err(LoadError::BadMagic {
+            path: p,
+            found: magic,
+            expected: abi::VLV_MODULE_MAGIC,
+        });
+    }
+    // SAFETY: the magic matched, so this is the 16-byte header every ABI version has.
+    let (major, minor, size, mflags) = unsafe {
+        (
+            ptr.add(4).cast::<u16>().read_unaligned(),
+            ptr.add(6).cast::<u16>().read_unaligned(),
+            ptr.add(8).cast::<u32>().read_unaligned(),
+            ptr.add(12).cast::<u32>().read_unaligned(),
+        )
+    };
+    let (hmaj, hmin) = (abi::VLV_ABI_MAJOR, abi::VLV_ABI_MINOR);
+    if major != hmaj {
+        return Err(LoadError::WrongMajor {
+            path: p,
+            major,
+            minor,
+            host_major: hmaj,
+            host_minor: hmin,
+        });
+    }
+    if minor > hmin {
+        return Err(LoadError::NewerMinor {
+            path: p,
+            major,
+            minor,
+            host_major: hmaj,
+            host_minor: hmin,
+        });
+    }
+    let need = abi::module_def_min_size(minor);
+    if (size as usize) < need {
+        return Err(LoadError::ShortStruct {
+            path: p,
+            size,
+            need,
+            major,
+            minor,
+        });
+    }
+    if mflags & !abi::VLV_FLAGS_KNOWN != 0 {
+        return Err(LoadError::UnknownFlags {
+            path: p,
+            flags: mflags,
+            known: abi::VLV_FLAGS_KNOWN,
+            host_major: hmaj,
+            host_minor: hmin,
+        });
+    }
+    // SAFETY: struct_size says the module provides at least every field of our struct
+    // (need == size_of for the current minor).
+    let def = unsafe { ptr.cast::<vlv_module_def>().read_unaligned() };
+    let name = str_of(def.name);
+    if !valid_name(&name) {
+        return Err(LoadError::BadName { path: p, name });
+    }
+    if def.init.is_none() {
+        return Err(LoadError::MissingHook {
+            path: p,
+            hook: "init",
+        });
+    }
+    if def.process.is_none() {
+        return Err(LoadError::MissingHook {
+            path: p,
+            hook: "process",
+        });
+    }
+    Ok(Opened {
+        path: p,
+        version: str_of(def.version),
+        description: str_of(def.description),
+        name,
+        def,
+    })
+}
+
+impl Opened {
+    /// Runs the module's init with its configuration section.
+    pub fn init(self, section: &toml::Table) -> Result<LoadedModule, LoadError> {
+        // Leaked on purpose: the module may keep its ctx pointer until the process exits.
+        let ctx: &'static ModuleCtx = Box::leak(Box::new(ModuleCtx {
+            name: self.name.clone(),
+            section: RwLock::new(Section::new(section)),
+        }));
+        let ctx_ptr = (ctx as *const ModuleCtx)
+            .cast_mut()
+            .cast::<vlv_module_ctx>();
+        let mut state: *mut c_void = std::ptr::null_mut();
+        let init = self.def.init.expect("checked in open");
+        // SAFETY: the definition passed every check of open(); HOST_API is static and
+        // ctx is leaked, so both outlive the module as the header promises.
+        let status = unsafe { init(&HOST_API, ctx_ptr, &mut state) };
+        if status != abi::VLV_OK {
+            return Err(LoadError::InitFailed {
+                path: self.path,
+                name: self.name,
+                status,
+            });
+        }
+        let serialize = (self.def.flags & abi::VLV_FLAG_SERIALIZE != 0).then(|| Mutex::new(()));
+        Ok(LoadedModule {
+            ctx,
+            state: state as usize,
+            serialize,
+            opened: self,
+        })
+    }
+}
+
+/// An initialised module.
+pub struct LoadedModule {
+    opened: Opened,
+    ctx: &'static ModuleCtx,
+    /// The module's state pointer, kept as an integer: the module, not Rust, decides
+    /// which threads may use it (see VLV_FLAG_SERIALIZE).
+    state: usize,
+    serialize: Option<Mutex<()>>,
+}
+
+impl LoadedModule {
+    pub fn path(&self) -> &Path {
+        &self.opened.path
+    }
+    pub fn version(&self) -> &str {
+        &self.opened.version
+    }
+    pub fn description(&self) -> &str {
+        &self.opened.description
+    }
+    fn lock(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.serialize
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Handler for LoadedModule {
+    fn name(&self) -> &str {
+        &self.opened.name
+    }
+
+    fn nonblocking(&self) -> bool {
+        self.opened.def.flags & abi::VLV_FLAG_NONBLOCKING != 0
+    }
+
+    fn handle(&self, req: &Request) -> Result<Option<Reply>, HandlerError> {
+        let mut call = RequestCall { req, reply: None };
+        let process = self.opened.def.process.expect("checked in open");
+        let _g = self.lock();
+        // SAFETY: state is what init returned; call lives across the call and is only
+        // reached through the host functions, on this thread.
+        let status = unsafe {
+            process(
+                self.state as *mut c_void,
+                (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
+            )
+        };
+        if status != abi::VLV_OK {
+            return Err(HandlerError::Status(status));
+        }
+        match call.reply {
+            None => Ok(None),
+            Some(Err(e)) => Err(HandlerError::InvalidReply(e.to_string())),
+            Some(Ok(r)) if r.action() == Action::Dunno => Ok(None),
+            Some(Ok(r)) => Ok(Some(r)),
+        }
+    }
+
+    fn reconf(&self, section: &toml::Table) -> Result<(), HandlerError> {
+        *self.ctx.section.write().unwrap_or_else(|e| e.into_inner()) = Section::new(section);
+        let Some(reconf) = self.opened.def.reconf else {
+            return Ok(());
+        };
+        let _g = self.lock();
+        // SAFETY: state is what init returned; reconf may overlap process per the header.
+        let status = unsafe { reconf(self.state as *mut c_void) };
+        if status == abi::VLV_OK {
+            Ok(())
+        } else {
+            Err(HandlerError::Status(status))
+        }
+    }
+
+    fn tick(&self, kinds: u32, now: i64) {
+        if let Some(tick) = self.opened.def.tick {
+            let _g = self.lock();
+            // SAFETY: state is what init returned.
+            unsafe { tick(self.state as *mut c_void, kinds, now) }
+        }
+    }
+
+    fn close(&self) {
+        if let Some(close) = self.opened.def.close {
+            let _g = self.lock();
+            // SAFETY: called once (the dispatcher guards it), after which no hook runs.
+            unsafe { close(self.state as *mut c_void) }
+        }
+    }
+}
+
+/// The modules of one configuration, by name.
+#[derive(Default, Clone)]
+pub struct ModuleSet {
+    pub by_name: HashMap<String, Arc<Dispatcher>>,
+    /// Canonical path of each loaded file, so a reload reuses what is loaded.
+    paths: HashMap<PathBuf, String>,
+    pub order: Vec<String>,
+}
+
+impl std::fmt::Debug for ModuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleSet")
+            .field("order", &self.order)
+            .finish()
+    }
+}
+
+pub fn dispatch_settings(c: &Config) -> DispatchSettings {
+    DispatchSettings {
+        timeout: c.server.module_timeout,
+        threads: c.server.module_threads,
+        quarantine_after: c.server.quarantine_after,
+        quarantine_for: c.server.quarantine_for,
+    }
+}
+
+/// The module entries a config asks for: `server.modules`, or every module a chain names.
+pub fn wanted(c: &Config) -> Vec<String> {
+    if let Some(m) = &c.server.modules {
+        return m.clone();
+    }
+    let mut seen = HashSet::new();
+    c.listeners
+        .iter()
+        .flat_map(|l| l.modules.iter())
+        .filter(|m| seen.insert((*m).clone()))
+        .cloned()
+        .collect()
+}
+
+impl ModuleSet {
+    /// A set of in-process handlers (tests, built-ins).
+    pub fn from_handlers(handlers: Vec<Arc<dyn Handler>>, settings: DispatchSettings) -> Self {
+        let mut s = ModuleSet::default();
+        for h in handlers {
+            let name = h.name().to_owned();
+            s.order.push(name.clone());
+            s.by_name.insert(name, Dispatcher::new(h, settings));
+        }
+        s
+    }
+
+    /// Loads what `config` asks for. Modules already in `previous` (same file) are
+    /// reused; the caller runs their `reconf`. Returns every error, not just the first.
+    pub fn load(
+        config: &Config,
+        previous: Option<&ModuleSet>,
+    ) -> Result<(ModuleSet, Vec<String>), Vec<LoadError>> {
+        let settings = dispatch_settings(config);
+        let mut set = ModuleSet::default();
+        let mut reused = Vec::new();
+        let mut errors = Vec::new();
+        let empty = toml::Table::new();
+        for entry in wanted(config) {
+            let path = match resolve(&entry, &config.server.module_dirs) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            if let Some(prev) = previous
+                && let Some(name) = prev.paths.get(&canon)
+            {
+                let d = prev.by_name[name].clone();
+                d.update_settings(settings);
+                set.paths.insert(canon, name.clone());
+                set.order.push(name.clone());
+                set.by_name.insert(name.clone(), d);
+                reused.push(name.clone());
+                continue;
+            }
+            let opened = match open(&path) {
+                Ok(o) => o,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            if let Some(first) = set
+                .paths
+                .iter()
+                .find(|(_, n)| **n == opened.name)
+                .map(|(p, _)| p.clone())
+                .or_else(|| {
+                    previous
+                        .and_then(|p| p.by_name.get(&opened.name))
+                        .map(|d| d.name().into())
+                })
+            {
+                errors.push(LoadError::Duplicate {
+                    name: opened.name,
+                    first,
+                    second: path,
+                });
+                continue;
+            }
+            let section = config.module_sections.get(&opened.name).unwrap_or(&empty);
+            match opened.init(section) {
+                Ok(m) => {
+                    let name = Handler::name(&m).to_owned();
+                    tracing::info!(
+                        module = %name,
+                        version = m.version(),
+                        path = %m.path().display(),
+                        "module loaded"
+                    );
+                    set.paths.insert(canon, name.clone());
+                    set.order.push(name.clone());
+                    set.by_name
+                        .insert(name, Dispatcher::new(Arc::new(m), settings));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok((set, reused))
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Dispatcher>> {
+        self.by_name.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Dispatcher>> {
+        self.order.iter().filter_map(|n| self.by_name.get(n))
+    }
+}
+
+/// Chain entries that name no loaded module, as config errors with their key paths.
+pub fn check_chains(config: &Config, set: &ModuleSet) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        for (j, m) in l.modules.iter().enumerate() {
+            if set.get(m).is_none() {
+                errors.push(format!(
+                    "listener[{i}].modules[{j}]: no module named {m:?} is loaded (loaded: {})",
+                    if set.order.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        set.order.join(", ")
+                    }
+                ));
+            }
+        }
+    }
+    for name in config.module_sections.keys() {
+        if set.get(name).is_none() {
+            tracing::warn!("module.{name}: configuration for a module that is not loaded, ignored");
+        }
+    }
+    errors
+}

@@ -1,0 +1,152 @@
+//! `valvulad`: starts listeners from the config, loads modules, serves until SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{ArgAction, Parser};
+use tokio::signal::unix::{SignalKind, signal};
+use valvulad::config::{self, Config};
+use valvulad::host::{self, ModuleSet};
+use valvulad::server::Daemon;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "valvulad",
+    version,
+    about = "Postfix policy daemon with loadable modules",
+    disable_version_flag = true
+)]
+struct Args {
+    /// Configuration file.
+    #[arg(short = 'c', long = "config", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Check the configuration, load the modules and run their init, then exit.
+    #[arg(short = 't', long = "check")]
+    check: bool,
+    /// Log at debug level whatever the config says.
+    #[arg(short = 'd', long = "debug")]
+    debug: bool,
+    /// Print the version and exit.
+    #[arg(short = 'v', long = "version", action = ArgAction::Version)]
+    version: Option<bool>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("valvulad: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads config and modules; every problem is reported before giving up.
+fn load(
+    path: &Path,
+    previous: Option<&ModuleSet>,
+) -> anyhow::Result<(Config, ModuleSet, Vec<String>)> {
+    let loaded = config::load_file(path)?;
+    for w in &loaded.warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+    let (modules, reused) = ModuleSet::load(&loaded.config, previous).map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
+        anyhow::anyhow!("cannot load modules:\n{}", lines.join("\n"))
+    })?;
+    let chain_errors = host::check_chains(&loaded.config, &modules);
+    if !chain_errors.is_empty() {
+        anyhow::bail!(
+            "{}: {} error(s)\n  {}",
+            path.display(),
+            chain_errors.len(),
+            chain_errors.join("\n  ")
+        );
+    }
+    Ok((loaded.config, modules, reused))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Logging needs the config; a broken config is reported on stderr as is.
+    let pre = config::load_file(&args.config)?;
+    valvulad::logging::init(&pre.config.log, args.debug.then_some("debug"))
+        .context("cannot set up logging")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("valvulad")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve(args));
+    // Do not wait for module calls that hang: they are abandoned, as their requests were.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let path = args.config.clone();
+    let (config, modules, _) = tokio::task::spawn_blocking(move || load(&path, None)).await??;
+    if args.check {
+        println!(
+            "valvulad: {} is valid: {} listener(s), {} module(s) loaded and initialised",
+            args.config.display(),
+            config.listeners.len(),
+            modules.order.len()
+        );
+        for m in modules.iter() {
+            m.close();
+        }
+        return Ok(());
+    }
+    let grace = config.server.shutdown_grace;
+    let daemon = Daemon::start(config, modules).await?;
+    tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&daemon, &args.config).await,
+        }
+    }
+    daemon.shutdown(grace).await;
+    tracing::info!("valvulad stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the config; on any error keep running with the old one.
+async fn reload(daemon: &Daemon, path: &Path) {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
+    let previous = daemon.modules();
+    let p = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || load(&p, Some(&previous))).await;
+    let (config, modules, reused) = match loaded {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::error!("reload refused, the running configuration stays: {e:#}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("reload failed: {e}");
+            return;
+        }
+    };
+    let empty = toml::Table::new();
+    for name in &reused {
+        if let Some(d) = modules.get(name) {
+            let section = config.module_sections.get(name).unwrap_or(&empty).clone();
+            if let Err(e) = d.reconf(section).await {
+                tracing::error!(module = %name, "reconf failed; the module keeps its previous settings: {e}");
+            }
+        }
+    }
+    match daemon.apply(config, modules).await {
+        Ok(()) => tracing::info!("configuration reloaded"),
+        Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+    }
+}

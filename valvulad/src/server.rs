@@ -1,0 +1,570 @@
+//! Sockets, framing and the per-listener chain.
+//!
+//! One task per connection: a slow or silent client costs only its own task and is cut
+//! off by the idle or request timeout (valvula's single reader thread froze on one).
+//! Requests on a connection are handled one after the other, so replies always leave in
+//! the order the requests came.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use valvula_policy::{Action, CHECKSERVER_REPLY, Decoder, Frame, Reply, Request};
+
+use crate::config::{Config, LimitsConfig, ListenAddr, ListenerConfig, OnError};
+use crate::dispatch::Dispatcher;
+use crate::host::ModuleSet;
+
+/// What one listener runs; replaced as a whole on reload.
+#[derive(Debug)]
+pub struct ListenerRuntime {
+    pub config: ListenerConfig,
+    pub chain: Vec<Arc<Dispatcher>>,
+    pub limits: LimitsConfig,
+}
+
+impl ListenerRuntime {
+    fn on_error_reply(&self) -> Option<Reply> {
+        let text = self.config.on_error_text.clone();
+        match self.config.on_error {
+            OnError::Dunno => Some(Reply::dunno()),
+            OnError::Defer => Reply::new(Action::Defer, text).ok(),
+            OnError::Reject => Reply::new(Action::Reject, text).ok(),
+            OnError::Disconnect => None,
+        }
+    }
+}
+
+/// State a listener's connections share across reloads.
+struct ListenerShared {
+    runtime: ArcSwap<ListenerRuntime>,
+    active: AtomicUsize,
+    /// Last time (ms since start) a refusal was logged, so a flood logs once a second.
+    last_refusal_log: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct RunningListener {
+    shared: Arc<ListenerShared>,
+    stop: CancellationToken,
+    bound: String,
+    unix_path: Option<PathBuf>,
+}
+
+struct State {
+    config: Arc<Config>,
+    modules: ModuleSet,
+    listeners: HashMap<ListenAddr, RunningListener>,
+}
+
+/// A running daemon: its listeners, modules and connections.
+#[derive(Clone)]
+pub struct Daemon {
+    state: Arc<Mutex<State>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    started: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {name} ({address}): cannot listen: {source}")]
+    Bind {
+        name: String,
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("listener {name}: {path} is in use by a running server")]
+    SocketInUse { name: String, path: String },
+}
+
+fn runtime_for(l: &ListenerConfig, config: &Config, modules: &ModuleSet) -> ListenerRuntime {
+    ListenerRuntime {
+        config: l.clone(),
+        chain: l
+            .modules
+            .iter()
+            .filter_map(|m| modules.get(m).cloned())
+            .collect(),
+        limits: config.limits.clone(),
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+async fn bind(l: &ListenerConfig) -> Result<(Bound, String), ServerError> {
+    let err = |source| ServerError::Bind {
+        name: l.name.clone(),
+        address: l.address.to_string(),
+        source,
+    };
+    match &l.address {
+        ListenAddr::Tcp(a) => {
+            let t = TcpListener::bind(a).await.map_err(err)?;
+            let local = t.local_addr().map_err(err)?.to_string();
+            Ok((Bound::Tcp(t), local))
+        }
+        ListenAddr::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(err(std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "the path exists and is not a socket",
+                    )));
+                }
+                // A socket file left by a crashed daemon is stale; one that answers is
+                // another daemon's, and stealing it would cut that daemon off.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ServerError::SocketInUse {
+                        name: l.name.clone(),
+                        path: path.display().to_string(),
+                    });
+                }
+                std::fs::remove_file(path).map_err(err)?;
+            }
+            let u = UnixListener::bind(path).map_err(err)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(l.socket_mode))
+                .map_err(err)?;
+            Ok((
+                Bound::Unix(u, path.clone()),
+                format!("unix:{}", path.display()),
+            ))
+        }
+    }
+}
+
+impl Daemon {
+    /// Binds every listener and starts serving. Nothing is served if a bind fails.
+    pub async fn start(config: Config, modules: ModuleSet) -> Result<Daemon, ServerError> {
+        let d = Daemon {
+            state: Arc::new(Mutex::new(State {
+                config: Arc::new(config.clone()),
+                modules: ModuleSet::default(),
+                listeners: HashMap::new(),
+            })),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            started: Instant::now(),
+        };
+        d.apply(config, modules).await?;
+        d.spawn_ticks();
+        Ok(d)
+    }
+
+    /// The listeners' names and the addresses they are bound to (a `:0` port resolved).
+    pub fn bound(&self) -> Vec<(String, String)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = st
+            .listeners
+            .values()
+            .map(|l| (l.shared.runtime.load().config.name.clone(), l.bound.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config
+            .clone()
+    }
+
+    pub fn modules(&self) -> ModuleSet {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .modules
+            .clone()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Switches to a new configuration: new listeners are bound first (if one fails,
+    /// nothing changes), kept listeners get the new chain for their next request,
+    /// removed ones stop accepting while their open connections finish.
+    pub async fn apply(&self, config: Config, modules: ModuleSet) -> Result<(), ServerError> {
+        let existing: Vec<ListenAddr> = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.listeners.keys().cloned().collect()
+        };
+        let mut fresh = Vec::new();
+        for l in &config.listeners {
+            if !existing.contains(&l.address) {
+                fresh.push((l.clone(), bind(l).await?));
+            }
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted: Vec<&ListenAddr> = config.listeners.iter().map(|l| &l.address).collect();
+        let removed: Vec<ListenAddr> = st
+            .listeners
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .cloned()
+            .collect();
+        for a in removed {
+            if let Some(l) = st.listeners.remove(&a) {
+                tracing::info!(listener = %l.shared.runtime.load().config.name, address = %l.bound, "listener removed; its open connections finish");
+                l.stop.cancel();
+                if let Some(p) = l.unix_path {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+        for l in &config.listeners {
+            if let Some(r) = st.listeners.get(&l.address) {
+                r.shared
+                    .runtime
+                    .store(Arc::new(runtime_for(l, &config, &modules)));
+            }
+        }
+        for (l, (bound, addr)) in fresh {
+            let shared = Arc::new(ListenerShared {
+                runtime: ArcSwap::from_pointee(runtime_for(&l, &config, &modules)),
+                active: AtomicUsize::new(0),
+                last_refusal_log: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            });
+            let stop = CancellationToken::new();
+            tracing::info!(listener = %l.name, address = %addr, chain = ?l.modules, "listening");
+            let unix_path = match &bound {
+                Bound::Unix(_, p) => Some(p.clone()),
+                Bound::Tcp(_) => None,
+            };
+            self.tracker.spawn(accept_loop(
+                bound,
+                shared.clone(),
+                stop.clone(),
+                self.shutdown.clone(),
+                self.tracker.clone(),
+                self.started,
+            ));
+            st.listeners.insert(
+                l.address.clone(),
+                RunningListener {
+                    shared,
+                    stop,
+                    bound: addr,
+                    unix_path,
+                },
+            );
+        }
+        st.config = Arc::new(config);
+        st.modules = modules;
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish (at most `grace`), closes modules.
+    pub async fn shutdown(self, grace: Duration) {
+        tracing::info!("shutting down: no new connections; finishing requests in flight");
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?grace, "requests still running after the grace period; stopping anyway");
+        }
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for l in st.listeners.values() {
+            if let Some(p) = &l.unix_path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        for m in st.modules.iter() {
+            m.close();
+        }
+    }
+
+    /// Calls every module's tick hook at each minute boundary of the host clock.
+    fn spawn_ticks(&self) {
+        let state = self.state.clone();
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = crate::host::now();
+            loop {
+                let now = crate::host::now();
+                let wait = 60 - now.rem_euclid(60);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+                }
+                let now = crate::host::now();
+                let kinds = tick_kinds(last, now);
+                last = now;
+                if kinds == 0 {
+                    continue;
+                }
+                let mods: Vec<_> = {
+                    let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.modules.iter().cloned().collect()
+                };
+                for m in mods {
+                    m.tick(kinds, now).await;
+                }
+            }
+        });
+    }
+}
+
+/// The `VLV_TICK_*` boundaries crossed between two host times (local time zone).
+pub fn tick_kinds(before: i64, after: i64) -> u32 {
+    use chrono::{Datelike, Local, TimeZone, Timelike};
+    let (Some(a), Some(b)) = (
+        Local.timestamp_opt(before, 0).single(),
+        Local.timestamp_opt(after, 0).single(),
+    ) else {
+        return 0;
+    };
+    let mut k = 0;
+    if before.div_euclid(60) != after.div_euclid(60) {
+        k |= valvula_abi::VLV_TICK_MINUTE;
+    }
+    if (a.date_naive(), a.hour()) != (b.date_naive(), b.hour()) {
+        k |= valvula_abi::VLV_TICK_HOUR;
+    }
+    if a.date_naive() != b.date_naive() {
+        k |= valvula_abi::VLV_TICK_DAY;
+    }
+    if (a.year(), a.month()) != (b.year(), b.month()) {
+        k |= valvula_abi::VLV_TICK_MONTH;
+    }
+    k
+}
+
+async fn accept_loop(
+    bound: Bound,
+    shared: Arc<ListenerShared>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    started: Instant,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shutdown.cancelled() => return,
+            a = accept(&bound) => a,
+        };
+        let (stream, peer, ip) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let rt = shared.runtime.load_full();
+        if let Some(ip) = ip
+            && !rt.config.allows(ip)
+        {
+            tracing::warn!(listener = %rt.config.name, client = %peer, "connection refused: client is not in the listener's allowed networks");
+            continue;
+        }
+        let active = shared.active.fetch_add(1, Ordering::AcqRel);
+        if active >= rt.config.max_connections {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            let now_ms = started.elapsed().as_millis() as u64;
+            let last = shared.last_refusal_log.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(last) >= 1000
+                && shared
+                    .last_refusal_log
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(listener = %rt.config.name, client = %peer, max_connections = rt.config.max_connections, refused_total = n, "connection refused: listener is at its connection cap");
+            }
+            continue;
+        }
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        match stream {
+            Stream::Tcp(s) => {
+                let _ = s.set_nodelay(true);
+                tracker.spawn(async move {
+                    serve(s, &peer, &shared, &shutdown).await;
+                    shared.active.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Stream::Unix(s) => {
+                tracker.spawn(async move {
+                    serve(s, &peer, &shared, &shutdown).await;
+                    shared.active.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(b: &Bound) -> std::io::Result<(Stream, String, Option<std::net::IpAddr>)> {
+    match b {
+        Bound::Tcp(t) => {
+            let (s, a) = t.accept().await?;
+            Ok((Stream::Tcp(s), a.to_string(), Some(a.ip())))
+        }
+        Bound::Unix(u, path) => {
+            let (s, _) = u.accept().await?;
+            Ok((Stream::Unix(s), format!("unix:{}", path.display()), None))
+        }
+    }
+}
+
+/// Serves one connection until the client closes, a limit or timeout is hit, or the
+/// daemon stops (between requests).
+async fn serve<S>(mut stream: S, peer: &str, shared: &ListenerShared, shutdown: &CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = shared.runtime.load().limits.clone();
+    let mut decoder = Decoder::new(limits.codec);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(256);
+    loop {
+        match decoder.decode(&mut buf) {
+            Err(e) => {
+                let rt = shared.runtime.load();
+                tracing::warn!(listener = %rt.config.name, client = %peer, "closing connection without a reply: {e}");
+                return;
+            }
+            Ok(Some(Frame::CheckServer)) => {
+                let _ = stream.write_all(CHECKSERVER_REPLY).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Ok(Some(Frame::Request(req))) => {
+                let rt = shared.runtime.load_full();
+                let Some(reply) = run_chain(&rt, req).await else {
+                    return;
+                };
+                out.clear();
+                reply.encode(&mut out);
+                match tokio::time::timeout(limits.request_timeout, stream.write_all(&out)).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => {
+                        tracing::info!(listener = %rt.config.name, client = %peer, "client went away before the reply: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(listener = %rt.config.name, client = %peer, "client does not read its replies; closing");
+                        return;
+                    }
+                }
+            }
+            Ok(None) => {}
+        }
+        let partial = decoder.in_progress(&buf);
+        let wait = if partial {
+            limits.request_timeout
+        } else {
+            limits.idle_timeout
+        };
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !partial => return,
+            r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,
+        };
+        match read {
+            Ok(Ok(0)) => {
+                if partial {
+                    let rt = shared.runtime.load();
+                    tracing::warn!(listener = %rt.config.name, client = %peer, "connection closed in the middle of a request; request dropped");
+                }
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(client = %peer, "read failed: {e}");
+                return;
+            }
+            Err(_) => {
+                let rt = shared.runtime.load();
+                if partial {
+                    tracing::warn!(listener = %rt.config.name, client = %peer, timeout = ?wait, "request not completed in time; closing without a reply");
+                } else {
+                    tracing::debug!(listener = %rt.config.name, client = %peer, "idle connection closed");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs the chain: the first answer that is not DUNNO wins. `None`: close the
+/// connection without a reply (on-error = disconnect).
+async fn run_chain(rt: &ListenerRuntime, req: Request) -> Option<Reply> {
+    let started = Instant::now();
+    let req = Arc::new(req);
+    let mut decided: (Option<Reply>, &str) = (Some(Reply::dunno()), "");
+    for m in &rt.chain {
+        match m.call(&req).await {
+            Ok(None) => continue,
+            Ok(Some(r)) => {
+                decided = (Some(r), m.name());
+                break;
+            }
+            Err(e) => {
+                tracing::error!(
+                    listener = %rt.config.name,
+                    module = m.name(),
+                    queue_id = req.get("queue_id").unwrap_or(""),
+                    "module failed, answering the listener's on-error action: {e}"
+                );
+                decided = (rt.on_error_reply(), m.name());
+                break;
+            }
+        }
+    }
+    let (reply, module) = decided;
+    tracing::info!(
+        listener = %rt.config.name,
+        module,
+        queue_id = req.get("queue_id").unwrap_or(""),
+        sasl_username = req.get("sasl_username").unwrap_or(""),
+        sender = req.get("sender").unwrap_or(""),
+        client = req.get("client_address").unwrap_or(""),
+        action = reply.as_ref().map_or("disconnect", |r| r.action().verb()),
+        text = reply.as_ref().map_or("", |r| r.text()),
+        us = started.elapsed().as_micros() as u64,
+        "decision"
+    );
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_boundaries() {
+        let t = 1_700_000_000 - 1_700_000_000 % 86_400; // a UTC midnight
+        // In any time zone, one second across a minute boundary is a minute tick.
+        assert_ne!(tick_kinds(t + 59, t + 60) & valvula_abi::VLV_TICK_MINUTE, 0);
+        assert_eq!(tick_kinds(t + 10, t + 20), 0);
+        // 40 days apart: a new month whatever the zone.
+        let k = tick_kinds(t, t + 40 * 86_400);
+        assert_eq!(k, 0xF);
+    }
+}
