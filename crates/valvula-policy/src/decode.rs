@@ -302,14 +302,14 @@ mod tests {
     #[test]
     fn request_and_attribute_limits() {
         let l = Limits {
-            max_request_bytes: 12,
+            max_request_bytes: 13,
             ..Limits::default()
         };
         let (f, e, _) = decode_all(b"a=1\nb=2\nc=3\n\n", l);
         assert!(e.is_none());
         assert_eq!(f.len(), 1);
         let (_, e, _) = decode_all(b"a=1\nb=2\nc=34\n\n", l);
-        assert_eq!(e, Some(DecodeError::RequestTooLarge { limit: 12 }));
+        assert_eq!(e, Some(DecodeError::RequestTooLarge { limit: 13 }));
         let l = Limits {
             max_attributes: 2,
             ..Limits::default()
