@@ -345,6 +345,10 @@ impl Walker {
         }
         let mut seen = BTreeMap::new();
         for (i, l) in listeners.iter().enumerate() {
+            // Port 0 means "any free port", so several such listeners do not collide.
+            if matches!(&l.address, ListenAddr::Tcp(a) if a.port() == 0) {
+                continue;
+            }
             if let Some(j) = seen.insert(l.address.clone(), i) {
                 self.err(
                     &format!("listener[{i}].address"),

@@ -68,9 +68,41 @@ pub struct ModuleStats {
     pub max_us: AtomicU64,
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The module's own worker threads. Not tokio's blocking pool: a call that never returns
+/// pins one of these threads for good, and must neither starve other modules nor keep
+/// the runtime from shutting down.
+struct Pool {
+    jobs: crossbeam_channel::Sender<Job>,
+}
+
+impl Pool {
+    fn new(module: &str, threads: usize) -> Pool {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vlv-{module}-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(module, "cannot start a worker thread: {e}");
+            }
+        }
+        Pool { jobs: tx }
+    }
+}
+
 /// Wraps one [`Handler`] with its limits and failure accounting.
 pub struct Dispatcher {
     handler: Arc<dyn Handler>,
+    pool: Pool,
+    /// One permit per worker thread: a call waits for a free worker (bounded by its
+    /// timeout) instead of queueing without limit behind hung calls.
     permits: Arc<Semaphore>,
     settings: std::sync::RwLock<DispatchSettings>,
     consecutive_failures: AtomicU32,
@@ -91,8 +123,14 @@ impl std::fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     pub fn new(handler: Arc<dyn Handler>, settings: DispatchSettings) -> Arc<Self> {
+        let pool = if handler.nonblocking() {
+            Pool::new(handler.name(), 1)
+        } else {
+            Pool::new(handler.name(), settings.threads)
+        };
         Arc::new(Dispatcher {
             handler,
+            pool,
             permits: Arc::new(Semaphore::new(settings.threads)),
             settings: std::sync::RwLock::new(settings),
             consecutive_failures: AtomicU32::new(0),
@@ -156,32 +194,44 @@ impl Dispatcher {
         result
     }
 
-    async fn call_blocking(
+    /// Runs `f` on the module's pool under `timeout` (waiting for a free worker counts),
+    /// with panics caught.
+    async fn on_pool<T: Send + 'static>(
         &self,
-        req: &Arc<Request>,
         timeout: Duration,
-    ) -> Result<Option<Reply>, HandlerError> {
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HandlerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Waiting for a free slot counts against the timeout: a module whose calls hang
-        // holds its permits, and its later requests fail fast instead of piling up.
         let permit =
             match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
                 Ok(Err(_)) => return Err(HandlerError::Other("module is closed".into())),
                 Err(_) => return Err(HandlerError::Timeout(timeout)),
             };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _permit = permit;
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
+        });
+        if self.pool.jobs.send(job).is_err() {
+            return Err(HandlerError::Other("module worker threads are gone".into()));
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(HandlerError::Timeout(timeout)),
+            Ok(Err(_)) => Err(HandlerError::Other("module worker thread died".into())),
+            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
+            Ok(Ok(Ok(r))) => Ok(r),
+        }
+    }
+
+    async fn call_blocking(
+        &self,
+        req: &Arc<Request>,
+        timeout: Duration,
+    ) -> Result<Option<Reply>, HandlerError> {
         let handler = self.handler.clone();
         let req = req.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            catch_unwind(AssertUnwindSafe(|| handler.handle(&req)))
-        });
-        match tokio::time::timeout_at(deadline, task).await {
-            Err(_) => Err(HandlerError::Timeout(timeout)),
-            Ok(Err(join)) => Err(HandlerError::Panicked(join.to_string())),
-            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
-            Ok(Ok(Ok(r))) => r,
-        }
+        self.on_pool(timeout, move || handler.handle(&req)).await?
     }
 
     fn account(&self, result: &Result<Option<Reply>, HandlerError>, s: DispatchSettings) {
@@ -214,46 +264,19 @@ impl Dispatcher {
         }
     }
 
-    /// Runs `reconf` on the blocking pool under the module timeout.
+    /// Runs `reconf` on the module's pool under the module timeout.
     pub async fn reconf(&self, section: toml::Table) -> Result<(), HandlerError> {
         let h = self.handler.clone();
-        let timeout = self.settings().timeout;
-        match tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || {
-                catch_unwind(AssertUnwindSafe(|| h.reconf(&section)))
-            }),
-        )
-        .await
-        {
-            Err(_) => Err(HandlerError::Timeout(timeout)),
-            Ok(Err(j)) => Err(HandlerError::Panicked(j.to_string())),
-            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
-            Ok(Ok(Ok(r))) => r,
-        }
+        self.on_pool(self.settings().timeout, move || h.reconf(&section))
+            .await?
     }
 
-    /// Runs `tick` on the blocking pool under the module timeout; failures are logged.
+    /// Runs `tick` on the module's pool under the module timeout; failures are logged.
     pub async fn tick(&self, kinds: u32, now: i64) {
         let h = self.handler.clone();
         let timeout = self.settings().timeout;
-        let r = tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || {
-                catch_unwind(AssertUnwindSafe(|| h.tick(kinds, now)))
-            }),
-        )
-        .await;
-        match r {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(p))) => {
-                tracing::error!(module = self.name(), "tick panicked: {}", panic_text(&*p))
-            }
-            Ok(Err(j)) => tracing::error!(module = self.name(), "tick failed: {j}"),
-            Err(_) => tracing::error!(
-                module = self.name(),
-                "tick did not finish within {timeout:?}"
-            ),
+        if let Err(e) = self.on_pool(timeout, move || h.tick(kinds, now)).await {
+            tracing::error!(module = self.name(), "tick failed: {e}");
         }
     }
 

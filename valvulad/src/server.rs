@@ -53,6 +53,7 @@ struct ListenerShared {
 }
 
 struct RunningListener {
+    address: ListenAddr,
     shared: Arc<ListenerShared>,
     stop: CancellationToken,
     bound: String,
@@ -62,7 +63,9 @@ struct RunningListener {
 struct State {
     config: Arc<Config>,
     modules: ModuleSet,
-    listeners: HashMap<ListenAddr, RunningListener>,
+    /// By listener name: a listener is kept across a reload when its name and address
+    /// stay the same.
+    listeners: HashMap<String, RunningListener>,
 }
 
 /// A running daemon: its listeners, modules and connections.
@@ -200,27 +203,40 @@ impl Daemon {
     /// nothing changes), kept listeners get the new chain for their next request,
     /// removed ones stop accepting while their open connections finish.
     pub async fn apply(&self, config: Config, modules: ModuleSet) -> Result<(), ServerError> {
-        let existing: Vec<ListenAddr> = {
+        let kept = |st: &State, l: &ListenerConfig| {
+            st.listeners
+                .get(&l.name)
+                .is_some_and(|r| r.address == l.address)
+        };
+        let to_bind: Vec<ListenerConfig> = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.listeners.keys().cloned().collect()
+            config
+                .listeners
+                .iter()
+                .filter(|l| !kept(&st, l))
+                .cloned()
+                .collect()
         };
         let mut fresh = Vec::new();
-        for l in &config.listeners {
-            if !existing.contains(&l.address) {
-                fresh.push((l.clone(), bind(l).await?));
-            }
+        for l in to_bind {
+            let b = bind(&l).await?;
+            fresh.push((l, b));
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let wanted: Vec<&ListenAddr> = config.listeners.iter().map(|l| &l.address).collect();
-        let removed: Vec<ListenAddr> = st
+        let removed: Vec<String> = st
             .listeners
-            .keys()
-            .filter(|a| !wanted.contains(a))
-            .cloned()
+            .iter()
+            .filter(|(name, r)| {
+                !config
+                    .listeners
+                    .iter()
+                    .any(|l| &l.name == *name && l.address == r.address)
+            })
+            .map(|(name, _)| name.clone())
             .collect();
-        for a in removed {
-            if let Some(l) = st.listeners.remove(&a) {
-                tracing::info!(listener = %l.shared.runtime.load().config.name, address = %l.bound, "listener removed; its open connections finish");
+        for name in removed {
+            if let Some(l) = st.listeners.remove(&name) {
+                tracing::info!(listener = %name, address = %l.bound, "listener removed; its open connections finish");
                 l.stop.cancel();
                 if let Some(p) = l.unix_path {
                     let _ = std::fs::remove_file(p);
@@ -228,7 +244,7 @@ impl Daemon {
             }
         }
         for l in &config.listeners {
-            if let Some(r) = st.listeners.get(&l.address) {
+            if let Some(r) = st.listeners.get(&l.name) {
                 r.shared
                     .runtime
                     .store(Arc::new(runtime_for(l, &config, &modules)));
@@ -256,8 +272,9 @@ impl Daemon {
                 self.started,
             ));
             st.listeners.insert(
-                l.address.clone(),
+                l.name.clone(),
                 RunningListener {
+                    address: l.address.clone(),
                     shared,
                     stop,
                     bound: addr,

@@ -1,0 +1,7 @@
+//! valvula's integration tests: one binary (ripgrep/cargo style), one module per area.
+
+mod abi;
+mod fakes;
+
+mod process;
+mod protocol;

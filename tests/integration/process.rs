@@ -1,0 +1,164 @@
+//! valvulad as a process: the command line, exit codes, SIGHUP reload, graceful SIGTERM.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use valvula_tests::client::{Answer, Client, postfix_request};
+use valvula_tests::daemon::Proc;
+use valvula_tests::{module_path, valvulad_bin};
+
+fn base(chain: &str, extra: &str) -> String {
+    format!(
+        "[server]\nmodule_dirs = [{:?}]\nmodule_timeout = \"3s\"\nshutdown_grace = \"5s\"\n\
+         [log]\nlevel = \"info\"\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [{chain}]\n{extra}",
+        module_path("mod_test")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    )
+}
+
+#[test]
+fn check_mode_validates_and_exits() {
+    let mut p = Proc::spawn(&base("\"mod-test\"", ""), &["-t"]);
+    let s = p.wait_exit(Duration::from_secs(20));
+    assert!(s.success(), "{}", p.log());
+    assert!(
+        p.log().contains("is valid: 1 listener(s), 1 module(s)"),
+        "{}",
+        p.log()
+    );
+
+    // Every config error, each with its key, and exit status 1.
+    let bad = "[server]\nmodule_timeout = \"later\"\n[[listener]]\naddress = \"nowhere:x\"\non_error = \"boom\"\n";
+    let mut p = Proc::spawn(bad, &["-t"]);
+    let s = p.wait_exit(Duration::from_secs(20));
+    assert_eq!(s.code(), Some(1));
+    let log = p.log();
+    for key in [
+        "server.module_timeout:",
+        "listener[0].address:",
+        "listener[0].on_error:",
+        "3 errors",
+    ] {
+        assert!(log.contains(key), "{key} missing from:\n{log}");
+    }
+
+    // A chain naming a module that is not there, and a module whose init fails.
+    let mut p = Proc::spawn(&base("\"mod-nothing\"", ""), &["-t"]);
+    assert_eq!(p.wait_exit(Duration::from_secs(20)).code(), Some(1));
+    assert!(p.log().contains("mod-nothing"), "{}", p.log());
+    let mut p = Proc::spawn(
+        &base("\"mod-test\"", "[module.mod-test]\nfail_init = true\n"),
+        &["-t"],
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(20)).code(), Some(1));
+    assert!(p.log().contains("failed to initialise"), "{}", p.log());
+
+    // Usage errors exit 2; -v prints the version.
+    let o = std::process::Command::new(valvulad_bin())
+        .arg("--nonsense")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = std::process::Command::new(valvulad_bin())
+        .arg("-v")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn sighup_reloads_without_dropping_connections() {
+    let p = Proc::start(&base("", ""), &[]);
+    let addr = p.addrs()[0].clone();
+    let mut c = Client::connect(&addr).await;
+    assert_eq!(c.ask(&postfix_request(&[])).await, "action=dunno\n\n");
+
+    // New chain on the same listener, a module section, and a second listener.
+    let new = base(
+        "\"mod-test\"",
+        "[module.mod-test]\naction = \"reject\"\ntext = \"reloaded\"\n\
+         [[listener]]\nname = \"second\"\naddress = \"127.0.0.1:0\"\nmodules = []\n",
+    );
+    p.rewrite_config(&new);
+    p.signal(Signal::SIGHUP);
+    assert!(
+        p.wait_for_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
+    // The open connection survived and now runs the new chain.
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=reject reloaded\n\n"
+    );
+    let second = p.addrs().last().unwrap().clone();
+    assert_ne!(second, addr);
+    let mut c2 = Client::connect(&second).await;
+    assert_eq!(c2.ask(&postfix_request(&[])).await, "action=dunno\n\n");
+
+    // reconf: a changed module section reaches the loaded module.
+    p.rewrite_config(&new.replace("text = \"reloaded\"", "text = \"again\""));
+    p.signal(Signal::SIGHUP);
+    assert!(
+        p.wait_for_count("configuration reloaded", 2, Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=reject again\n\n"
+    );
+
+    // A broken config is refused and the running one stays.
+    p.rewrite_config("[[listener]]\naddress = 5\n");
+    p.signal(Signal::SIGHUP);
+    assert!(
+        p.wait_for_log("reload refused", Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=reject again\n\n"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_finishes_requests_in_flight_then_exits_zero() {
+    let mut p = Proc::start(&base("\"mod-test\"", ""), &[]);
+    let addr = p.addrs()[0].clone();
+    let mut idle = Client::connect(&addr).await;
+    assert_eq!(idle.ask(&postfix_request(&[])).await, "action=dunno\n\n");
+    let mut busy = Client::connect(&addr).await;
+    busy.send(&postfix_request(&[
+        ("x_test_sleep_ms", "800"),
+        ("x_test_action", "ok"),
+    ]))
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.signal(Signal::SIGTERM);
+    // The request in flight is answered; the idle connection is closed.
+    assert_eq!(
+        busy.answer(Duration::from_secs(5)).await,
+        Answer::Reply("action=ok\n\n".into())
+    );
+    assert_eq!(
+        idle.answer(Duration::from_secs(5)).await,
+        Answer::Closed(String::new())
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = p.wait_exit(Duration::from_secs(10));
+        (s, p.log())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit {:?}\n{}", status.0, status.1);
+    assert!(status.1.contains("valvulad stopped"));
+    // No new connections after the stop.
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+}

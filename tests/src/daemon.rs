@@ -1,0 +1,186 @@
+//! Running valvulad for a test: in-process (fast, with fake modules) or as a real process
+//! (signals, exit codes, the command line).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use valvulad::config::Config;
+use valvulad::dispatch::DispatchSettings;
+use valvulad::host::ModuleSet;
+use valvulad::server::Daemon;
+
+pub fn parse_config(text: &str) -> Config {
+    match valvulad::config::parse(text, std::path::Path::new("test.toml")) {
+        Ok(l) => l.config,
+        Err(e) => panic!("test config is invalid: {e}"),
+    }
+}
+
+/// Dispatch settings for tests: short timeouts so failure paths finish quickly.
+pub fn settings(timeout_ms: u64) -> DispatchSettings {
+    DispatchSettings {
+        timeout: Duration::from_millis(timeout_ms),
+        threads: 4,
+        quarantine_after: 3,
+        quarantine_for: Duration::from_millis(300),
+    }
+}
+
+/// Starts an in-process daemon; returns it and its listeners' bound addresses in
+/// config order.
+pub async fn start(config: Config, modules: ModuleSet) -> (Daemon, Vec<String>) {
+    let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+    let d = Daemon::start(config, modules).await.expect("daemon start");
+    let bound = d.bound();
+    let addrs = names
+        .iter()
+        .map(|n| {
+            bound
+                .iter()
+                .find(|(b, _)| b == n)
+                .expect("bound listener")
+                .1
+                .clone()
+        })
+        .collect();
+    (d, addrs)
+}
+
+/// A `valvulad` process with its own config file and temporary directory.
+pub struct Proc {
+    pub child: Child,
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Writes `config` (where `{dir}` stands for the temporary directory) and starts
+    /// valvulad on it with `args`; waits until it is ready.
+    pub fn start(config: &str, args: &[&str]) -> Proc {
+        let p = Self::spawn(config, args);
+        if !p.wait_for_log("valvulad ready", Duration::from_secs(20)) {
+            panic!("valvulad did not start:\n{}", p.log());
+        }
+        p
+    }
+
+    /// Starts valvulad without waiting (for tests of startup failures).
+    pub fn spawn(config: &str, args: &[&str]) -> Proc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("valvulad.toml");
+        std::fs::write(
+            &config_path,
+            config.replace("{dir}", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        let mut child = Command::new(crate::valvulad_bin())
+            .arg("-c")
+            .arg(&config_path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn valvulad");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            dir,
+            config_path,
+            lines,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    pub fn wait_for_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.count_log(needle) >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Addresses from the "listening" log lines, in order of appearance.
+    pub fn addrs(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(" listening "))
+            .filter_map(|l| {
+                let a = l.split("address=").nth(1)?;
+                Some(a.split_whitespace().next()?.to_owned())
+            })
+            .collect()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("kill");
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("valvulad did not exit in {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rewrites the config file (same `{dir}` substitution).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(
+            &self.config_path,
+            config.replace("{dir}", &self.dir.path().display().to_string()),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,79 @@
+//! Test harness: an in-process daemon on 127.0.0.1:0, a raw-byte policy client, the C
+//! compiler, a `valvulad` process under test, and a throw-away Postfix.
+
+pub mod client;
+pub mod daemon;
+pub mod postfix;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `target/debug` (or the profile in use): where cargo put the binaries and module
+/// cdylibs this test binary was built with.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_owned()
+}
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// A module built by cargo, e.g. `module_path("mod_test")` → target/debug/libmod_test.so.
+pub fn module_path(crate_name: &str) -> PathBuf {
+    let p = target_dir().join(format!("lib{crate_name}.so"));
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (scripts/test.sh does: cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+pub fn valvulad_bin() -> PathBuf {
+    let p = target_dir().join("valvulad");
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build --workspace",
+        p.display()
+    );
+    p
+}
+
+/// Compiles C `sources` into a shared object `out` against include/valvula/module.h.
+pub fn cc_shared(sources: &[&Path], out: &Path, defines: &[&str]) {
+    let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+    cmd.args([
+        "-std=c99",
+        "-Wall",
+        "-Wextra",
+        "-pedantic",
+        "-Werror",
+        "-shared",
+        "-fPIC",
+        "-o",
+    ])
+    .arg(out)
+    .arg("-I")
+    .arg(repo_root().join("include"));
+    for d in defines {
+        cmd.arg(format!("-D{d}"));
+    }
+    cmd.args(sources);
+    let o = cmd.output().expect("cannot run cc");
+    assert!(
+        o.status.success(),
+        "cc failed for {sources:?}:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Path of a fixture under tests/fixtures.
+pub fn fixture(rel: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(rel)
+}
