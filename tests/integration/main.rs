@@ -2,6 +2,6 @@
 
 mod abi;
 mod fakes;
-
+mod postfix;
 mod process;
 mod protocol;

@@ -1,7 +1,9 @@
 //! mod-test: the module valvulad's own tests load, and a template for module authors.
 //!
-//! It answers its configured verdict (`[module.mod-test.config] action = "reject"`,
-//! `text = "..."`, default DUNNO). Requests can steer it with attributes a real Postfix
+//! It answers its configured verdict (`[module.mod-test] action = "reject"`,
+//! `text = "..."`, default DUNNO), to every request or, with a `when` table
+//! (`[module.mod-test.when] sender = "x@y"`), only to requests whose attributes all have
+//! the given values. Requests can steer it with attributes a real Postfix
 //! never sends, so tests can make a module misbehave on purpose:
 //! `x_test_action`/`x_test_text` (answer this), `x_test_panic=1`, `x_test_error=1`,
 //! `x_test_sleep_ms=N`, `x_test_invalid=1` (a reply text with a newline),
@@ -9,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -20,16 +23,24 @@ use valvula_module::{Action, Error, Host, Module, Request, Verdict, export_modul
 struct Config {
     action: Option<String>,
     text: String,
+    when: BTreeMap<String, String>,
     /// Make init fail, to test how the daemon refuses a module.
     fail_init: bool,
 }
 
 struct TestModule {
     host: Host,
-    config: RwLock<(Action, String)>,
+    config: RwLock<Answer>,
 }
 
-fn load(host: &Host) -> Result<(Action, String), Error> {
+#[derive(Clone)]
+struct Answer {
+    action: Action,
+    text: String,
+    when: BTreeMap<String, String>,
+}
+
+fn load(host: &Host) -> Result<Answer, Error> {
     let c: Config = host.config()?;
     if c.fail_init {
         return Err("fail_init is set".into());
@@ -38,13 +49,17 @@ fn load(host: &Host) -> Result<(Action, String), Error> {
         Some(a) => a.parse::<Action>()?,
         None => Action::Dunno,
     };
-    Ok((action, c.text))
+    Ok(Answer {
+        action,
+        text: c.text,
+        when: c.when,
+    })
 }
 
 impl Module for TestModule {
     fn init(host: Host) -> Result<Self, Error> {
         let config = load(&host)?;
-        tracing::info!(action = %config.0, "mod-test ready");
+        tracing::info!(action = %config.action, "mod-test ready");
         Ok(TestModule {
             host,
             config: RwLock::new(config),
@@ -72,8 +87,12 @@ impl Module for TestModule {
             let text = req.get("x_test_text").unwrap_or_default();
             return Ok(Verdict::new(a.parse()?, text));
         }
-        let (action, text) = self.config.read().map_err(|_| "poisoned")?.clone();
-        Ok(Verdict::new(action, text))
+        let a = self.config.read().map_err(|_| "poisoned")?.clone();
+        if a.when.iter().all(|(k, v)| req.get(k) == Some(v.as_str())) {
+            Ok(Verdict::new(a.action, a.text))
+        } else {
+            Ok(Verdict::dunno())
+        }
     }
 
     fn reconf(&self) -> Result<(), Error> {
