@@ -162,3 +162,59 @@ async fn sigterm_finishes_requests_in_flight_then_exits_zero() {
     // No new connections after the stop.
     assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
 }
+
+#[tokio::test]
+async fn syslog_lines_use_facility_mail_and_valvula_prefixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("log.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let p = Proc::spawn(
+        &format!(
+            "[log]\ntarget = \"syslog\"\nsyslog_socket = {:?}\n\
+             [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n",
+            sock_path.display().to_string()
+        ),
+        &[],
+    );
+    let pid = p.child.id();
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !lines.iter().any(|l: &String| l.contains("valvulad ready")) {
+        let n = sock.recv(&mut buf).expect("no syslog line from valvulad");
+        lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // facility mail (2) * 8 + info (6) = 22; valvula's "info: " prefix.
+    let ready = lines.iter().find(|l| l.contains("valvulad ready")).unwrap();
+    assert!(
+        ready.starts_with(&format!("<22>valvulad[{pid}]: info: ")),
+        "{ready}"
+    );
+    let addr = lines
+        .iter()
+        .find_map(|l| {
+            l.split("address=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        })
+        .unwrap();
+    let mut c = Client::connect(&addr).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[("queue_id", "ABC123")])).await,
+        "action=dunno\n\n"
+    );
+    let n = sock.recv(&mut buf).unwrap();
+    let decision = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        decision.starts_with(&format!("<22>valvulad[{pid}]: info: decision")),
+        "{decision}"
+    );
+    for field in [
+        "queue_id=\"ABC123\"",
+        "sasl_username=\"alice@example.com\"",
+        "action=\"dunno\"",
+    ] {
+        assert!(decision.contains(field), "{field} not in {decision}");
+    }
+}

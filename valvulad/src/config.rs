@@ -67,6 +67,8 @@ pub struct LogConfig {
     pub target: LogTarget,
     /// A tracing filter: `info`, `debug`, `valvulad=debug,warn`...
     pub level: String,
+    /// The syslog socket (`/dev/log`).
+    pub syslog_socket: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -464,7 +466,7 @@ impl Walker {
 
     fn log(&mut self, t: &Table) -> LogConfig {
         let p = "log";
-        self.unknown_keys(p, t, &["target", "level"]);
+        self.unknown_keys(p, t, &["target", "level", "syslog_socket"]);
         let target = match self.string(t, p, "target").as_deref() {
             None | Some("stderr") => LogTarget::Stderr,
             Some("syslog") => LogTarget::Syslog,
@@ -482,7 +484,14 @@ impl Walker {
         if let Err(e) = level.parse::<tracing_subscriber::EnvFilter>() {
             self.err("log.level", format!("{level:?} is not a log filter: {e}"));
         }
-        LogConfig { target, level }
+        let syslog_socket = self
+            .string(t, p, "syslog_socket")
+            .map_or_else(|| PathBuf::from("/dev/log"), PathBuf::from);
+        LogConfig {
+            target,
+            level,
+            syslog_socket,
+        }
     }
 
     fn listener(&mut self, t: &Table, p: &str) -> Option<ListenerConfig> {

@@ -23,7 +23,7 @@ pub fn init(cfg: &LogConfig, level_override: Option<&str>) -> anyhow::Result<()>
             .try_init()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         LogTarget::Syslog => {
-            let sock = Syslog::connect()?;
+            let sock = Syslog::connect(&cfg.syslog_socket)?;
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(sock)
@@ -46,10 +46,13 @@ struct Syslog {
 }
 
 impl Syslog {
-    fn connect() -> anyhow::Result<Self> {
+    fn connect(path: &std::path::Path) -> anyhow::Result<Self> {
         let sock = UnixDatagram::unbound()?;
-        sock.connect("/dev/log").map_err(|e| {
-            anyhow::anyhow!("log.target = \"syslog\": cannot connect to /dev/log: {e}")
+        sock.connect(path).map_err(|e| {
+            anyhow::anyhow!(
+                "log.target = \"syslog\": cannot connect to {}: {e}",
+                path.display()
+            )
         })?;
         Ok(Syslog {
             sock: Arc::new(sock),
