@@ -267,3 +267,30 @@ async fn hanging_c_module_is_timed_out() {
     );
     let _ = Answer::Silence;
 }
+
+#[tokio::test]
+async fn ticks_reach_modules_with_their_boundaries() {
+    let so = module_path("mod_test");
+    let cfg = config_for(&[&so], &["mod-test"], "");
+    let (modules, _) = ModuleSet::load(&cfg, None).unwrap_or_else(|e| panic!("{e:?}"));
+    let (d, a) = start(cfg, modules).await;
+    let mut c = Client::connect(&a[0]).await;
+    let ask = postfix_request(&[("x_test_ticks", "1")]);
+    assert_eq!(c.ask(&ask).await, "action=info ticks=0 kinds=0x0 now=0\n\n");
+    // A UTC midnight, then one minute later: a minute tick only (in any time zone).
+    let t = 1_700_000_000 - 1_700_000_000 % 86_400;
+    d.tick_between(t + 30, t + 90).await;
+    assert_eq!(
+        c.ask(&ask).await,
+        format!("action=info ticks=1 kinds=0x1 now={}\n\n", t + 90)
+    );
+    // Forty days on: minute, hour, day and month boundaries all crossed.
+    d.tick_between(t + 90, t + 40 * 86_400).await;
+    assert_eq!(
+        c.ask(&ask).await,
+        format!("action=info ticks=2 kinds=0xf now={}\n\n", t + 40 * 86_400)
+    );
+    // No boundary crossed: no call.
+    d.tick_between(t + 10, t + 20).await;
+    assert!(c.ask(&ask).await.starts_with("action=info ticks=2 "));
+}

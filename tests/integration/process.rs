@@ -114,6 +114,27 @@ async fn sighup_reloads_without_dropping_connections() {
         "action=reject again\n\n"
     );
 
+    // Removing the second listener: it stops accepting, the first one serves on.
+    p.rewrite_config(&base(
+        "\"mod-test\"",
+        "[module.mod-test]\naction = \"reject\"\ntext = \"again\"\n",
+    ));
+    p.signal(Signal::SIGHUP);
+    assert!(
+        p.wait_for_count("configuration reloaded", 3, Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
+    assert!(p.wait_for_log("listener removed", Duration::from_secs(5)));
+    assert!(
+        tokio::net::TcpStream::connect(&second).await.is_err(),
+        "removed listener still accepts"
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=reject again\n\n"
+    );
+
     // A broken config is refused and the running one stays.
     p.rewrite_config("[[listener]]\naddress = 5\n");
     p.signal(Signal::SIGHUP);

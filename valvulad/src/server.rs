@@ -323,20 +323,30 @@ impl Daemon {
                     _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
                 }
                 let now = crate::host::now();
-                let kinds = tick_kinds(last, now);
+                run_ticks(&state, last, now).await;
                 last = now;
-                if kinds == 0 {
-                    continue;
-                }
-                let mods: Vec<_> = {
-                    let st = state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.modules.iter().cloned().collect()
-                };
-                for m in mods {
-                    m.tick(kinds, now).await;
-                }
             }
         });
+    }
+
+    /// Delivers the ticks for a clock move from `before` to `after` now, as the minute
+    /// loop does; for tests that inject time instead of waiting for it.
+    pub async fn tick_between(&self, before: i64, after: i64) {
+        run_ticks(&self.state, before, after).await;
+    }
+}
+
+async fn run_ticks(state: &Mutex<State>, before: i64, after: i64) {
+    let kinds = tick_kinds(before, after);
+    if kinds == 0 {
+        return;
+    }
+    let mods: Vec<_> = {
+        let st = state.lock().unwrap_or_else(|e| e.into_inner());
+        st.modules.iter().cloned().collect()
+    };
+    for m in mods {
+        m.tick(kinds, after).await;
     }
 }
 

@@ -7,16 +7,18 @@
 //! never sends, so tests can make a module misbehave on purpose:
 //! `x_test_action`/`x_test_text` (answer this), `x_test_panic=1`, `x_test_error=1`,
 //! `x_test_sleep_ms=N`, `x_test_invalid=1` (a reply text with a newline),
-//! `x_test_config=KEY` (answer `info` with the current config value, to observe reloads).
+//! `x_test_config=KEY` (answer `info` with the current config value, to observe reloads),
+//! `x_test_ticks=1` (answer `info` with the ticks received: count, last kinds, last time).
 
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
-use valvula_module::{Action, Error, Host, Module, Request, Verdict, export_module};
+use valvula_module::{Action, Error, Host, Module, Request, Ticks, Verdict, export_module};
 
 #[derive(Deserialize, Default, Clone)]
 #[serde(default, deny_unknown_fields)]
@@ -31,6 +33,9 @@ struct Config {
 struct TestModule {
     host: Host,
     config: RwLock<Answer>,
+    ticks: AtomicU64,
+    last_kinds: AtomicU32,
+    last_now: AtomicI64,
 }
 
 #[derive(Clone)]
@@ -63,6 +68,9 @@ impl Module for TestModule {
         Ok(TestModule {
             host,
             config: RwLock::new(config),
+            ticks: AtomicU64::new(0),
+            last_kinds: AtomicU32::new(0),
+            last_now: AtomicI64::new(0),
         })
     }
 
@@ -83,6 +91,17 @@ impl Module for TestModule {
             let v = self.host.config_raw(key).unwrap_or_else(|| "<none>".into());
             return Ok(Verdict::new(Action::Info, v));
         }
+        if req.get("x_test_ticks") == Some("1") {
+            return Ok(Verdict::new(
+                Action::Info,
+                format!(
+                    "ticks={} kinds={:#x} now={}",
+                    self.ticks.load(Ordering::SeqCst),
+                    self.last_kinds.load(Ordering::SeqCst),
+                    self.last_now.load(Ordering::SeqCst)
+                ),
+            ));
+        }
         if let Some(a) = req.get("x_test_action") {
             let text = req.get("x_test_text").unwrap_or_default();
             return Ok(Verdict::new(a.parse()?, text));
@@ -93,6 +112,12 @@ impl Module for TestModule {
         } else {
             Ok(Verdict::dunno())
         }
+    }
+
+    fn tick(&self, ticks: Ticks, now: i64) {
+        self.ticks.fetch_add(1, Ordering::SeqCst);
+        self.last_kinds.store(ticks.0, Ordering::SeqCst);
+        self.last_now.store(now, Ordering::SeqCst);
     }
 
     fn reconf(&self) -> Result<(), Error> {
