@@ -64,6 +64,12 @@ fn config_for(modules: &[&Path], chain: &[&str], extra: &str) -> valvulad::confi
     ))
 }
 
+/// Loads the modules `cfg` names (for real, with dlopen) and starts a daemon on them.
+async fn start_loaded(cfg: valvulad::config::Config) -> (valvulad::server::Daemon, Vec<String>) {
+    let (modules, _) = ModuleSet::load(&cfg, None).unwrap_or_else(|e| panic!("{e:?}"));
+    start(cfg, modules).await
+}
+
 fn load_errors(modules: &[&Path]) -> Vec<LoadError> {
     match ModuleSet::load(&config_for(modules, &[], ""), None) {
         Ok(_) => panic!("{modules:?} loaded but should not"),
@@ -85,8 +91,7 @@ async fn c_module_answers_through_the_daemon() {
         &["mod-example"],
         "[module.mod-example]\nblocked_sender = \"spammer@example.com\"\n",
     );
-    let (modules, _) = ModuleSet::load(&cfg, None).unwrap_or_else(|e| panic!("{e:?}"));
-    let (_d, a) = start(cfg, modules).await;
+    let (_d, a) = start_loaded(cfg).await;
     let mut c = Client::connect(&a[0]).await;
     assert_eq!(
         c.ask(&postfix_request(&[("sender", "spammer@example.com")]))
@@ -201,8 +206,7 @@ async fn sdk_module_panic_leaves_the_daemon_serving() {
         &["mod-test"],
         "[module.mod-test]\naction = \"reject\"\ntext = \"configured\"\n",
     );
-    let (modules, _) = ModuleSet::load(&cfg, None).unwrap_or_else(|e| panic!("{e:?}"));
-    let (_d, a) = start(cfg, modules).await;
+    let (_d, a) = start_loaded(cfg).await;
     let mut c = Client::connect(&a[0]).await;
     assert_eq!(
         c.ask(&postfix_request(&[])).await,
@@ -242,8 +246,7 @@ async fn hanging_c_module_is_timed_out() {
     let dir = tempfile::tempdir().unwrap();
     let so = build(dir.path(), "c/hang.c", "hang.so", &[]);
     let cfg = config_for(&[&so], &["hang"], "");
-    let (modules, _) = ModuleSet::load(&cfg, None).unwrap_or_else(|e| panic!("{e:?}"));
-    let (_d, a) = start(cfg, modules).await;
+    let (_d, a) = start_loaded(cfg).await;
     let mut hung = Client::connect(&a[0]).await;
     let t = std::time::Instant::now();
     assert_eq!(
@@ -272,8 +275,7 @@ async fn hanging_c_module_is_timed_out() {
 async fn ticks_reach_modules_with_their_boundaries() {
     let so = module_path("mod_test");
     let cfg = config_for(&[&so], &["mod-test"], "");
-    let (modules, _) = ModuleSet::load(&cfg, None).unwrap_or_else(|e| panic!("{e:?}"));
-    let (d, a) = start(cfg, modules).await;
+    let (d, a) = start_loaded(cfg).await;
     let mut c = Client::connect(&a[0]).await;
     let ask = postfix_request(&[("x_test_ticks", "1")]);
     assert_eq!(c.ask(&ask).await, "action=info ticks=0 kinds=0x0 now=0\n\n");
