@@ -1,5 +1,5 @@
 /*
- * valvula/module.h - the valvulad module ABI, version 0.1.
+ * valvula/module.h - the valvulad module ABI, version 0.2.
  *
  * A valvulad module is a shared object that exports ONE constant data symbol,
  * `vlv_module_v1`, of type `vlv_module_def`. valvulad checks that definition
@@ -43,7 +43,7 @@ extern "C" {
 
 /* ABI version this header describes. */
 #define VLV_ABI_MAJOR 0
-#define VLV_ABI_MINOR 1
+#define VLV_ABI_MINOR 2
 
 /* First field of vlv_module_def: the bytes "VLVM" read as a little-endian
  * uint32. Guards against loading a library that merely has the symbol. */
@@ -144,6 +144,71 @@ typedef struct vlv_str {
 #define VLV_FLAG_SERIALIZE 0x2u
 
 /* ---------------------------------------------------------------------------
+ * Storage: SQL values, dialects, counting windows (ABI 0.2)
+ * ------------------------------------------------------------------------- */
+
+/* Type of a vlv_value (uint32_t). */
+#define VLV_VALUE_NULL 0u  /* SQL NULL (distinct from an empty text) */
+#define VLV_VALUE_INT 1u   /* i */
+#define VLV_VALUE_FLOAT 2u /* f */
+#define VLV_VALUE_TEXT 3u  /* s: UTF-8 */
+#define VLV_VALUE_BLOB 4u  /* s: any bytes */
+
+/* A parameter bound to a `?` placeholder, or a cell of a query result.
+ * Only the member named by `type` is meaningful.
+ * OWNERSHIP: parameters are copied by the host; cells are borrowed from their
+ * vlv_rows and valid until rows_free(). */
+typedef struct vlv_value {
+    uint32_t type;
+    uint32_t reserved; /* 0 */
+    int64_t i;
+    double f;
+    vlv_str s;
+} vlv_value;
+
+/* The SQL dialect of the configured database (uint32_t), from sql_dialect(). */
+#define VLV_DIALECT_NONE 0u   /* no storage available to this module */
+#define VLV_DIALECT_SQLITE 1u
+#define VLV_DIALECT_MYSQL 2u  /* MySQL 8 or MariaDB 10.x */
+
+/* One statement of a sql_batch(). */
+typedef struct vlv_stmt {
+    vlv_str sql;
+    const vlv_value *params;
+    size_t n_params;
+} vlv_stmt;
+
+/* Kinds of counting windows (uint32_t). Calendar windows follow the daemon's
+ * configured time zone ([storage] time_zone). */
+#define VLV_WINDOW_HOUR 1u
+#define VLV_WINDOW_DAY 2u
+#define VLV_WINDOW_WEEK 3u    /* ISO week, Monday to Sunday */
+#define VLV_WINDOW_MONTH 4u
+#define VLV_WINDOW_SLIDING 5u /* the last `seconds` seconds; kept in 60 buckets,
+                                 so a charge stays counted up to seconds/60
+                                 longer than the window (never shorter): the
+                                 limit holds in every interval of that length */
+
+/* One (window, limit) pair of a consumption. */
+typedef struct vlv_window {
+    uint32_t kind;     /* VLV_WINDOW_* */
+    uint32_t reserved; /* 0 */
+    int64_t seconds;   /* SLIDING only: the window's length, >= 1 */
+    int64_t limit;     /* most units admitted in the window; < 0: no limit
+                          (counted only) */
+} vlv_window;
+
+/* The state of one window after consume() or peek(). */
+typedef struct vlv_window_state {
+    int64_t used;      /* used in the current window, including this charge
+                          when it was admitted */
+    int64_t remaining; /* limit - used (>= 0), or -1 without a limit */
+    int64_t resets_at; /* when the count next goes down (seconds since epoch) */
+    uint32_t admitted; /* 1 if this window alone admits the amount */
+    uint32_t reserved;
+} vlv_window_state;
+
+/* ---------------------------------------------------------------------------
  * Opaque handles
  * ------------------------------------------------------------------------- */
 
@@ -156,6 +221,10 @@ typedef struct vlv_module_ctx vlv_module_ctx;
  * LIFETIME: valid only during the process() call that received it.
  * THREADS: use it only on the thread that runs that process() call. */
 typedef struct vlv_request vlv_request;
+
+/* The result of sql_query(): rows of cells, owned by the host.
+ * LIFETIME: until rows_free(). THREADS: any thread, one at a time. */
+typedef struct vlv_rows vlv_rows;
 
 /* ---------------------------------------------------------------------------
  * Host services (given to init; valid until the daemon exits)
@@ -209,6 +278,68 @@ typedef struct vlv_host_api {
     /* Current time as the host sees it, in seconds since the Unix epoch.
      * Use it rather than time(): tests move the host's clock. */
     int64_t (*now)(vlv_module_ctx *ctx);
+
+    /* ---- ABI 0.2: storage. Check with VLV_HAS(host, vlv_host_api, reset).
+     *
+     * Every storage call blocks until the database answered; call them from
+     * init, process, reconf or tick, never from a VLV_FLAG_NONBLOCKING module
+     * (VLV_E_INVALID). Errors: VLV_E_UNAVAILABLE when the database is down
+     * (the daemon retries it with backoff), VLV_E_INVALID for a bad call,
+     * VLV_E_FAILED for a failing statement; the host logs the details.
+     * SQL text may not contain quoted literals (' or "): every value goes in
+     * as a `?` parameter, so no request value is ever part of SQL text. */
+
+    /* VLV_DIALECT_* of the configured database. */
+    uint32_t (*sql_dialect)(vlv_module_ctx *ctx);
+
+    /* Runs one statement with params[0..n_params) bound to its `?`s.
+     * *affected (may be NULL): rows changed. *last_insert_id (may be NULL):
+     * the id an INSERT generated, else 0. Autocommitted. */
+    int32_t (*sql_exec)(vlv_module_ctx *ctx, vlv_str sql, const vlv_value *params,
+                        size_t n_params, uint64_t *affected, int64_t *last_insert_id);
+
+    /* Runs n statements in ONE transaction: all take effect or none.
+     * affected (may be NULL): an array of n, rows changed by each. */
+    int32_t (*sql_batch)(vlv_module_ctx *ctx, const vlv_stmt *stmts, size_t n,
+                         uint64_t *affected);
+
+    /* Runs a query. On VLV_OK *rows is a new result set the module must
+     * release with rows_free(). */
+    int32_t (*sql_query)(vlv_module_ctx *ctx, vlv_str sql, const vlv_value *params,
+                         size_t n_params, vlv_rows **rows);
+
+    /* Rows and columns of a result set. */
+    size_t (*rows_count)(const vlv_rows *rows);
+    size_t (*rows_columns)(const vlv_rows *rows);
+
+    /* The cell at (row, col). *out: borrowed until rows_free().
+     * Returns VLV_OK or VLV_E_NOT_FOUND outside the result. */
+    int32_t (*rows_get)(const vlv_rows *rows, size_t row, size_t col, vlv_value *out);
+
+    /* The name of column col. *out: borrowed until rows_free(). */
+    int32_t (*rows_column_name)(const vlv_rows *rows, size_t col, vlv_str *out);
+
+    /* Releases a result set (NULL is ignored). */
+    void (*rows_free)(vlv_rows *rows);
+
+    /* Charges `amount` (>= 0) to `key` in every window, atomically: if every
+     * window admits it all are charged, otherwise nothing changes. Exact
+     * across threads, connections and daemons sharing one database; returns
+     * only after the charge is durable. Keys (1-512 bytes) are namespaced per
+     * module and compared byte for byte. n: 1-16 windows, each kind at most
+     * once. states (may be NULL): an array of n, filled in window order.
+     * *admitted: 1 if charged, 0 if refused. */
+    int32_t (*consume)(vlv_module_ctx *ctx, vlv_str key, int64_t amount,
+                       const vlv_window *windows, size_t n, vlv_window_state *states,
+                       uint32_t *admitted);
+
+    /* What consume() would answer, without charging anything. */
+    int32_t (*peek)(vlv_module_ctx *ctx, vlv_str key, int64_t amount,
+                    const vlv_window *windows, size_t n, vlv_window_state *states,
+                    uint32_t *admitted);
+
+    /* Forgets every window of `key` (an administrator's reset). */
+    int32_t (*reset)(vlv_module_ctx *ctx, vlv_str key);
 } vlv_host_api;
 
 /* True when the struct pointed to by p (of type T) has field f. */

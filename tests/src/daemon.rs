@@ -168,8 +168,13 @@ impl Proc {
         }
     }
 
-    /// Rewrites the config file (same `{dir}` substitution).
+    /// Rewrites the config file (same `{dir}` substitution and default storage).
     pub fn rewrite_config(&self, config: &str) {
+        let config = if config.contains("[storage]") {
+            config.to_owned()
+        } else {
+            format!("{config}\n[storage]\npath = \"{{dir}}/valvula.db\"\n")
+        };
         std::fs::write(
             &self.config_path,
             config.replace("{dir}", &self.dir.path().display().to_string()),

@@ -14,10 +14,14 @@ use ipnet::IpNet;
 use toml::{Table, Value};
 use valvula_policy::Limits;
 
+use crate::store::{Backend, StorageConfig, Zone};
+
 /// Default config file, as packaged.
 pub const DEFAULT_PATH: &str = "/etc/valvula/valvulad.toml";
 /// Where packaged modules are installed.
 pub const DEFAULT_MODULE_DIR: &str = "/usr/lib/valvulad/modules";
+/// Default SQLite file.
+pub const DEFAULT_SQLITE_PATH: &str = "/var/lib/valvula/valvula.db";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -25,6 +29,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub listeners: Vec<ListenerConfig>,
+    pub storage: StorageConfig,
     /// `[module.NAME]`: each module's own section, handed to it through `config_get`.
     pub module_sections: BTreeMap<String, Table>,
 }
@@ -171,7 +176,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
     let root: Table = text.parse().map_err(|e: toml::de::Error| {
         fail(vec![format!("not valid TOML: {}", e.to_string().trim())])
     })?;
-    let mut w = Walker::default();
+    let mut w = Walker {
+        base: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        ..Walker::default()
+    };
     let config = w.root(&root);
     if w.errors.is_empty() {
         Ok(Loaded {
@@ -185,6 +193,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
 
 #[derive(Default)]
 struct Walker {
+    /// Directory of the config file: relative paths in it are relative to it.
+    base: PathBuf,
     errors: Vec<String>,
     warnings: Vec<String>,
 }
@@ -312,7 +322,11 @@ impl Walker {
     }
 
     fn root(&mut self, root: &Table) -> Config {
-        self.unknown_keys("", root, &["server", "limits", "log", "listener", "module"]);
+        self.unknown_keys(
+            "",
+            root,
+            &["server", "limits", "log", "listener", "module", "storage"],
+        );
         let empty = Table::new();
         let server = self.table(root, "", "server").unwrap_or(&empty);
         let server = self.server(server);
@@ -320,6 +334,8 @@ impl Walker {
         let limits = self.limits(limits);
         let log = self.table(root, "", "log").unwrap_or(&empty);
         let log = self.log(log);
+        let storage = self.table(root, "", "storage").unwrap_or(&empty);
+        let storage = self.storage(storage);
 
         let mut listeners = Vec::new();
         match root.get("listener") {
@@ -387,8 +403,114 @@ impl Walker {
             limits,
             log,
             listeners,
+            storage,
             module_sections,
         }
+    }
+
+    fn storage(&mut self, t: &Table) -> StorageConfig {
+        let p = "storage";
+        self.unknown_keys(
+            p,
+            t,
+            &[
+                "backend",
+                "path",
+                "synchronous",
+                "url",
+                "password",
+                "password_env",
+                "password_file",
+                "pool_size",
+                "time_zone",
+            ],
+        );
+        let zone = match self.string(t, p, "time_zone") {
+            None => Zone::Local,
+            Some(z) => Zone::parse(&z).unwrap_or_else(|e| {
+                self.err("storage.time_zone", e);
+                Zone::Local
+            }),
+        };
+        let backend = match self.string(t, p, "backend").as_deref() {
+            None | Some("sqlite") => {
+                let path = self
+                    .string(t, p, "path")
+                    .map_or_else(|| PathBuf::from(DEFAULT_SQLITE_PATH), PathBuf::from);
+                let path = if path.is_relative() {
+                    self.base.join(path)
+                } else {
+                    path
+                };
+                let synchronous_full = match self.string(t, p, "synchronous").as_deref() {
+                    None | Some("full") => true,
+                    Some("normal") => false,
+                    Some(o) => {
+                        self.err(
+                            "storage.synchronous",
+                            format!("{o:?} is not \"full\" or \"normal\""),
+                        );
+                        true
+                    }
+                };
+                Backend::Sqlite {
+                    path,
+                    synchronous_full,
+                }
+            }
+            Some("mysql") => {
+                let url = self.string(t, p, "url").unwrap_or_else(|| {
+                    self.err(
+                        "storage.url",
+                        "missing; write e.g. \"mysql://valvula@127.0.0.1:3306/valvula\"",
+                    );
+                    String::new()
+                });
+                if !url.is_empty() && !url.starts_with("mysql://") {
+                    self.err(
+                        "storage.url",
+                        format!("{:?} does not start with mysql://", redact_url(&url)),
+                    );
+                }
+                let mut password = self.string(t, p, "password");
+                if let Some(var) = self.string(t, p, "password_env") {
+                    match std::env::var(&var) {
+                        Ok(v) => password = Some(v),
+                        Err(_) => self.err(
+                            "storage.password_env",
+                            format!("environment variable {var} is not set"),
+                        ),
+                    }
+                }
+                if let Some(f) = self.string(t, p, "password_file") {
+                    let f = self.base.join(f);
+                    match std::fs::read_to_string(&f) {
+                        Ok(v) => password = Some(v.trim_end_matches(['\r', '\n']).to_owned()),
+                        Err(e) => self.err(
+                            "storage.password_file",
+                            format!("cannot read {}: {e}", f.display()),
+                        ),
+                    }
+                }
+                let pool_size = self.integer(t, p, "pool_size", 1, 1024).unwrap_or(16) as usize;
+                Backend::Mysql {
+                    url,
+                    password,
+                    pool_size,
+                }
+            }
+            Some(o) => {
+                self.err(
+                    "storage.backend",
+                    format!("{o:?} is not \"sqlite\" or \"mysql\""),
+                );
+                Backend::Sqlite {
+                    path: PathBuf::from(DEFAULT_SQLITE_PATH),
+                    synchronous_full: true,
+                }
+            }
+        };
+        StorageConfig { backend, zone }
     }
 
     fn server(&mut self, t: &Table) -> ServerConfig {
@@ -605,6 +727,20 @@ impl Walker {
     }
 }
 
+/// A MySQL URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// `host:port`, `[v6]:port`, a bare port (valvula's `-a 3579`: on 127.0.0.1), or
 /// `unix:/path`.
 pub fn parse_address(s: &str) -> Result<ListenAddr, String> {
@@ -743,6 +879,42 @@ modules = ["x"]
             "{:?}",
             e.errors
         );
+    }
+
+    #[test]
+    fn storage_section() {
+        let l = p("[[listener]]\naddress = \"3579\"\n").unwrap();
+        assert_eq!(
+            l.config.storage.backend,
+            Backend::Sqlite {
+                path: DEFAULT_SQLITE_PATH.into(),
+                synchronous_full: true
+            }
+        );
+        let l = parse(
+            "[storage]\npath = \"db/v.db\"\ntime_zone = \"UTC\"\n[[listener]]\naddress = \"3579\"\n",
+            Path::new("/etc/valvula/valvulad.toml"),
+        )
+        .unwrap();
+        assert!(
+            matches!(&l.config.storage.backend, Backend::Sqlite { path, .. } if path == Path::new("/etc/valvula/db/v.db"))
+        );
+        // SAFETY-free env use: a variable no one else sets.
+        let e = p("[storage]\nbackend = \"mysql\"\npassword_env = \"VALVULA_TEST_UNSET_VAR\"\ntime_zone = \"Nowhere/City\"\n[[listener]]\naddress = \"3579\"\n")
+            .unwrap_err();
+        let all = e.errors.join("\n");
+        for k in [
+            "storage.url:",
+            "storage.password_env:",
+            "storage.time_zone:",
+        ] {
+            assert!(all.contains(k), "{k} missing: {all}");
+        }
+        assert_eq!(
+            redact_url("mysql://u:secret@h:3306/db"),
+            "mysql://u:***@h:3306/db"
+        );
+        assert_eq!(redact_url("mysql://u@h/db"), "mysql://u@h/db");
     }
 
     #[test]

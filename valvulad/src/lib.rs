@@ -13,3 +13,4 @@ pub mod dispatch;
 pub mod host;
 pub mod logging;
 pub mod server;
+pub mod store;

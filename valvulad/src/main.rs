@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use valvulad::config::{self, Config};
 use valvulad::host::{self, ModuleSet};
 use valvulad::server::Daemon;
+use valvulad::store::Store;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,15 +50,17 @@ fn main() -> ExitCode {
 fn load(
     path: &Path,
     previous: Option<&ModuleSet>,
+    store: &Arc<Store>,
 ) -> anyhow::Result<(Config, ModuleSet, Vec<String>)> {
     let loaded = config::load_file(path)?;
     for w in &loaded.warnings {
         tracing::warn!("{}: {w}", path.display());
     }
-    let (modules, reused) = ModuleSet::load(&loaded.config, previous).map_err(|errs| {
-        let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
-        anyhow::anyhow!("cannot load modules:\n{}", lines.join("\n"))
-    })?;
+    let (modules, reused) = ModuleSet::load(&loaded.config, previous, Some(store.clone()))
+        .map_err(|errs| {
+            let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
+            anyhow::anyhow!("cannot load modules:\n{}", lines.join("\n"))
+        })?;
     let chain_errors = host::check_chains(&loaded.config, &modules);
     if !chain_errors.is_empty() {
         anyhow::bail!(
@@ -85,9 +89,31 @@ fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
+/// Opens the store and says loudly whether the database answers. The daemon starts
+/// either way: requests that need the database get the on-error action until it is back.
+async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(Arc<Store>, Result<(), valvulad::store::StoreError>)> {
+    let store = Store::open(&config.storage, tokio::runtime::Handle::current())
+        .with_context(|| format!("storage ({})", config.storage.describe()))?;
+    let s = store.clone();
+    let ping = tokio::task::spawn_blocking(move || s.ping()).await?;
+    match &ping {
+        Ok(()) => tracing::info!(database = store.describe(), "database reachable"),
+        Err(e) => tracing::error!(
+            database = store.describe(),
+            "DATABASE NOT REACHABLE: {e}; starting anyway, requests that need it get the on-error action"
+        ),
+    }
+    Ok((store, ping))
+}
+
 async fn serve(args: Args) -> anyhow::Result<()> {
+    let first = config::load_file(&args.config)?;
+    let (store, ping) = open_store(&first.config).await?;
     let path = args.config.clone();
-    let (config, modules, _) = tokio::task::spawn_blocking(move || load(&path, None)).await??;
+    let s = store.clone();
+    let (config, modules, _) = tokio::task::spawn_blocking(move || load(&path, None, &s)).await??;
     if args.check {
         println!(
             "valvulad: {} is valid: {} listener(s), {} module(s) loaded and initialised",
@@ -98,8 +124,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         for m in modules.iter() {
             m.close();
         }
-        return Ok(());
+        return match ping {
+            Ok(()) => {
+                println!("valvulad: database {} is reachable", store.describe());
+                Ok(())
+            }
+            Err(e) => anyhow::bail!("database {} is not reachable: {e}", store.describe()),
+        };
     }
+    spawn_maintenance(store.clone());
     let grace = config.server.shutdown_grace;
     let daemon = Daemon::start(config, modules).await?;
     tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
@@ -111,7 +144,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&daemon, &args.config).await,
+            _ = hup.recv() => reload(&daemon, &args.config, &store).await,
         }
     }
     daemon.shutdown(grace).await;
@@ -120,11 +153,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: re-read the config; on any error keep running with the old one.
-async fn reload(daemon: &Daemon, path: &Path) {
+async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) {
     tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
     let previous = daemon.modules();
     let p = path.to_owned();
-    let loaded = tokio::task::spawn_blocking(move || load(&p, Some(&previous))).await;
+    let s = store.clone();
+    let loaded = tokio::task::spawn_blocking(move || load(&p, Some(&previous), &s)).await;
     let (config, modules, reused) = match loaded {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
@@ -136,6 +170,11 @@ async fn reload(daemon: &Daemon, path: &Path) {
             return;
         }
     };
+    if config.storage != daemon.config().storage {
+        tracing::warn!(
+            "[storage] changed: the new database settings take effect at the next restart"
+        );
+    }
     let empty = toml::Table::new();
     for name in &reused {
         if let Some(d) = modules.get(name) {
@@ -149,4 +188,22 @@ async fn reload(daemon: &Daemon, path: &Path) {
         Ok(()) => tracing::info!("configuration reloaded"),
         Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
     }
+}
+
+/// Once a minute: drop sliding-window buckets no window counts any more.
+fn spawn_maintenance(store: Arc<Store>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.maintain(host::now())).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::debug!(removed = n, "expired sliding-window buckets removed")
+                }
+                Ok(Err(e)) => tracing::debug!("storage maintenance skipped: {e}"),
+                _ => {}
+            }
+        }
+    });
 }

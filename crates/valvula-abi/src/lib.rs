@@ -11,7 +11,7 @@ use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 
 pub const VLV_ABI_MAJOR: u16 = 0;
-pub const VLV_ABI_MINOR: u16 = 1;
+pub const VLV_ABI_MINOR: u16 = 2;
 pub const VLV_MODULE_MAGIC: u32 = 0x4D56_4C56;
 /// `VLV_MODULE_SYMBOL`, NUL-terminated for dlsym.
 pub const VLV_MODULE_SYMBOL: &[u8] = b"vlv_module_v1\0";
@@ -56,6 +56,22 @@ pub const VLV_FLAG_SERIALIZE: u32 = 0x2;
 /// Every flag this ABI version knows; a module setting any other bit is refused.
 pub const VLV_FLAGS_KNOWN: u32 = VLV_FLAG_NONBLOCKING | VLV_FLAG_SERIALIZE;
 
+pub const VLV_VALUE_NULL: u32 = 0;
+pub const VLV_VALUE_INT: u32 = 1;
+pub const VLV_VALUE_FLOAT: u32 = 2;
+pub const VLV_VALUE_TEXT: u32 = 3;
+pub const VLV_VALUE_BLOB: u32 = 4;
+
+pub const VLV_DIALECT_NONE: u32 = 0;
+pub const VLV_DIALECT_SQLITE: u32 = 1;
+pub const VLV_DIALECT_MYSQL: u32 = 2;
+
+pub const VLV_WINDOW_HOUR: u32 = 1;
+pub const VLV_WINDOW_DAY: u32 = 2;
+pub const VLV_WINDOW_WEEK: u32 = 3;
+pub const VLV_WINDOW_MONTH: u32 = 4;
+pub const VLV_WINDOW_SLIDING: u32 = 5;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vlv_str {
@@ -76,6 +92,49 @@ impl vlv_str {
             len: s.len(),
         }
     }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vlv_value {
+    pub r#type: u32,
+    pub reserved: u32,
+    pub i: i64,
+    pub f: f64,
+    pub s: vlv_str,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vlv_stmt {
+    pub sql: vlv_str,
+    pub params: *const vlv_value,
+    pub n_params: usize,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct vlv_window {
+    pub kind: u32,
+    pub reserved: u32,
+    pub seconds: i64,
+    pub limit: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct vlv_window_state {
+    pub used: i64,
+    pub remaining: i64,
+    pub resets_at: i64,
+    pub admitted: u32,
+    pub reserved: u32,
+}
+
+/// Opaque: a query result owned by the host.
+#[repr(C)]
+pub struct vlv_rows {
+    _private: [u8; 0],
 }
 
 /// Opaque: the host's handle for one module.
@@ -120,7 +179,63 @@ pub struct vlv_host_api {
     pub reply_set:
         Option<unsafe extern "C" fn(req: *mut vlv_request, action: u32, text: vlv_str) -> i32>,
     pub now: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx) -> i64>,
+    // ABI 0.2: storage.
+    pub sql_dialect: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx) -> u32>,
+    pub sql_exec: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            sql: vlv_str,
+            params: *const vlv_value,
+            n_params: usize,
+            affected: *mut u64,
+            last_insert_id: *mut i64,
+        ) -> i32,
+    >,
+    pub sql_batch: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            stmts: *const vlv_stmt,
+            n: usize,
+            affected: *mut u64,
+        ) -> i32,
+    >,
+    pub sql_query: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            sql: vlv_str,
+            params: *const vlv_value,
+            n_params: usize,
+            rows: *mut *mut vlv_rows,
+        ) -> i32,
+    >,
+    pub rows_count: Option<unsafe extern "C" fn(rows: *const vlv_rows) -> usize>,
+    pub rows_columns: Option<unsafe extern "C" fn(rows: *const vlv_rows) -> usize>,
+    pub rows_get: Option<
+        unsafe extern "C" fn(
+            rows: *const vlv_rows,
+            row: usize,
+            col: usize,
+            out: *mut vlv_value,
+        ) -> i32,
+    >,
+    pub rows_column_name:
+        Option<unsafe extern "C" fn(rows: *const vlv_rows, col: usize, out: *mut vlv_str) -> i32>,
+    pub rows_free: Option<unsafe extern "C" fn(rows: *mut vlv_rows)>,
+    pub consume: Option<ConsumeFn>,
+    pub peek: Option<ConsumeFn>,
+    pub reset: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, key: vlv_str) -> i32>,
 }
+
+/// Signature shared by `consume` and `peek`.
+pub type ConsumeFn = unsafe extern "C" fn(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    amount: i64,
+    windows: *const vlv_window,
+    n: usize,
+    states: *mut vlv_window_state,
+    admitted: *mut u32,
+) -> i32;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -158,7 +273,8 @@ unsafe impl Sync for vlv_host_api {}
 unsafe impl Send for vlv_host_api {}
 
 /// Bytes of `vlv_module_def` a module built for ABI 0.`minor` must provide: the end of
-/// the last field that minor defines. Minor 0 and 1 share one layout.
+/// the last field that minor defines. Minors 0 to 2 share one layout (0.2 only added
+/// host services).
 pub const fn module_def_min_size(minor: u16) -> usize {
     let _ = minor;
     offset_of!(vlv_module_def, tick) + size_of::<usize>()
@@ -178,7 +294,30 @@ const _: () = {
     assert!(offset_of!(vlv_host_api, request_attr) == 32);
     assert!(offset_of!(vlv_host_api, reply_set) == 40);
     assert!(offset_of!(vlv_host_api, now) == 48);
-    assert!(size_of::<vlv_host_api>() == 56);
+    assert!(offset_of!(vlv_host_api, sql_dialect) == 56);
+    assert!(offset_of!(vlv_host_api, sql_exec) == 64);
+    assert!(offset_of!(vlv_host_api, sql_batch) == 72);
+    assert!(offset_of!(vlv_host_api, sql_query) == 80);
+    assert!(offset_of!(vlv_host_api, rows_count) == 88);
+    assert!(offset_of!(vlv_host_api, rows_columns) == 96);
+    assert!(offset_of!(vlv_host_api, rows_get) == 104);
+    assert!(offset_of!(vlv_host_api, rows_column_name) == 112);
+    assert!(offset_of!(vlv_host_api, rows_free) == 120);
+    assert!(offset_of!(vlv_host_api, consume) == 128);
+    assert!(offset_of!(vlv_host_api, peek) == 136);
+    assert!(offset_of!(vlv_host_api, reset) == 144);
+    assert!(size_of::<vlv_host_api>() == 152);
+
+    assert!(size_of::<vlv_value>() == 40);
+    assert!(offset_of!(vlv_value, i) == 8);
+    assert!(offset_of!(vlv_value, f) == 16);
+    assert!(offset_of!(vlv_value, s) == 24);
+    assert!(size_of::<vlv_stmt>() == 32);
+    assert!(size_of::<vlv_window>() == 24);
+    assert!(offset_of!(vlv_window, seconds) == 8);
+    assert!(offset_of!(vlv_window, limit) == 16);
+    assert!(size_of::<vlv_window_state>() == 32);
+    assert!(offset_of!(vlv_window_state, admitted) == 24);
 
     assert!(offset_of!(vlv_module_def, magic) == 0);
     assert!(offset_of!(vlv_module_def, abi_major) == 4);

@@ -19,6 +19,10 @@ use valvula_policy::{Action, Reply, ReplyError, Request};
 
 use crate::config::Config;
 use crate::dispatch::{DispatchSettings, Dispatcher, Handler, HandlerError};
+use crate::store::Store;
+
+mod storage;
+use storage::*;
 
 /// Seconds added to the system clock in what modules see as "now" (tests move time).
 static CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
@@ -190,9 +194,10 @@ impl Section {
 }
 
 /// What `vlv_module_ctx *` points at.
-struct ModuleCtx {
-    name: String,
+pub(crate) struct ModuleCtx {
+    pub(crate) name: String,
     section: RwLock<Section>,
+    pub(crate) store: Option<Arc<Store>>,
 }
 
 /// What `vlv_request *` points at during one `process` call.
@@ -201,7 +206,7 @@ struct RequestCall<'a> {
     reply: Option<Result<Reply, ReplyError>>,
 }
 
-fn bytes_of<'a>(s: vlv_str) -> &'a [u8] {
+pub(crate) fn bytes_of<'a>(s: vlv_str) -> &'a [u8] {
     if s.ptr.is_null() || s.len == 0 {
         return &[];
     }
@@ -385,6 +390,18 @@ static HOST_API: vlv_host_api = vlv_host_api {
     request_attr: Some(host_request_attr),
     reply_set: Some(host_reply_set),
     now: Some(host_now),
+    sql_dialect: Some(host_sql_dialect),
+    sql_exec: Some(host_sql_exec),
+    sql_batch: Some(host_sql_batch),
+    sql_query: Some(host_sql_query),
+    rows_count: Some(host_rows_count),
+    rows_columns: Some(host_rows_columns),
+    rows_get: Some(host_rows_get),
+    rows_column_name: Some(host_rows_column_name),
+    rows_free: Some(host_rows_free),
+    consume: Some(host_consume),
+    peek: Some(host_peek),
+    reset: Some(host_reset),
 };
 
 /// A checked module definition, not yet initialised.
@@ -546,11 +563,16 @@ pub fn open(path: &Path) -> Result<Opened, LoadError> {
 
 impl Opened {
     /// Runs the module's init with its configuration section.
-    pub fn init(self, section: &toml::Table) -> Result<LoadedModule, LoadError> {
+    pub fn init(
+        self,
+        section: &toml::Table,
+        store: Option<Arc<Store>>,
+    ) -> Result<LoadedModule, LoadError> {
         // Leaked on purpose: the module may keep its ctx pointer until the process exits.
         let ctx: &'static ModuleCtx = Box::leak(Box::new(ModuleCtx {
             name: self.name.clone(),
             section: RwLock::new(Section::new(section)),
+            store,
         }));
         let ctx_ptr = (ctx as *const ModuleCtx)
             .cast_mut()
@@ -725,6 +747,7 @@ impl ModuleSet {
     pub fn load(
         config: &Config,
         previous: Option<&ModuleSet>,
+        store: Option<Arc<Store>>,
     ) -> Result<(ModuleSet, Vec<String>), Vec<LoadError>> {
         let settings = dispatch_settings(config);
         let mut set = ModuleSet::default();
@@ -777,7 +800,7 @@ impl ModuleSet {
                 continue;
             }
             let section = config.module_sections.get(&opened.name).unwrap_or(&empty);
-            match opened.init(section) {
+            match opened.init(section, store.clone()) {
                 Ok(m) => {
                     let name = Handler::name(&m).to_owned();
                     tracing::info!(

@@ -1,0 +1,22 @@
+-- valvulad's own tables on SQLite (created at start when missing).
+-- Counters of the host's consume service: one row per (module, key, window) with the
+-- current calendar period, and the head rows of sliding windows (period 0).
+CREATE TABLE IF NOT EXISTS vlv_counter (
+    ns     TEXT    NOT NULL,
+    ckey   TEXT    NOT NULL,
+    win    TEXT    NOT NULL,
+    period INTEGER NOT NULL,
+    used   INTEGER NOT NULL,
+    PRIMARY KEY (ns, ckey, win)
+) WITHOUT ROWID;
+-- Buckets of sliding windows; expires = when no window counts the bucket any more.
+CREATE TABLE IF NOT EXISTS vlv_slide (
+    ns      TEXT    NOT NULL,
+    ckey    TEXT    NOT NULL,
+    win     TEXT    NOT NULL,
+    bucket  INTEGER NOT NULL,
+    used    INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (ns, ckey, win, bucket)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vlv_slide_expires ON vlv_slide (expires);

@@ -1,0 +1,370 @@
+//! The storage services of the host table (ABI 0.2): SQL with parameters, result sets,
+//! and the counters' consume/peek/reset, each a thin conversion between the C ABI and
+//! [`crate::store::Store`].
+
+use valvula_abi::{
+    self as abi, vlv_module_ctx, vlv_rows, vlv_stmt, vlv_str, vlv_value, vlv_window,
+    vlv_window_state,
+};
+
+use super::{ModuleCtx, bytes_of, now};
+use crate::store::{self, Stmt, Store, StoreError, Value, Window, WindowKind};
+
+/// The module's context, if the pointer is one the host handed out.
+fn module_ctx<'a>(ctx: *mut vlv_module_ctx) -> Option<&'a ModuleCtx> {
+    // SAFETY: ctx is the pointer the host gave init; ModuleCtx values are leaked, so it
+    // lives until exit.
+    unsafe { ctx.cast::<ModuleCtx>().as_ref() }
+}
+
+/// Maps a storage error to a status, logging what the module cannot see.
+fn store_status(ctx: &ModuleCtx, e: &StoreError) -> i32 {
+    match e {
+        StoreError::Unavailable(m) => {
+            tracing::debug!(module = %ctx.name, "storage unavailable: {m}");
+            abi::VLV_E_UNAVAILABLE
+        }
+        StoreError::Invalid(m) => {
+            tracing::warn!(module = %ctx.name, "invalid storage call: {m}");
+            abi::VLV_E_INVALID
+        }
+        StoreError::Sql(m) => {
+            tracing::warn!(module = %ctx.name, "SQL failed: {m}");
+            abi::VLV_E_FAILED
+        }
+    }
+}
+
+/// Runs a storage call for a module: finds its store, catches panics, maps errors.
+fn with_store(
+    ctx: *mut vlv_module_ctx,
+    f: impl FnOnce(&ModuleCtx, &Store) -> Result<(), StoreError>,
+) -> i32 {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let Some(ctx) = module_ctx(ctx) else {
+            return abi::VLV_E_INVALID;
+        };
+        let Some(store) = ctx.store.as_deref() else {
+            tracing::warn!(module = %ctx.name, "storage call, but no storage is configured");
+            return abi::VLV_E_UNAVAILABLE;
+        };
+        match f(ctx, store) {
+            Ok(()) => abi::VLV_OK,
+            Err(e) => store_status(ctx, &e),
+        }
+    }))
+    .unwrap_or(abi::VLV_E_FAILED)
+}
+
+/// Copies module parameters into host values.
+fn values_of(params: *const vlv_value, n: usize) -> Result<Vec<Value>, StoreError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if params.is_null() {
+        return Err(StoreError::Invalid("params is NULL".into()));
+    }
+    // SAFETY: the module passes an array of n values it owns for the call.
+    let ps = unsafe { std::slice::from_raw_parts(params, n) };
+    ps.iter()
+        .enumerate()
+        .map(|(i, p)| match p.r#type {
+            abi::VLV_VALUE_NULL => Ok(Value::Null),
+            abi::VLV_VALUE_INT => Ok(Value::Int(p.i)),
+            abi::VLV_VALUE_FLOAT => Ok(Value::Float(p.f)),
+            abi::VLV_VALUE_TEXT => std::str::from_utf8(bytes_of(p.s))
+                .map(|t| Value::Text(t.to_owned()))
+                .map_err(|_| {
+                    StoreError::Invalid(format!("parameter {i}: text is not UTF-8 (use a blob)"))
+                }),
+            abi::VLV_VALUE_BLOB => Ok(Value::Blob(bytes_of(p.s).to_vec())),
+            t => Err(StoreError::Invalid(format!(
+                "parameter {i}: unknown value type {t}"
+            ))),
+        })
+        .collect()
+}
+
+fn sql_text(sql: vlv_str) -> Result<String, StoreError> {
+    std::str::from_utf8(bytes_of(sql))
+        .map(str::to_owned)
+        .map_err(|_| StoreError::Invalid("SQL text is not UTF-8".into()))
+}
+
+pub(super) unsafe extern "C" fn host_sql_dialect(ctx: *mut vlv_module_ctx) -> u32 {
+    match module_ctx(ctx)
+        .and_then(|c| c.store.as_deref())
+        .map(Store::dialect)
+    {
+        Some(store::Dialect::Sqlite) => abi::VLV_DIALECT_SQLITE,
+        Some(store::Dialect::Mysql) => abi::VLV_DIALECT_MYSQL,
+        None => abi::VLV_DIALECT_NONE,
+    }
+}
+
+pub(super) unsafe extern "C" fn host_sql_exec(
+    ctx: *mut vlv_module_ctx,
+    sql: vlv_str,
+    params: *const vlv_value,
+    n_params: usize,
+    affected: *mut u64,
+    last_insert_id: *mut i64,
+) -> i32 {
+    with_store(ctx, |_, store| {
+        let r = store.exec(Stmt::new(sql_text(sql)?, values_of(params, n_params)?))?;
+        // SAFETY: optional out pointers of the module, checked for NULL.
+        unsafe {
+            if let Some(a) = affected.as_mut() {
+                *a = r.affected;
+            }
+            if let Some(l) = last_insert_id.as_mut() {
+                *l = r.last_insert_id;
+            }
+        }
+        Ok(())
+    })
+}
+
+pub(super) unsafe extern "C" fn host_sql_batch(
+    ctx: *mut vlv_module_ctx,
+    stmts: *const vlv_stmt,
+    n: usize,
+    affected: *mut u64,
+) -> i32 {
+    with_store(ctx, |_, store| {
+        if n > 0 && stmts.is_null() {
+            return Err(StoreError::Invalid("stmts is NULL".into()));
+        }
+        let list = if n == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the module passes an array of n statements it owns for the call.
+            unsafe { std::slice::from_raw_parts(stmts, n) }
+        };
+        let stmts = list
+            .iter()
+            .map(|s| {
+                Ok(Stmt::new(
+                    sql_text(s.sql)?,
+                    values_of(s.params, s.n_params)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let r = store.batch(stmts)?;
+        if !affected.is_null() {
+            for (i, e) in r.iter().enumerate() {
+                // SAFETY: the header makes `affected` an array of n entries.
+                unsafe { *affected.add(i) = e.affected };
+            }
+        }
+        Ok(())
+    })
+}
+
+/// What `vlv_rows *` points at: the result and its cells rendered for the ABI.
+struct RowsHandle {
+    rows: store::Rows,
+}
+
+pub(super) unsafe extern "C" fn host_sql_query(
+    ctx: *mut vlv_module_ctx,
+    sql: vlv_str,
+    params: *const vlv_value,
+    n_params: usize,
+    rows: *mut *mut vlv_rows,
+) -> i32 {
+    with_store(ctx, |_, store| {
+        if rows.is_null() {
+            return Err(StoreError::Invalid("rows is NULL".into()));
+        }
+        let r = store.query(Stmt::new(sql_text(sql)?, values_of(params, n_params)?))?;
+        let h = Box::into_raw(Box::new(RowsHandle { rows: r }));
+        // SAFETY: rows was checked non-NULL; the module frees the handle with rows_free.
+        unsafe { *rows = h.cast() };
+        Ok(())
+    })
+}
+
+fn rows_ref<'a>(rows: *const vlv_rows) -> Option<&'a RowsHandle> {
+    // SAFETY: a pointer from host_sql_query, not yet freed (header: LIFETIME).
+    unsafe { rows.cast::<RowsHandle>().as_ref() }
+}
+
+pub(super) unsafe extern "C" fn host_rows_count(rows: *const vlv_rows) -> usize {
+    rows_ref(rows).map_or(0, |r| r.rows.rows.len())
+}
+
+pub(super) unsafe extern "C" fn host_rows_columns(rows: *const vlv_rows) -> usize {
+    rows_ref(rows).map_or(0, |r| r.rows.columns.len())
+}
+
+pub(super) unsafe extern "C" fn host_rows_get(
+    rows: *const vlv_rows,
+    row: usize,
+    col: usize,
+    out: *mut vlv_value,
+) -> i32 {
+    let (Some(r), false) = (rows_ref(rows), out.is_null()) else {
+        return abi::VLV_E_INVALID;
+    };
+    let Some(cell) = r.rows.rows.get(row).and_then(|c| c.get(col)) else {
+        return abi::VLV_E_NOT_FOUND;
+    };
+    let mut v = vlv_value {
+        r#type: abi::VLV_VALUE_NULL,
+        reserved: 0,
+        i: 0,
+        f: 0.0,
+        s: vlv_str::EMPTY,
+    };
+    match cell {
+        Value::Null => {}
+        Value::Int(i) => {
+            v.r#type = abi::VLV_VALUE_INT;
+            v.i = *i;
+        }
+        Value::Float(f) => {
+            v.r#type = abi::VLV_VALUE_FLOAT;
+            v.f = *f;
+        }
+        Value::Text(t) => {
+            v.r#type = abi::VLV_VALUE_TEXT;
+            v.s = vlv_str::from_str(t);
+        }
+        Value::Blob(b) => {
+            v.r#type = abi::VLV_VALUE_BLOB;
+            v.s = vlv_str {
+                ptr: b.as_ptr().cast(),
+                len: b.len(),
+            };
+        }
+    }
+    // SAFETY: out was checked non-NULL; the borrowed bytes live in the handle until
+    // rows_free.
+    unsafe { *out = v };
+    abi::VLV_OK
+}
+
+pub(super) unsafe extern "C" fn host_rows_column_name(
+    rows: *const vlv_rows,
+    col: usize,
+    out: *mut vlv_str,
+) -> i32 {
+    let (Some(r), false) = (rows_ref(rows), out.is_null()) else {
+        return abi::VLV_E_INVALID;
+    };
+    match r.rows.columns.get(col) {
+        Some(n) => {
+            // SAFETY: out was checked non-NULL; the name lives in the handle.
+            unsafe { *out = vlv_str::from_str(n) };
+            abi::VLV_OK
+        }
+        None => abi::VLV_E_NOT_FOUND,
+    }
+}
+
+pub(super) unsafe extern "C" fn host_rows_free(rows: *mut vlv_rows) {
+    if !rows.is_null() {
+        // SAFETY: the module gives back a pointer from host_sql_query, once.
+        drop(unsafe { Box::from_raw(rows.cast::<RowsHandle>()) });
+    }
+}
+
+fn windows_of(windows: *const vlv_window, n: usize) -> Result<Vec<Window>, StoreError> {
+    if n == 0 || windows.is_null() {
+        return Err(StoreError::Invalid("no windows given".into()));
+    }
+    // SAFETY: the module passes an array of n windows it owns for the call.
+    let ws = unsafe { std::slice::from_raw_parts(windows, n) };
+    ws.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let kind = match w.kind {
+                abi::VLV_WINDOW_HOUR => WindowKind::Hour,
+                abi::VLV_WINDOW_DAY => WindowKind::Day,
+                abi::VLV_WINDOW_WEEK => WindowKind::Week,
+                abi::VLV_WINDOW_MONTH => WindowKind::Month,
+                abi::VLV_WINDOW_SLIDING => WindowKind::Sliding(w.seconds),
+                k => return Err(StoreError::Invalid(format!("window {i}: unknown kind {k}"))),
+            };
+            Ok(Window {
+                kind,
+                limit: w.limit,
+            })
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn consume_or_peek(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    amount: i64,
+    windows: *const vlv_window,
+    n: usize,
+    states: *mut vlv_window_state,
+    admitted: *mut u32,
+    peek: bool,
+) -> i32 {
+    with_store(ctx, |m, store| {
+        let key = std::str::from_utf8(bytes_of(key))
+            .map_err(|_| StoreError::Invalid("key is not UTF-8".into()))?;
+        let ws = windows_of(windows, n)?;
+        let t = now();
+        let c = if peek {
+            store.peek(&m.name, key, amount, &ws, t)?
+        } else {
+            store.consume(&m.name, key, amount, &ws, t)?
+        };
+        // SAFETY: optional out pointers of the module; `states` is an array of n.
+        unsafe {
+            if let Some(a) = admitted.as_mut() {
+                *a = u32::from(c.admitted);
+            }
+            if !states.is_null() {
+                for (i, s) in c.windows.iter().enumerate() {
+                    *states.add(i) = vlv_window_state {
+                        used: s.used,
+                        remaining: s.remaining,
+                        resets_at: s.resets_at,
+                        admitted: u32::from(s.admitted),
+                        reserved: 0,
+                    };
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub(super) unsafe extern "C" fn host_consume(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    amount: i64,
+    windows: *const vlv_window,
+    n: usize,
+    states: *mut vlv_window_state,
+    admitted: *mut u32,
+) -> i32 {
+    consume_or_peek(ctx, key, amount, windows, n, states, admitted, false)
+}
+
+pub(super) unsafe extern "C" fn host_peek(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    amount: i64,
+    windows: *const vlv_window,
+    n: usize,
+    states: *mut vlv_window_state,
+    admitted: *mut u32,
+) -> i32 {
+    consume_or_peek(ctx, key, amount, windows, n, states, admitted, true)
+}
+
+pub(super) unsafe extern "C" fn host_reset(ctx: *mut vlv_module_ctx, key: vlv_str) -> i32 {
+    with_store(ctx, |m, store| {
+        let key = std::str::from_utf8(bytes_of(key))
+            .map_err(|_| StoreError::Invalid("key is not UTF-8".into()))?;
+        store.reset(&m.name, key).map(|_| ())
+    })
+}
