@@ -50,6 +50,15 @@ pub async fn start(config: Config, modules: ModuleSet) -> (Daemon, Vec<String>) 
     (d, addrs)
 }
 
+/// Each daemon gets its own SQLite file in its directory unless the test chose storage.
+fn with_storage(config: &str) -> String {
+    if config.contains("[storage]") {
+        config.to_owned()
+    } else {
+        format!("{config}\n[storage]\npath = \"{{dir}}/valvula.db\"\n")
+    }
+}
+
 /// A `valvulad` process with its own config file and temporary directory.
 pub struct Proc {
     pub child: Child,
@@ -75,7 +84,7 @@ impl Proc {
         let config_path = dir.path().join("valvulad.toml");
         std::fs::write(
             &config_path,
-            config.replace("{dir}", &dir.path().display().to_string()),
+            with_storage(config).replace("{dir}", &dir.path().display().to_string()),
         )
         .unwrap();
         let mut child = Command::new(crate::valvulad_bin())
@@ -170,16 +179,8 @@ impl Proc {
 
     /// Rewrites the config file (same `{dir}` substitution and default storage).
     pub fn rewrite_config(&self, config: &str) {
-        let config = if config.contains("[storage]") {
-            config.to_owned()
-        } else {
-            format!("{config}\n[storage]\npath = \"{{dir}}/valvula.db\"\n")
-        };
-        std::fs::write(
-            &self.config_path,
-            config.replace("{dir}", &self.dir.path().display().to_string()),
-        )
-        .unwrap();
+        let text = with_storage(config).replace("{dir}", &self.dir.path().display().to_string());
+        std::fs::write(&self.config_path, text).unwrap();
     }
 }
 
