@@ -5,3 +5,4 @@ mod fakes;
 mod postfix;
 mod process;
 mod protocol;
+mod store;

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod db;
 pub mod postfix;
 
 use std::path::{Path, PathBuf};

@@ -42,6 +42,10 @@ impl Host {
         self.api
     }
 
+    pub(crate) fn ctx(&self) -> *mut vlv_module_ctx {
+        self.ctx
+    }
+
     /// Writes one line to the daemon's log. Prefer `tracing` macros: they end up here.
     pub fn log(&self, level: LogLevel, msg: &str) {
         if let Some(f) = self.api.log {

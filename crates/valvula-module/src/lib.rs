@@ -26,11 +26,15 @@
 mod host;
 mod log_bridge;
 mod request;
+mod storage;
 #[doc(hidden)]
 pub mod trampolines;
 
 pub use host::{Host, LogLevel};
 pub use request::Request;
+pub use storage::{
+    Consumption, Dialect, Exec, Rows, StorageError, Value, Window, WindowKind, WindowState,
+};
 pub use valvula_abi as abi;
 pub use valvula_policy::Action;
 
@@ -77,6 +81,10 @@ impl Verdict {
     }
     pub fn ok() -> Self {
         Self::new(Action::Ok, "")
+    }
+    /// OK with a text (Postfix logs it).
+    pub fn ok_with(text: impl Into<String>) -> Self {
+        Self::new(Action::Ok, text)
     }
     pub fn reject(text: impl Into<String>) -> Self {
         Self::new(Action::Reject, text)

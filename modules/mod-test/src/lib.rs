@@ -8,7 +8,11 @@
 //! `x_test_action`/`x_test_text` (answer this), `x_test_panic=1`, `x_test_error=1`,
 //! `x_test_sleep_ms=N`, `x_test_invalid=1` (a reply text with a newline),
 //! `x_test_config=KEY` (answer `info` with the current config value, to observe reloads),
-//! `x_test_ticks=1` (answer `info` with the ticks received: count, last kinds, last time).
+//! `x_test_ticks=1` (answer `info` with the ticks received: count, last kinds, last time),
+//! `x_test_consume=KEY` with `x_test_limit` (default 10), `x_test_amount` (default 1) and
+//! `x_test_window` (`hour`, `day`, `week`, `month` or seconds of a sliding window; several
+//! separated by commas, each with the same limit): charge the host's counters and answer
+//! `ok used=N` or `reject limit reached used=N`.
 
 #![forbid(unsafe_code)]
 
@@ -18,7 +22,9 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
-use valvula_module::{Action, Error, Host, Module, Request, Ticks, Verdict, export_module};
+use valvula_module::{
+    Action, Error, Host, Module, Request, Ticks, Verdict, Window, WindowKind, export_module,
+};
 
 #[derive(Deserialize, Default, Clone)]
 #[serde(default, deny_unknown_fields)]
@@ -90,6 +96,36 @@ impl Module for TestModule {
         if let Some(key) = req.get("x_test_config") {
             let v = self.host.config_raw(key).unwrap_or_else(|| "<none>".into());
             return Ok(Verdict::new(Action::Info, v));
+        }
+        if let Some(key) = req.get("x_test_consume") {
+            let num = |name: &str, default: i64| {
+                req.get(name)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(default)
+            };
+            let limit = num("x_test_limit", 10);
+            let windows = req
+                .get("x_test_window")
+                .unwrap_or("day")
+                .split(',')
+                .map(|w| {
+                    let kind = match w {
+                        "hour" => WindowKind::Hour,
+                        "day" => WindowKind::Day,
+                        "week" => WindowKind::Week,
+                        "month" => WindowKind::Month,
+                        secs => WindowKind::Sliding(secs.parse()?),
+                    };
+                    Ok(Window { kind, limit })
+                })
+                .collect::<Result<Vec<_>, std::num::ParseIntError>>()?;
+            let c = self.host.consume(key, num("x_test_amount", 1), &windows)?;
+            let used = c.windows[0].used;
+            return Ok(if c.admitted {
+                Verdict::ok_with(format!("used={used}"))
+            } else {
+                Verdict::reject(format!("limit reached used={used}"))
+            });
         }
         if req.get("x_test_ticks") == Some("1") {
             return Ok(Verdict::new(

@@ -1,0 +1,403 @@
+//! Storage services for modules: SQL with `?` parameters and exact counters.
+//!
+//! All calls block until the database answered; use them from `init`, `process`,
+//! `reconf` or `tick` (never from a NONBLOCKING module).
+
+use std::fmt;
+
+use crate::Host;
+use crate::abi::{self, vlv_host_api, vlv_stmt, vlv_str, vlv_value, vlv_window, vlv_window_state};
+
+/// A parameter or a result cell. `Null` and `Text("")` are different values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Value {
+    /// The integer in a cell (text holding a number too); `None` for NULL and others.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Float(f) => Some(*f as i64),
+            Value::Text(t) => t.trim().parse().ok(),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Text(t) => Some(t),
+            _ => None,
+        }
+    }
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    None,
+    Sqlite,
+    Mysql,
+}
+
+/// Why a storage call failed. The daemon's log has the details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageError {
+    /// The database is down; the daemon retries it.
+    Unavailable,
+    /// The call was wrong (bad SQL text, key, window...).
+    Invalid,
+    /// The statement failed.
+    Failed,
+    /// The daemon is older than ABI 0.2.
+    NotSupported,
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StorageError::Unavailable => "database unavailable",
+            StorageError::Invalid => "invalid storage call (see the daemon's log)",
+            StorageError::Failed => "SQL statement failed (see the daemon's log)",
+            StorageError::NotSupported => "the daemon has no storage services (ABI < 0.2)",
+        })
+    }
+}
+
+impl std::error::Error for StorageError {}
+
+fn status(rc: i32) -> Result<(), StorageError> {
+    match rc {
+        abi::VLV_OK => Ok(()),
+        abi::VLV_E_UNAVAILABLE => Err(StorageError::Unavailable),
+        abi::VLV_E_INVALID => Err(StorageError::Invalid),
+        _ => Err(StorageError::Failed),
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exec {
+    pub affected: u64,
+    pub last_insert_id: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowKind {
+    Hour,
+    Day,
+    Week,
+    Month,
+    /// The last N seconds.
+    Sliding(i64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub kind: WindowKind,
+    /// Units admitted per window; negative: counted, not limited.
+    pub limit: i64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowState {
+    pub used: i64,
+    /// `limit - used`, or -1 without a limit.
+    pub remaining: i64,
+    pub resets_at: i64,
+    pub admitted: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Consumption {
+    pub admitted: bool,
+    pub windows: Vec<WindowState>,
+}
+
+/// The ABI form of a parameter; it borrows the text or bytes of `v`.
+fn raw(v: &Value) -> vlv_value {
+    let mut r = vlv_value {
+        r#type: abi::VLV_VALUE_NULL,
+        reserved: 0,
+        i: 0,
+        f: 0.0,
+        s: vlv_str::EMPTY,
+    };
+    match v {
+        Value::Null => {}
+        Value::Int(i) => {
+            r.r#type = abi::VLV_VALUE_INT;
+            r.i = *i;
+        }
+        Value::Float(f) => {
+            r.r#type = abi::VLV_VALUE_FLOAT;
+            r.f = *f;
+        }
+        Value::Text(t) => {
+            r.r#type = abi::VLV_VALUE_TEXT;
+            r.s = vlv_str::from_str(t);
+        }
+        Value::Blob(b) => {
+            r.r#type = abi::VLV_VALUE_BLOB;
+            r.s = vlv_str {
+                ptr: b.as_ptr().cast(),
+                len: b.len(),
+            };
+        }
+    }
+    r
+}
+
+fn bytes(s: vlv_str) -> Vec<u8> {
+    if s.ptr.is_null() || s.len == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the host lends (ptr, len) until rows_free, which we call after copying.
+    unsafe { std::slice::from_raw_parts(s.ptr.cast::<u8>(), s.len) }.to_vec()
+}
+
+fn cooked(v: &vlv_value) -> Value {
+    match v.r#type {
+        abi::VLV_VALUE_INT => Value::Int(v.i),
+        abi::VLV_VALUE_FLOAT => Value::Float(v.f),
+        abi::VLV_VALUE_TEXT => Value::Text(String::from_utf8_lossy(&bytes(v.s)).into_owned()),
+        abi::VLV_VALUE_BLOB => Value::Blob(bytes(v.s)),
+        _ => Value::Null,
+    }
+}
+
+fn raw_window(w: &Window) -> vlv_window {
+    let (kind, seconds) = match w.kind {
+        WindowKind::Hour => (abi::VLV_WINDOW_HOUR, 0),
+        WindowKind::Day => (abi::VLV_WINDOW_DAY, 0),
+        WindowKind::Week => (abi::VLV_WINDOW_WEEK, 0),
+        WindowKind::Month => (abi::VLV_WINDOW_MONTH, 0),
+        WindowKind::Sliding(s) => (abi::VLV_WINDOW_SLIDING, s),
+    };
+    vlv_window {
+        kind,
+        reserved: 0,
+        seconds,
+        limit: w.limit,
+    }
+}
+
+/// Whether the host's table reaches the storage functions (ABI 0.2).
+fn storage_api(api: &vlv_host_api) -> Result<&vlv_host_api, StorageError> {
+    let end = std::mem::offset_of!(vlv_host_api, reset) + std::mem::size_of::<usize>();
+    if (api.struct_size as usize) < end {
+        return Err(StorageError::NotSupported);
+    }
+    Ok(api)
+}
+
+impl Host {
+    pub fn dialect(&self) -> Dialect {
+        let Ok(api) = storage_api(self.api()) else {
+            return Dialect::None;
+        };
+        match api.sql_dialect {
+            // SAFETY: ctx is this module's, valid for the life of the process.
+            Some(f) => match unsafe { f(self.ctx()) } {
+                abi::VLV_DIALECT_SQLITE => Dialect::Sqlite,
+                abi::VLV_DIALECT_MYSQL => Dialect::Mysql,
+                _ => Dialect::None,
+            },
+            None => Dialect::None,
+        }
+    }
+
+    /// Runs one statement; values bind to its `?` placeholders in order.
+    pub fn exec(&self, sql: &str, params: &[Value]) -> Result<Exec, StorageError> {
+        let f = storage_api(self.api())?
+            .sql_exec
+            .ok_or(StorageError::NotSupported)?;
+        let raws: Vec<vlv_value> = params.iter().map(raw).collect();
+        let mut e = Exec::default();
+        // SAFETY: every pointer is to memory we own for the duration of the call.
+        status(unsafe {
+            f(
+                self.ctx(),
+                vlv_str::from_str(sql),
+                raws.as_ptr(),
+                raws.len(),
+                &mut e.affected,
+                &mut e.last_insert_id,
+            )
+        })?;
+        Ok(e)
+    }
+
+    /// Runs every statement in one transaction; returns the rows each changed.
+    pub fn batch(&self, stmts: &[(&str, &[Value])]) -> Result<Vec<u64>, StorageError> {
+        let f = storage_api(self.api())?
+            .sql_batch
+            .ok_or(StorageError::NotSupported)?;
+        let raws: Vec<Vec<vlv_value>> = stmts
+            .iter()
+            .map(|(_, p)| p.iter().map(raw).collect())
+            .collect();
+        let list: Vec<vlv_stmt> = stmts
+            .iter()
+            .zip(&raws)
+            .map(|((sql, _), r)| vlv_stmt {
+                sql: vlv_str::from_str(sql),
+                params: r.as_ptr(),
+                n_params: r.len(),
+            })
+            .collect();
+        let mut affected = vec![0u64; list.len()];
+        // SAFETY: the statement array, their parameters and `affected` (n entries) are
+        // ours for the call.
+        status(unsafe { f(self.ctx(), list.as_ptr(), list.len(), affected.as_mut_ptr()) })?;
+        Ok(affected)
+    }
+
+    /// Runs a query and copies its result.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows, StorageError> {
+        let api = storage_api(self.api())?;
+        let (Some(q), Some(count), Some(cols), Some(get), Some(name), Some(free)) = (
+            api.sql_query,
+            api.rows_count,
+            api.rows_columns,
+            api.rows_get,
+            api.rows_column_name,
+            api.rows_free,
+        ) else {
+            return Err(StorageError::NotSupported);
+        };
+        let raws: Vec<vlv_value> = params.iter().map(raw).collect();
+        let mut rows = std::ptr::null_mut();
+        // SAFETY: parameters are ours for the call; `rows` receives a host handle.
+        status(unsafe {
+            q(
+                self.ctx(),
+                vlv_str::from_str(sql),
+                raws.as_ptr(),
+                raws.len(),
+                &mut rows,
+            )
+        })?;
+        // SAFETY: rows is a live handle until the free below; cells are copied first.
+        unsafe {
+            let (n, m) = (count(rows), cols(rows));
+            let mut out = Rows::default();
+            for c in 0..m {
+                let mut s = vlv_str::EMPTY;
+                name(rows, c, &mut s);
+                out.columns
+                    .push(String::from_utf8_lossy(&bytes(s)).into_owned());
+            }
+            for r in 0..n {
+                let mut row = Vec::with_capacity(m);
+                for c in 0..m {
+                    let mut v = raw(&Value::Null);
+                    get(rows, r, c, &mut v);
+                    row.push(cooked(&v));
+                }
+                out.rows.push(row);
+            }
+            free(rows);
+            Ok(out)
+        }
+    }
+
+    fn charge(
+        &self,
+        key: &str,
+        amount: i64,
+        windows: &[Window],
+        peek: bool,
+    ) -> Result<Consumption, StorageError> {
+        let api = storage_api(self.api())?;
+        let f = if peek { api.peek } else { api.consume }.ok_or(StorageError::NotSupported)?;
+        let ws: Vec<vlv_window> = windows.iter().map(raw_window).collect();
+        let mut states = vec![vlv_window_state::default(); ws.len()];
+        let mut admitted = 0u32;
+        // SAFETY: the windows and the states array (n entries) are ours for the call.
+        status(unsafe {
+            f(
+                self.ctx(),
+                vlv_str::from_str(key),
+                amount,
+                ws.as_ptr(),
+                ws.len(),
+                states.as_mut_ptr(),
+                &mut admitted,
+            )
+        })?;
+        Ok(Consumption {
+            admitted: admitted != 0,
+            windows: states
+                .iter()
+                .map(|s| WindowState {
+                    used: s.used,
+                    remaining: s.remaining,
+                    resets_at: s.resets_at,
+                    admitted: s.admitted != 0,
+                })
+                .collect(),
+        })
+    }
+
+    /// Charges `amount` to `key` in every window if all admit it, else nothing.
+    pub fn consume(
+        &self,
+        key: &str,
+        amount: i64,
+        windows: &[Window],
+    ) -> Result<Consumption, StorageError> {
+        self.charge(key, amount, windows, false)
+    }
+
+    /// What [`Host::consume`] would answer, without charging.
+    pub fn peek(
+        &self,
+        key: &str,
+        amount: i64,
+        windows: &[Window],
+    ) -> Result<Consumption, StorageError> {
+        self.charge(key, amount, windows, true)
+    }
+
+    /// Forgets every window of `key`.
+    pub fn reset(&self, key: &str) -> Result<(), StorageError> {
+        let f = storage_api(self.api())?
+            .reset
+            .ok_or(StorageError::NotSupported)?;
+        // SAFETY: the key is borrowed for the call.
+        status(unsafe { f(self.ctx(), vlv_str::from_str(key)) })
+    }
+}

@@ -1,0 +1,446 @@
+//! The storage service on both real backends: SQLite in a temporary file and a real
+//! MariaDB (a database of the test's own). Every test runs on both.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use valvula_tests::db::TestDb;
+use valvulad::store::{
+    Backend, Consumption, Stmt, StorageConfig, Store, StoreError, Value, Window, WindowKind, Zone,
+};
+
+/// An open store and what keeps it alive.
+struct Bench {
+    store: Arc<Store>,
+    label: &'static str,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    _db: Option<TestDb>,
+}
+
+fn open(mysql: bool) -> Bench {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, db, label) = if mysql {
+        let db = TestDb::new();
+        (
+            Backend::Mysql {
+                url: db.url(),
+                password: None,
+                pool_size: 16,
+            },
+            Some(db),
+            "mysql",
+        )
+    } else {
+        (
+            Backend::Sqlite {
+                path: dir.path().join("v.db"),
+                synchronous_full: true,
+            },
+            None,
+            "sqlite",
+        )
+    };
+    let cfg = StorageConfig {
+        backend,
+        zone: Zone::parse("UTC").unwrap(),
+    };
+    let store = Store::open(&cfg, rt.handle().clone()).unwrap();
+    store.ping().unwrap_or_else(|e| panic!("{label}: {e}"));
+    Bench {
+        store,
+        label,
+        _rt: rt,
+        _dir: dir,
+        _db: db,
+    }
+}
+
+fn both(f: impl Fn(&Bench)) {
+    for mysql in [false, true] {
+        f(&open(mysql));
+    }
+}
+
+fn w(kind: WindowKind, limit: i64) -> Window {
+    Window { kind, limit }
+}
+
+/// 2026-11-22 13:45:10 UTC, a Sunday.
+const T0: i64 = 1_795_355_110;
+
+fn used(c: &Consumption) -> Vec<i64> {
+    c.windows.iter().map(|s| s.used).collect()
+}
+
+#[test]
+fn calendar_windows_count_and_roll_over() {
+    both(|b| {
+        let s = &b.store;
+        for (kind, end) in [
+            (WindowKind::Hour, 1_795_356_000),
+            (WindowKind::Day, 1_795_392_000),
+            (WindowKind::Week, 1_795_392_000),
+            (WindowKind::Month, 1_796_083_200),
+        ] {
+            let key = format!("user@example.com/{kind:?}");
+            let ws = [w(kind, 5)];
+            let c = s.consume("m", &key, 3, &ws, T0).unwrap();
+            assert!(c.admitted, "{}", b.label);
+            assert_eq!(
+                (
+                    c.windows[0].used,
+                    c.windows[0].remaining,
+                    c.windows[0].resets_at
+                ),
+                (3, 2, end),
+                "{} {kind:?}",
+                b.label
+            );
+            assert!(s.consume("m", &key, 2, &ws, T0 + 1).unwrap().admitted);
+            let c = s.consume("m", &key, 1, &ws, end - 1).unwrap();
+            assert!(!c.admitted, "{} {kind:?}: over the limit admitted", b.label);
+            assert_eq!((c.windows[0].used, c.windows[0].remaining), (5, 0));
+            // The boundary: a new period starts from zero.
+            let c = s.consume("m", &key, 5, &ws, end).unwrap();
+            assert!(c.admitted, "{} {kind:?}: new period refused", b.label);
+            assert_eq!(used(&c), vec![5]);
+            assert!(c.windows[0].resets_at > end);
+        }
+    });
+}
+
+#[test]
+fn several_windows_are_all_or_nothing() {
+    both(|b| {
+        let s = &b.store;
+        let ws = [
+            w(WindowKind::Day, 10),
+            w(WindowKind::Hour, 3),
+            w(WindowKind::Sliding(600), 4),
+        ];
+        assert!(s.consume("m", "k", 3, &ws, T0).unwrap().admitted);
+        // The hour window refuses: nothing is charged anywhere.
+        let c = s.consume("m", "k", 1, &ws, T0 + 10).unwrap();
+        assert!(!c.admitted);
+        assert_eq!(used(&c), vec![3, 3, 3], "{}", b.label);
+        assert_eq!(
+            c.windows.iter().map(|x| x.admitted).collect::<Vec<_>>(),
+            vec![true, false, true]
+        );
+        let p = s.peek("m", "k", 0, &ws, T0 + 10).unwrap();
+        assert_eq!(
+            used(&p),
+            vec![3, 3, 3],
+            "{}: a refused consumption charged something",
+            b.label
+        );
+        // Next hour: the sliding window (600 s) has long forgotten, the day has not.
+        let c = s.consume("m", "k", 2, &ws, T0 + 3600).unwrap();
+        assert!(c.admitted, "{}", b.label);
+        assert_eq!(used(&c), vec![5, 2, 2]);
+        // The order windows are given in does not matter.
+        let rev = [ws[2], ws[1], ws[0]];
+        let c = s.peek("m", "k", 0, &rev, T0 + 3600).unwrap();
+        assert_eq!(used(&c), vec![2, 2, 5]);
+    });
+}
+
+/// A small deterministic generator, so failures reproduce.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn sliding_window_never_admits_more_than_its_limit() {
+    both(|b| {
+        let s = &b.store;
+        let (width, limit) = (120, 7);
+        let ws = [w(WindowKind::Sliding(width), limit)];
+        let mut rng = Lcg(42);
+        let mut t = T0;
+        let mut admitted: Vec<(i64, i64)> = Vec::new();
+        for _ in 0..300 {
+            t += rng.next(12) as i64;
+            let amount = 1 + rng.next(3) as i64;
+            if s.consume("m", "slide", amount, &ws, t).unwrap().admitted {
+                admitted.push((t, amount));
+            }
+        }
+        assert!(
+            admitted.len() > 50,
+            "{}: too few admitted to prove anything",
+            b.label
+        );
+        for &(start, _) in &admitted {
+            let inside: i64 = admitted
+                .iter()
+                .filter(|(x, _)| *x >= start && *x <= start + width)
+                .map(|(_, a)| a)
+                .sum();
+            assert!(
+                inside <= limit,
+                "{}: {inside} admitted in [{start}, {}]",
+                b.label,
+                start + width
+            );
+        }
+        // After a full window and one bucket of silence, the whole limit is free again.
+        let later = t + width + 2;
+        assert!(
+            s.consume("m", "slide", limit, &ws, later).unwrap().admitted,
+            "{}",
+            b.label
+        );
+        // And maintenance drops buckets no window counts.
+        assert!(s.maintain(later + 10 * width).unwrap() > 0, "{}", b.label);
+    });
+}
+
+#[test]
+fn peek_reset_unlimited_and_namespaces() {
+    both(|b| {
+        let s = &b.store;
+        let ws = [w(WindowKind::Day, 2)];
+        let p = s.peek("m", "k", 2, &ws, T0).unwrap();
+        assert!(p.admitted);
+        assert_eq!(used(&p), vec![0]);
+        assert!(s.consume("m", "k", 2, &ws, T0).unwrap().admitted);
+        assert!(!s.peek("m", "k", 1, &ws, T0).unwrap().admitted);
+        // Another module's counter for the same key is separate.
+        assert!(s.consume("other", "k", 2, &ws, T0).unwrap().admitted);
+        assert!(s.reset("m", "k").unwrap() >= 1);
+        assert!(
+            s.consume("m", "k", 2, &ws, T0).unwrap().admitted,
+            "{}: reset did not clear",
+            b.label
+        );
+        assert!(
+            !s.consume("other", "k", 1, &ws, T0).unwrap().admitted,
+            "{}: reset crossed namespaces",
+            b.label
+        );
+        // A negative limit counts without limiting; limit 0 admits nothing.
+        let c = s
+            .consume("m", "u", 1_000_000, &[w(WindowKind::Month, -1)], T0)
+            .unwrap();
+        assert!(c.admitted);
+        assert_eq!((c.windows[0].used, c.windows[0].remaining), (1_000_000, -1));
+        assert!(
+            !s.consume("m", "z", 1, &[w(WindowKind::Month, 0)], T0)
+                .unwrap()
+                .admitted
+        );
+        // Zero is always a question, never a charge.
+        let c = s.consume("m", "k", 0, &ws, T0).unwrap();
+        assert!(c.admitted);
+        assert_eq!(used(&c), vec![2]);
+    });
+}
+
+#[test]
+fn invalid_calls_are_refused() {
+    let b = open(false);
+    let s = &b.store;
+    let ws = [w(WindowKind::Day, 1)];
+    let invalid = |r: Result<Consumption, StoreError>| {
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}")
+    };
+    invalid(s.consume("m", "k", -1, &ws, T0));
+    invalid(s.consume("m", "", 1, &ws, T0));
+    invalid(s.consume("m", &"x".repeat(513), 1, &ws, T0));
+    invalid(s.consume("", "k", 1, &ws, T0));
+    invalid(s.consume("m", "k", 1, &[], T0));
+    invalid(s.consume("m", "k", 1, &[ws[0], ws[0]], T0));
+    invalid(s.consume("m", "k", 1, &[w(WindowKind::Sliding(0), 1)], T0));
+    let e = s
+        .exec(Stmt::new("INSERT INTO t VALUES ('x')", vec![]))
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::Invalid(ref m) if m.contains("parameters")),
+        "{e:?}"
+    );
+}
+
+const HOSTILE: [&str; 10] = [
+    "o'brien@example.com",
+    "back\\slash@example.com",
+    "100%@example.com",
+    "under_score@example.com",
+    "hash#tag@example.com",
+    "semi;colon@example.com",
+    "dash--dash@example.com",
+    "nul\0byte@example.com",
+    "x' OR '1'='1",
+    "\"; DROP TABLE vlv_counter; --",
+];
+
+#[test]
+fn sql_with_parameters_null_empty_and_hostile_values() {
+    both(|b| {
+        let s = &b.store;
+        let ddl = match s.dialect() {
+            valvulad::store::Dialect::Sqlite => {
+                "CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT, note TEXT)"
+            }
+            valvulad::store::Dialect::Mysql => {
+                "CREATE TABLE people (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(255), note TEXT)"
+            }
+        };
+        s.exec(Stmt::new(ddl, vec![])).unwrap();
+        for (i, name) in HOSTILE.iter().enumerate() {
+            let note = if i % 2 == 0 {
+                Value::Null
+            } else {
+                Value::Text(String::new())
+            };
+            let e = s
+                .exec(Stmt::new(
+                    "INSERT INTO people (name, note) VALUES (?, ?)",
+                    vec![Value::Text((*name).into()), note],
+                ))
+                .unwrap();
+            assert_eq!(e.affected, 1);
+            assert!(e.last_insert_id > 0, "{}", b.label);
+        }
+        for (i, name) in HOSTILE.iter().enumerate() {
+            let r = s
+                .query(Stmt::new(
+                    "SELECT name, note FROM people WHERE name = ?",
+                    vec![Value::Text((*name).into())],
+                ))
+                .unwrap();
+            assert_eq!(r.columns, vec!["name", "note"]);
+            assert_eq!(
+                r.rows.len(),
+                1,
+                "{}: {name:?} matched {} rows",
+                b.label,
+                r.rows.len()
+            );
+            assert_eq!(r.rows[0][0], Value::Text((*name).into()), "{}", b.label);
+            let want = if i % 2 == 0 {
+                Value::Null
+            } else {
+                Value::Text(String::new())
+            };
+            assert_eq!(
+                r.rows[0][1], want,
+                "{}: NULL and empty must differ",
+                b.label
+            );
+        }
+        let all = s
+            .query(Stmt::new("SELECT COUNT(*) FROM people", vec![]))
+            .unwrap();
+        assert_eq!(all.rows[0][0], Value::Int(HOSTILE.len() as i64));
+        // Hostile keys in counters are keys like any other.
+        for k in HOSTILE {
+            assert!(
+                s.consume("m", k, 1, &[w(WindowKind::Day, 1)], T0)
+                    .unwrap()
+                    .admitted,
+                "{}",
+                b.label
+            );
+            assert!(
+                !s.consume("m", k, 1, &[w(WindowKind::Day, 1)], T0)
+                    .unwrap()
+                    .admitted
+            );
+        }
+        // A batch is all or nothing.
+        let r = s.batch(vec![
+            Stmt::new(
+                "INSERT INTO people (name) VALUES (?)",
+                vec![Value::Text("batch".into())],
+            ),
+            Stmt::new(
+                "INSERT INTO no_such_table (name) VALUES (?)",
+                vec![Value::Int(1)],
+            ),
+        ]);
+        assert!(matches!(r, Err(StoreError::Sql(_))), "{r:?}");
+        let n = s
+            .query(Stmt::new(
+                "SELECT COUNT(*) FROM people WHERE name = ?",
+                vec![Value::Text("batch".into())],
+            ))
+            .unwrap();
+        assert_eq!(
+            n.rows[0][0],
+            Value::Int(0),
+            "{}: half a batch was kept",
+            b.label
+        );
+        let ok = s
+            .batch(vec![
+                Stmt::new(
+                    "INSERT INTO people (name) VALUES (?)",
+                    vec![Value::Text("b1".into())],
+                ),
+                Stmt::new(
+                    "UPDATE people SET note = ? WHERE name = ?",
+                    vec![Value::Text("n".into()), Value::Text("b1".into())],
+                ),
+            ])
+            .unwrap();
+        assert_eq!(
+            ok.iter().map(|e| e.affected).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
+    });
+}
+
+#[test]
+fn sixty_four_threads_on_one_key_admit_exactly_the_limit() {
+    both(|b| {
+        for (ws, limit) in [
+            (vec![w(WindowKind::Day, 100)], 100),
+            (
+                vec![w(WindowKind::Day, 100), w(WindowKind::Sliding(3600), 80)],
+                80,
+            ),
+        ] {
+            let admitted = Arc::new(AtomicI64::new(0));
+            let key = format!("hammer-{}", ws.len());
+            std::thread::scope(|scope| {
+                for _ in 0..64 {
+                    let (s, ws, admitted, key) = (&b.store, &ws, admitted.clone(), &key);
+                    scope.spawn(move || {
+                        for _ in 0..4 {
+                            if s.consume("m", key, 1, ws, T0).unwrap().admitted {
+                                admitted.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(
+                admitted.load(Ordering::SeqCst),
+                limit,
+                "{}: {ws:?}",
+                b.label
+            );
+            let p = b.store.peek("m", &key, 0, &ws, T0).unwrap();
+            assert_eq!(
+                p.windows.last().unwrap().used,
+                limit,
+                "{}: stored count differs",
+                b.label
+            );
+        }
+    });
+}
