@@ -1,6 +1,7 @@
 //! valvula's integration tests: one binary (ripgrep/cargo style), one module per area.
 
 mod abi;
+mod counting;
 mod fakes;
 mod postfix;
 mod process;

@@ -1,0 +1,324 @@
+//! Exact, durable counting through whole daemons: many connections, two daemons on one
+//! MariaDB database, SIGKILL under load, and MariaDB stopped and restarted under load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use valvula_tests::client::{Answer, Client, postfix_request};
+use valvula_tests::daemon::Proc;
+use valvula_tests::db::{PrivateMariadb, TestDb};
+use valvula_tests::module_path;
+
+fn config(storage: &str, extra: &str) -> String {
+    format!(
+        "[server]\nmodule_dirs = [{:?}]\nmodule_timeout = \"10s\"\n\
+         [log]\nlevel = \"warn,valvulad=info\"\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\nmax_connections = 2000\n{extra}\n\
+         {storage}\n",
+        module_path("mod_test")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    )
+}
+
+fn mysql_storage(url: &str) -> String {
+    format!("[storage]\nbackend = \"mysql\"\nurl = \"{url}\"\npool_size = 32\n")
+}
+
+fn charge(key: &str, limit: i64, amount: i64) -> Vec<u8> {
+    postfix_request(&[
+        ("x_test_consume", key),
+        ("x_test_limit", &limit.to_string()),
+        ("x_test_amount", &amount.to_string()),
+        ("x_test_window", "day,3600"),
+    ])
+}
+
+/// `used` of a key, asked through the daemon with a zero charge.
+async fn stored(addr: &str, key: &str) -> i64 {
+    let mut c = Client::connect(addr).await;
+    let r = c.ask(&charge(key, i64::MAX / 2, 0)).await;
+    r.trim_end()
+        .rsplit("used=")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {r:?}"))
+}
+
+/// Opens `conns` connections spread over `addrs`, each sending `per_conn` charges of
+/// one unit; returns how many were admitted.
+async fn hammer(addrs: &[String], key: &str, limit: i64, conns: usize, per_conn: usize) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let addr = addrs[i % addrs.len()].clone();
+        let (key, admitted) = (key.to_owned(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            for _ in 0..per_conn {
+                let r = c.ask(&charge(&key, limit, 1)).await;
+                if r.starts_with("action=ok") {
+                    admitted.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    assert!(
+                        r.starts_with("action=reject limit reached"),
+                        "unexpected reply {r:?}"
+                    );
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    admitted.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_connections_admit_exactly_the_limit_sqlite() {
+    let p = Proc::start(&config("", ""), &[]);
+    let addr = p.addrs()[0].clone();
+    let n = hammer(std::slice::from_ref(&addr), "alice@example.com", 150, 64, 4).await;
+    assert_eq!(n, 150, "{}", p.log());
+    assert_eq!(stored(&addr, "alice@example.com").await, 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_mariadb_admit_exactly_the_limit() {
+    let db = TestDb::new();
+    let cfg = config(&mysql_storage(&db.url()), "");
+    let a = Proc::start(&cfg, &[]);
+    let b = Proc::start(&cfg, &[]);
+    let addrs = vec![a.addrs()[0].clone(), b.addrs()[0].clone()];
+    let n = hammer(&addrs, "shared@example.com", 200, 64, 5).await;
+    assert_eq!(n, 200, "a:\n{}\nb:\n{}", a.log(), b.log());
+    assert_eq!(stored(&addrs[1], "shared@example.com").await, 200);
+    // The database agrees, read independently of valvulad.
+    let rows = db.sql("SELECT win, used FROM vlv_counter WHERE ns = 'mod-test' AND ckey = 'shared@example.com' ORDER BY win");
+    assert_eq!(rows, "day\t200\nsliding:3600\t0\n", "{rows}");
+    let slide = db.sql(
+        "SELECT SUM(used) FROM vlv_slide WHERE ns = 'mod-test' AND ckey = 'shared@example.com'",
+    );
+    assert_eq!(slide.trim(), "200");
+}
+
+/// Clients charge as fast as they can; SIGKILL the daemon; every admitting reply a
+/// client received must be in the stored count after a restart on the same database.
+async fn kill_under_load(storage: &str) {
+    let cfg = config(storage, "");
+    let mut p = Proc::start(&cfg, &[]);
+    let addr = p.addrs()[0].clone();
+    let admitted = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (addr, admitted, stop) = (addr.clone(), admitted.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            while !stop.load(Ordering::SeqCst) {
+                c.send(&charge("killme", 1_000_000_000, 1)).await;
+                match c.answer(Duration::from_secs(10)).await {
+                    Answer::Reply(r) if r.starts_with("action=ok") => {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.signal(Signal::SIGKILL);
+    let _ = tokio::task::spawn_blocking(move || {
+        p.wait_exit(Duration::from_secs(10));
+        p
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let seen = admitted.load(Ordering::SeqCst);
+    assert!(seen > 20, "too little load before the kill ({seen})");
+    // Same database, new daemon.
+    let q = Proc::start(&cfg, &[]);
+    let used = stored(&q.addrs()[0], "killme").await;
+    assert!(
+        used >= seen as i64,
+        "stored {used} < {seen} admitted replies: a charge was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_admitted_charge_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    kill_under_load(&format!(
+        "[storage]\npath = \"{}/kill.db\"\n",
+        dir.path().display()
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_admitted_charge_mariadb() {
+    let db = TestDb::new();
+    kill_under_load(&mysql_storage(&db.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_stopped_and_restarted_under_load() {
+    let mut m = PrivateMariadb::start();
+    let cfg = config(
+        &mysql_storage(&format!("{}/valvula", m.url())),
+        "on_error = \"defer\"\non_error_text = \"4.3.0 db down\"",
+    );
+    let p = Proc::start(&cfg, &[]);
+    let addr = p.addrs()[0].clone();
+    let ok = Arc::new(AtomicU64::new(0));
+    let deferred = Arc::new(AtomicU64::new(0));
+    let slowest = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (addr, ok, deferred, slowest, stop) = (
+            addr.clone(),
+            ok.clone(),
+            deferred.clone(),
+            slowest.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            while !stop.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = c.ask(&charge("outage", 1_000_000_000, 1)).await;
+                slowest.fetch_max(t.elapsed().as_millis() as u64, Ordering::SeqCst);
+                if r.starts_with("action=ok") {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    assert_eq!(r, "action=defer 4.3.0 db down\n\n");
+                    deferred.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::SeqCst);
+    assert!(
+        before > 0,
+        "nothing admitted before the outage\n{}",
+        p.log()
+    );
+    let m2 = tokio::task::spawn_blocking(move || {
+        m.stop();
+        m
+    })
+    .await
+    .unwrap();
+    let mut m = m2;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        deferred.load(Ordering::SeqCst) > 0,
+        "no on-error answers during the outage\n{}",
+        p.log()
+    );
+    let during = ok.load(Ordering::SeqCst);
+    m = tokio::task::spawn_blocking(move || {
+        m.resume();
+        m
+    })
+    .await
+    .unwrap();
+    // Service resumes by itself (backoff is at most 10 s).
+    let end = Instant::now() + Duration::from_secs(30);
+    while ok.load(Ordering::SeqCst) < during + 20 {
+        assert!(
+            Instant::now() < end,
+            "no recovery after the database came back\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let admitted = ok.load(Ordering::SeqCst) as i64;
+    let used = stored(&addr, "outage").await;
+    // Every admitted charge is stored; a charge can exceed the admitted ones only by a
+    // commit whose acknowledgement the stop cut off (at most one per client).
+    assert!(
+        used >= admitted && used <= admitted + 8,
+        "stored {used}, admitted {admitted}"
+    );
+    assert!(
+        slowest.load(Ordering::SeqCst) < 8000,
+        "a request waited {} ms",
+        slowest.load(Ordering::SeqCst)
+    );
+    assert!(
+        p.log().contains("database reachable again") || p.log().contains("reachable again"),
+        "{}",
+        p.log()
+    );
+    drop(m);
+}
+
+#[test]
+fn check_mode_reports_the_database() {
+    let mut p = Proc::spawn(&config("", ""), &["-t"]);
+    assert!(
+        p.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        p.log()
+    );
+    assert!(p.log().contains("is reachable"), "{}", p.log());
+    // A MariaDB nobody listens on: -t says so and fails; the password never shows.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(
+        &format!(
+            "[storage]\nbackend = \"mysql\"\nurl = \"mysql://valvula@127.0.0.1:{port}/valvula\"\npassword = \"s3cret-pw\"\n"
+        ),
+        "",
+    );
+    let mut p = Proc::spawn(&cfg, &["-t"]);
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        p.log()
+    );
+    assert!(p.log().contains("DATABASE NOT REACHABLE"), "{}", p.log());
+    assert!(p.log().contains("is not reachable"), "{}", p.log());
+    assert!(
+        !p.log().contains("s3cret-pw"),
+        "the password was logged:\n{}",
+        p.log()
+    );
+    // Without -t the daemon starts anyway and answers with the on-error action.
+    let p = Proc::start(
+        &cfg.replace(
+            "modules = [\"mod-test\"]",
+            "modules = [\"mod-test\"]\non_error = \"defer\"",
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = Client::connect(&addr).await;
+        assert!(c.ask(&charge("k", 10, 1)).await.starts_with("action=defer"));
+        // Requests that need no database are still answered by the module.
+        assert_eq!(c.ask(&postfix_request(&[])).await, "action=dunno\n\n");
+    });
+    assert!(!p.log().contains("s3cret-pw"));
+}
