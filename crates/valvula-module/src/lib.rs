@@ -33,7 +33,7 @@ pub mod trampolines;
 pub use host::{Host, LogLevel};
 pub use request::Request;
 pub use storage::{
-    Consumption, Dialect, Exec, Rows, StorageError, Value, Window, WindowKind, WindowState,
+    Column, Consumption, Dialect, Exec, Rows, StorageError, Value, Window, WindowKind, WindowState,
 };
 pub use valvula_abi as abi;
 pub use valvula_policy::Action;

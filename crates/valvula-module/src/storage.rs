@@ -401,3 +401,94 @@ impl Host {
         status(unsafe { f(self.ctx(), vlv_str::from_str(key)) })
     }
 }
+
+/// One column of [`Host::ensure_table`]: its name and SQL type for each dialect.
+#[derive(Clone, Copy, Debug)]
+pub struct Column<'a> {
+    pub name: &'a str,
+    pub sqlite: &'a str,
+    pub mysql: &'a str,
+}
+
+fn identifier(name: &str) -> Result<(), StorageError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Invalid)
+    }
+}
+
+impl Host {
+    /// The columns a table has now (empty if the table does not exist).
+    pub fn table_columns(&self, table: &str) -> Result<Vec<String>, StorageError> {
+        identifier(table)?;
+        let rows = match self.dialect() {
+            Dialect::Sqlite => {
+                self.query("SELECT name FROM pragma_table_info(?)", &[table.into()])?
+            }
+            Dialect::Mysql => self.query(
+                "SELECT column_name FROM information_schema.columns \
+                 WHERE table_schema = DATABASE() AND table_name = ? ORDER BY ordinal_position",
+                &[table.into()],
+            )?,
+            Dialect::None => return Err(StorageError::Unavailable),
+        };
+        Ok(rows
+            .rows
+            .into_iter()
+            .filter_map(|r| {
+                r.into_iter()
+                    .next()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+            })
+            .collect())
+    }
+
+    /// Creates `table` with its first column when missing, then adds every column that
+    /// is missing, as valvula's `valvulad_db_ensure_table` does. Existing columns are
+    /// never dropped or retyped, so tables that operators or older versions made keep
+    /// their data. Returns the columns added.
+    pub fn ensure_table(
+        &self,
+        table: &str,
+        columns: &[Column<'_>],
+    ) -> Result<Vec<String>, StorageError> {
+        identifier(table)?;
+        for c in columns {
+            identifier(c.name)?;
+        }
+        let mysql = self.dialect() == Dialect::Mysql;
+        fn ty<'c>(mysql: bool, c: &Column<'c>) -> &'c str {
+            if mysql { c.mysql } else { c.sqlite }
+        }
+        let mut have = self.table_columns(table)?;
+        let mut added = Vec::new();
+        if have.is_empty() {
+            let first = columns.first().ok_or(StorageError::Invalid)?;
+            self.exec(
+                &format!(
+                    "CREATE TABLE IF NOT EXISTS {table} ({} {})",
+                    first.name,
+                    ty(mysql, first)
+                ),
+                &[],
+            )?;
+            have.push(first.name.to_owned());
+            added.push(first.name.to_owned());
+        }
+        for c in columns {
+            if !have.iter().any(|h| h.eq_ignore_ascii_case(c.name)) {
+                self.exec(
+                    &format!("ALTER TABLE {table} ADD COLUMN {} {}", c.name, ty(mysql, c)),
+                    &[],
+                )?;
+                added.push(c.name.to_owned());
+            }
+        }
+        Ok(added)
+    }
+}

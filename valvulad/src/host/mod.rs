@@ -24,11 +24,18 @@ use crate::store::Store;
 mod storage;
 use storage::*;
 
-/// Seconds added to the system clock in what modules see as "now" (tests move time).
+/// Seconds added to the system clock in what modules see as "now".
 static CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
+/// When not `i64::MIN`: the host clock stands still at this time.
+static CLOCK_FROZEN: AtomicI64 = AtomicI64::new(i64::MIN);
 
-/// The host's clock, in seconds since the epoch.
+/// The host's clock, in seconds since the epoch: what modules and counters see. Tests
+/// move or freeze it to cross day and month boundaries without waiting for them.
 pub fn now() -> i64 {
+    let frozen = CLOCK_FROZEN.load(Ordering::Relaxed);
+    if frozen != i64::MIN {
+        return frozen;
+    }
     let sys = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -36,9 +43,14 @@ pub fn now() -> i64 {
     sys + CLOCK_OFFSET.load(Ordering::Relaxed)
 }
 
-/// Moves the host clock (tests and the admin interface only).
+/// Moves the host clock by `seconds` from the system clock.
 pub fn set_clock_offset(seconds: i64) {
     CLOCK_OFFSET.store(seconds, Ordering::Relaxed);
+}
+
+/// Stops the host clock at `at` (`None`: it follows the system clock again).
+pub fn freeze_clock(at: Option<i64>) {
+    CLOCK_FROZEN.store(at.unwrap_or(i64::MIN), Ordering::Relaxed);
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,495 @@
+//! mod-ticket: valvula's ticket plans, as a drop-in on the same tables.
+//!
+//! A ticket (`domain_ticket` row) belongs to a SASL user, a sender domain, or a
+//! comma-separated list of either, and points at a plan (`ticket_plan`) with a total, a
+//! day and a month limit (`-1`, `0` or NULL: no limit). Every request of a known sender
+//! is checked and, when every limit admits `n` units (`recipient_count`, or 1), charged
+//! `n` on all three counters. Replies and their texts are valvula's, byte for byte.
+//!
+//! Fixed where valvula is wrong (each tested):
+//! - the charge is one conditional UPDATE (`used + n <= limit` in its WHERE clause), so
+//!   no update is lost and several daemons on one database stay exact;
+//! - a list row is charged only when one of its items is the identity (compared
+//!   case-insensitively), never because of a substring match; `_`, `%` and `#` are
+//!   literal;
+//! - an empty SASL user or sender domain is no identity;
+//! - a negative or non-numeric `recipient_count` counts as 1, never as a credit;
+//! - `filter` is never sent without a transport;
+//! - `charge_states` limits charging to the named `protocol_state`s, so a listener
+//!   hooked into two stages does not count a message twice.
+
+#![forbid(unsafe_code)]
+
+mod rollover;
+mod schema;
+
+use std::sync::RwLock;
+
+use serde::Deserialize;
+use valvula_module::{Dialect, Error, Host, Module, Request, Ticks, Value, Verdict, export_module};
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(default, deny_unknown_fields)]
+struct Config {
+    /// `protocol_state`s whose requests are charged; empty: every request (valvula).
+    /// Requests in other states are checked the same way but not charged.
+    charge_states: Vec<String>,
+    /// Time zone of the day and month rollover: `local` (valvula) or a zone name.
+    time_zone: String,
+    /// Log the lookup steps of every request.
+    debug: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            charge_states: Vec::new(),
+            time_zone: "local".into(),
+            debug: false,
+        }
+    }
+}
+
+struct Settings {
+    charge_states: Vec<String>,
+    zone: rollover::Zone,
+    debug: bool,
+}
+
+fn settings(host: &Host) -> Result<Settings, Error> {
+    let c: Config = host.config()?;
+    Ok(Settings {
+        charge_states: c
+            .charge_states
+            .iter()
+            .map(|s| s.to_ascii_uppercase())
+            .collect(),
+        zone: rollover::Zone::parse(&c.time_zone)?,
+        debug: c.debug,
+    })
+}
+
+struct Ticket {
+    host: Host,
+    settings: RwLock<Settings>,
+}
+
+/// The columns of a ticket row this module reads, in this order.
+const TICKET_COLUMNS: &str = "id, total_used, current_day_usage, current_month_usage, valid_until, \
+                              ticket_plan_id, block_ticket, has_outgoing_ip, outgoing_ip_id";
+
+/// A `domain_ticket` row; NULL numbers read as 0, as valvula reads them.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    id: i64,
+    total: i64,
+    day: i64,
+    month: i64,
+    valid_until: i64,
+    plan_id: i64,
+    block: i64,
+    has_outgoing_ip: i64,
+    outgoing_ip_id: i64,
+}
+
+fn num(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+impl Row {
+    fn from(cells: &[Value]) -> Row {
+        Row {
+            id: num(&cells[0]),
+            total: num(&cells[1]),
+            day: num(&cells[2]),
+            month: num(&cells[3]),
+            valid_until: num(&cells[4]),
+            plan_id: num(&cells[5]),
+            block: num(&cells[6]),
+            has_outgoing_ip: num(&cells[7]),
+            outgoing_ip_id: num(&cells[8]),
+        }
+    }
+}
+
+/// How the row was found: exact matches print `<unknown>` in the block message, list
+/// matches the identity (valvula's "descriptive" name).
+struct Found {
+    row: Row,
+    descriptive: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Column {
+    SaslUser,
+    Domain,
+}
+
+impl Column {
+    fn name(self) -> &'static str {
+        match self {
+            Column::SaslUser => "sasl_user",
+            Column::Domain => "domain",
+        }
+    }
+}
+
+/// `n`: the recipients of the request, or 1 (never 0, never negative).
+fn units(req: &Request<'_>) -> i64 {
+    req.get("recipient_count")
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
+impl Ticket {
+    /// The exact match on one column (case-insensitive on both backends, as valvula's
+    /// MySQL collation makes it).
+    fn exact(&self, col: Column, ident: &str) -> Result<Option<Row>, Error> {
+        let nocase = if self.host.dialect() == Dialect::Sqlite {
+            " COLLATE NOCASE"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {TICKET_COLUMNS} FROM domain_ticket WHERE {} = ?{nocase} ORDER BY id LIMIT 1",
+            col.name()
+        );
+        let r = self.host.query(&sql, &[ident.into()])?;
+        Ok(r.rows.first().map(|c| Row::from(c)))
+    }
+
+    /// The first row whose comma-separated list really contains `ident`.
+    fn listed(&self, col: Column, ident: &str) -> Result<Option<Row>, Error> {
+        let sql = format!(
+            "SELECT {TICKET_COLUMNS}, {c} FROM domain_ticket WHERE INSTR(LOWER({c}), LOWER(?)) > 0 ORDER BY id",
+            c = col.name()
+        );
+        let r = self.host.query(&sql, &[ident.into()])?;
+        for cells in &r.rows {
+            let list = cells[9].as_str().unwrap_or("");
+            if list
+                .split(',')
+                .any(|item| item.trim().eq_ignore_ascii_case(ident))
+            {
+                return Ok(Some(Row::from(cells)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list.
+    fn find(&self, user: Option<&str>, domain: Option<&str>) -> Result<Option<Found>, Error> {
+        let exact = |r: Row| Found {
+            row: r,
+            descriptive: None,
+        };
+        if let Some(u) = user
+            && let Some(r) = self.exact(Column::SaslUser, u)?
+        {
+            return Ok(Some(exact(r)));
+        }
+        if let Some(d) = domain
+            && let Some(r) = self.exact(Column::Domain, d)?
+        {
+            return Ok(Some(exact(r)));
+        }
+        // valvula names the SASL user when there is one, else the domain.
+        let descriptive = user.or(domain).map(str::to_owned);
+        if let Some(u) = user
+            && let Some(r) = self.listed(Column::SaslUser, u)?
+        {
+            return Ok(Some(Found {
+                row: r,
+                descriptive,
+            }));
+        }
+        if let Some(d) = domain
+            && let Some(r) = self.listed(Column::Domain, d)?
+        {
+            return Ok(Some(Found {
+                row: r,
+                descriptive,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn plan(&self, id: i64) -> Result<Option<(i64, i64, i64)>, Error> {
+        let r = self.host.query(
+            "SELECT total_limit, day_limit, month_limit FROM ticket_plan WHERE id = ?",
+            &[id.into()],
+        )?;
+        Ok(r.rows.first().map(|c| (num(&c[0]), num(&c[1]), num(&c[2]))))
+    }
+
+    /// valvula's reject text for the first limit `row + n` exceeds, if any.
+    fn over(row: &Row, n: i64, (total, day, month): (i64, i64, i64)) -> Option<String> {
+        if total > 0 && row.total + n > total {
+            return Some(format!(
+                "Rejecting operation because total plan limit's reached ({})",
+                row.total + n
+            ));
+        }
+        if day > 0 && row.day + n > day {
+            return Some(format!(
+                "Rejecting operation because day limit reached ({day})"
+            ));
+        }
+        if month > 0 && row.month + n > month {
+            return Some(format!(
+                "Rejecting operation because month limit reached ({month})"
+            ));
+        }
+        None
+    }
+
+    /// Adds `n` to the three counters if, in the database at that moment, every limit
+    /// still admits it. One statement: exact under any concurrency.
+    fn charge(&self, id: i64, n: i64, (total, day, month): (i64, i64, i64)) -> Result<bool, Error> {
+        let e = self.host.exec(
+            "UPDATE domain_ticket SET total_used = COALESCE(total_used, 0) + ?, \
+             current_day_usage = COALESCE(current_day_usage, 0) + ?, \
+             current_month_usage = COALESCE(current_month_usage, 0) + ? \
+             WHERE id = ? \
+             AND (? <= 0 OR COALESCE(total_used, 0) + ? <= ?) \
+             AND (? <= 0 OR COALESCE(current_day_usage, 0) + ? <= ?) \
+             AND (? <= 0 OR COALESCE(current_month_usage, 0) + ? <= ?)",
+            &[
+                n.into(),
+                n.into(),
+                n.into(),
+                id.into(),
+                total.into(),
+                n.into(),
+                total.into(),
+                day.into(),
+                n.into(),
+                day.into(),
+                month.into(),
+                n.into(),
+                month.into(),
+            ],
+        )?;
+        Ok(e.affected == 1)
+    }
+
+    fn reload_row(&self, id: i64) -> Result<Option<Row>, Error> {
+        let r = self.host.query(
+            &format!("SELECT {TICKET_COLUMNS} FROM domain_ticket WHERE id = ?"),
+            &[id.into()],
+        )?;
+        Ok(r.rows.first().map(|c| Row::from(c)))
+    }
+
+    /// DUNNO, or FILTER `<transport>:` when the ticket has an active outgoing IP.
+    fn dunno_or_filter(&self, row: &Row) -> Result<Verdict, Error> {
+        if row.has_outgoing_ip == 0 || row.outgoing_ip_id <= 0 {
+            return Ok(Verdict::dunno());
+        }
+        let r = self.host.query(
+            "SELECT transport, is_active FROM outgoing_ip WHERE id = ?",
+            &[row.outgoing_ip_id.into()],
+        )?;
+        let Some(cells) = r.rows.first() else {
+            return Ok(Verdict::dunno());
+        };
+        if num(&cells[1]) == 0 {
+            return Ok(Verdict::dunno());
+        }
+        match cells[0].as_str().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(t) => Ok(Verdict::filter(format!("{t}:"))),
+            None => {
+                // valvula sent "filter (null):"; Postfix would fail the mail on it.
+                tracing::warn!(
+                    ticket = row.id,
+                    outgoing_ip = row.outgoing_ip_id,
+                    "outgoing_ip has no transport; not filtering"
+                );
+                Ok(Verdict::dunno())
+            }
+        }
+    }
+}
+
+/// The sender's domain: after the first `@`, or the whole sender (valvula's rule);
+/// absent when the sender is missing or the domain is empty.
+fn sender_domain(sender: Option<&str>) -> Option<&str> {
+    let s = sender?;
+    let d = s.split_once('@').map_or(s, |(_, d)| d);
+    (!d.is_empty()).then_some(d)
+}
+
+fn decision_log(
+    user: Option<&str>,
+    domain: Option<&str>,
+    row: Option<&Row>,
+    limits: Option<(i64, i64, i64)>,
+    n: i64,
+    verdict: &Verdict,
+    charged: bool,
+) {
+    let (t, d, m) = limits.unwrap_or((0, 0, 0));
+    match row {
+        None => tracing::debug!(
+            sasl_user = user.unwrap_or(""),
+            domain = domain.unwrap_or(""),
+            "no ticket: dunno"
+        ),
+        Some(r) => tracing::info!(
+            sasl_user = user.unwrap_or(""),
+            domain = domain.unwrap_or(""),
+            ticket = r.id,
+            plan = r.plan_id,
+            n,
+            charged,
+            total = format!("{}/{t}", r.total),
+            day = format!("{}/{d}", r.day),
+            month = format!("{}/{m}", r.month),
+            action = %verdict.action,
+            text = verdict.text.as_str(),
+            "ticket decision"
+        ),
+    }
+}
+
+impl Module for Ticket {
+    fn init(host: Host) -> Result<Self, Error> {
+        let settings = settings(&host)?;
+        if host.dialect() == Dialect::None {
+            return Err(
+                "mod-ticket needs the daemon's storage ([storage] in valvulad.toml)".into(),
+            );
+        }
+        match schema::ensure(&host) {
+            Ok(added) if !added.is_empty() => {
+                tracing::info!(columns = ?added, "tables and columns created")
+            }
+            Ok(_) => {}
+            // The database may be down at start: the daemon runs on (fail open, as
+            // valvula) and the tables are made by the first tick that reaches it.
+            Err(e) => tracing::error!("cannot prepare the ticket tables now: {e}"),
+        }
+        let zone = settings.zone;
+        let t = Ticket {
+            host,
+            settings: RwLock::new(settings),
+        };
+        rollover::check(&t.host, zone, t.host.now());
+        Ok(t)
+    }
+
+    fn process(&self, req: &Request<'_>) -> Result<Verdict, Error> {
+        let (charge_here, debug) = {
+            let s = self.settings.read().map_err(|_| "poisoned")?;
+            let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
+            (
+                s.charge_states.is_empty() || s.charge_states.contains(&state),
+                s.debug,
+            )
+        };
+        // valvula's identities: the SASL user only when Postfix sent both SASL
+        // attributes; an empty one is no identity.
+        let user = req
+            .get("sasl_method")
+            .and(req.get("sasl_username"))
+            .filter(|u| !u.is_empty());
+        let domain = sender_domain(req.sender());
+        if debug {
+            tracing::info!(
+                "(ticket): starting check for sender-domain={}, sender-sasl={}",
+                domain.unwrap_or("<no-sender-domain>"),
+                user.unwrap_or("<no-sasl-user>")
+            );
+        }
+        if user.is_none() && domain.is_none() {
+            return Ok(Verdict::dunno());
+        }
+        let Some(found) = self.find(user, domain)? else {
+            decision_log(user, domain, None, None, 0, &Verdict::dunno(), false);
+            return Ok(Verdict::dunno());
+        };
+        let row = &found.row;
+        let now = self.host.now();
+        let n = units(req);
+        let reject = |text: String| {
+            let v = Verdict::reject(text);
+            decision_log(user, domain, Some(row), None, n, &v, false);
+            Ok(v)
+        };
+        if row.valid_until != -1 && now > row.valid_until {
+            return reject(format!(
+                "Rejecting operation because tickets are expired (valid_until {} < {now})",
+                row.valid_until
+            ));
+        }
+        if row.block != 0 {
+            return reject(format!(
+                "Rejecting operation because ticket ({}) is blocked({}) for user ({})",
+                row.plan_id,
+                row.block,
+                found.descriptive.as_deref().unwrap_or("<unknown>")
+            ));
+        }
+        let Some(limits) = self.plan(row.plan_id)? else {
+            // No plan: accepted without counting, as valvula does.
+            let v = self.dunno_or_filter(row)?;
+            decision_log(user, domain, Some(row), None, n, &v, false);
+            return Ok(v);
+        };
+        if !charge_here {
+            if let Some(text) = Self::over(row, n, limits) {
+                return reject(text);
+            }
+            let v = self.dunno_or_filter(row)?;
+            decision_log(user, domain, Some(row), Some(limits), n, &v, false);
+            return Ok(v);
+        }
+        if self.charge(row.id, n, limits)? {
+            let charged = Row {
+                total: row.total + n,
+                day: row.day + n,
+                month: row.month + n,
+                ..row.clone()
+            };
+            let v = self.dunno_or_filter(row)?;
+            decision_log(user, domain, Some(&charged), Some(limits), n, &v, true);
+            return Ok(v);
+        }
+        // Refused by the database: tell which limit, from the counters as they are now.
+        let current = self.reload_row(row.id)?.unwrap_or_else(|| row.clone());
+        let text = Self::over(&current, n, limits)
+            .unwrap_or_else(|| "Rejecting operation because day limit reached (0)".to_owned());
+        let v = Verdict::reject(text);
+        decision_log(user, domain, Some(&current), Some(limits), n, &v, false);
+        Ok(v)
+    }
+
+    fn reconf(&self) -> Result<(), Error> {
+        let s = settings(&self.host)?;
+        *self.settings.write().map_err(|_| "poisoned")? = s;
+        Ok(())
+    }
+
+    fn tick(&self, ticks: Ticks, now: i64) {
+        if !ticks.minute() {
+            return;
+        }
+        if let Err(e) = schema::ensure(&self.host) {
+            tracing::debug!("tables not checked: {e}");
+            return;
+        }
+        let zone = match self.settings.read() {
+            Ok(s) => s.zone,
+            Err(_) => return,
+        };
+        rollover::check(&self.host, zone, now);
+    }
+}
+
+export_module!(
+    Ticket,
+    name = "mod-ticket",
+    description =
+        "valvula ticket plans: total, day and month limits per SASL user or sender domain"
+);
