@@ -278,6 +278,15 @@ fn check_mode_reports_the_database() {
         p.log()
     );
     assert!(p.log().contains("is reachable"), "{}", p.log());
+    let db = TestDb::new();
+    let mut p = Proc::spawn(&config(&mysql_storage(&db.url()), ""), &["-t"]);
+    assert!(
+        p.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        p.log()
+    );
+    assert!(p.log().contains("is reachable"), "{}", p.log());
+    assert!(!p.log().contains("NOT REACHABLE"), "{}", p.log());
     // A MariaDB nobody listens on: -t says so and fails; the password never shows.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

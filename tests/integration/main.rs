@@ -7,3 +7,4 @@ mod postfix;
 mod process;
 mod protocol;
 mod store;
+mod ticket;

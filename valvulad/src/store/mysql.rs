@@ -188,9 +188,12 @@ impl Mysql {
             > + Send
             + 'static,
     {
-        if tokio::task::try_id().is_some() {
+        let on_current_thread_runtime = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if on_current_thread_runtime {
+            // Blocking here would stop the only thread that can run the query.
             return Err(StoreError::Invalid(
-                "storage called from the event loop (a NONBLOCKING module may not use storage)"
+                "storage called from a single-threaded async runtime; call it from a worker thread"
                     .into(),
             ));
         }
@@ -226,9 +229,17 @@ impl Mysql {
             .await;
             let _ = tx.send(r);
         });
-        let r = rx
-            .recv()
-            .unwrap_or_else(|_| Err(StoreError::Unavailable("the runtime stopped".into())));
+        let wait = || {
+            rx.recv()
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the runtime stopped".into())))
+        };
+        // On a runtime thread (a NONBLOCKING module, or startup code in an async
+        // context) hand the thread's other work away while waiting.
+        let r = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(wait)
+        } else {
+            wait()
+        };
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match &r {
             Err(StoreError::Unavailable(e)) => {

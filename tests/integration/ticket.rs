@@ -1,0 +1,504 @@
+//! mod-ticket, loaded for real (dlopen) by a daemon on each backend: valvula's
+//! conformance cases from a data file, stage control, an existing valvula database,
+//! exact counting across daemons, and a real Postfix.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use valvula_tests::client::Client;
+use valvula_tests::daemon::{Proc, parse_config, start};
+use valvula_tests::db::TestDb;
+use valvula_tests::postfix::{PASSWORD, PASSWORD2, Postfix, USER, USER2, send_mail};
+use valvula_tests::{fixture, module_path};
+use valvulad::host::ModuleSet;
+use valvulad::server::Daemon;
+use valvulad::store::Store;
+
+/// 2026-11-22 12:00:00 UTC.
+const NOW: i64 = 1_795_348_800;
+
+/// Direct database access for test set-up, as an operator would use it (plain SQL).
+enum Raw {
+    Sqlite(PathBuf),
+    Mysql(TestDb),
+}
+
+impl Raw {
+    fn exec(&self, sql: &str) {
+        match self {
+            Raw::Sqlite(p) => {
+                let c = rusqlite::Connection::open(p).unwrap();
+                c.busy_timeout(Duration::from_secs(5)).unwrap();
+                c.execute_batch(sql)
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            Raw::Mysql(db) => {
+                db.sql(sql);
+            }
+        }
+    }
+
+    /// The first row of a query as tab-separated text (`NULL` for NULL).
+    fn row(&self, sql: &str) -> String {
+        match self {
+            Raw::Sqlite(p) => {
+                let c = rusqlite::Connection::open(p).unwrap();
+                let mut st = c.prepare(sql).unwrap();
+                let n = st.column_count();
+                st.query_row([], |r| {
+                    Ok((0..n)
+                        .map(|i| match r.get_ref(i).unwrap() {
+                            rusqlite::types::ValueRef::Null => "NULL".to_owned(),
+                            rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                            rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                            rusqlite::types::ValueRef::Text(t) => {
+                                String::from_utf8_lossy(t).into_owned()
+                            }
+                            rusqlite::types::ValueRef::Blob(_) => "<blob>".into(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\t"))
+                })
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            Raw::Mysql(db) => db.sql(sql).lines().next().unwrap_or("").to_owned(),
+        }
+    }
+}
+
+fn storage_toml(raw: &Raw) -> String {
+    match raw {
+        Raw::Sqlite(p) => format!(
+            "[storage]\npath = {:?}\ntime_zone = \"UTC\"\n",
+            p.display().to_string()
+        ),
+        Raw::Mysql(db) => format!(
+            "[storage]\nbackend = \"mysql\"\nurl = \"{}\"\ntime_zone = \"UTC\"\n",
+            db.url()
+        ),
+    }
+}
+
+fn daemon_toml(raw: &Raw, module: &str) -> String {
+    format!(
+        "[server]\nmodules = [{:?}]\nmodule_timeout = \"10s\"\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ticket\"]\n\
+         [module.mod-ticket]\ntime_zone = \"UTC\"\n{module}\n{}",
+        module_path("mod_ticket").display().to_string(),
+        storage_toml(raw)
+    )
+}
+
+/// A daemon running mod-ticket in this process, with the clock frozen at [`NOW`].
+struct Env {
+    rt: tokio::runtime::Runtime,
+    daemon: Daemon,
+    addr: String,
+    raw: Raw,
+    _store: Arc<Store>,
+    _dir: tempfile::TempDir,
+}
+
+fn env(mysql: bool, module: &str) -> Env {
+    valvulad::host::freeze_clock(Some(NOW));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = if mysql {
+        Raw::Mysql(TestDb::new())
+    } else {
+        Raw::Sqlite(dir.path().join("tickets.db"))
+    };
+    let config = parse_config(&daemon_toml(&raw, module));
+    let store = Store::open(&config.storage, rt.handle().clone()).unwrap();
+    let (modules, _) =
+        ModuleSet::load(&config, None, Some(store.clone())).unwrap_or_else(|e| panic!("{e:?}"));
+    let (daemon, addrs) = rt.block_on(start(config, modules));
+    Env {
+        addr: addrs[0].clone(),
+        rt,
+        daemon,
+        raw,
+        _store: store,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    fn ask(&self, attrs: &[(String, Option<String>)]) -> String {
+        let mut base: Vec<(String, String)> = [
+            ("request", "smtpd_access_policy"),
+            ("protocol_state", "RCPT"),
+            ("protocol_name", "ESMTP"),
+            ("client_address", "127.0.0.1"),
+            ("sender", "francis@aspl.es"),
+            ("recipient", "francis@aspl.es"),
+            ("recipient_count", "1"),
+            ("queue_id", "935jfe534"),
+            ("size", "235"),
+            ("sasl_method", "PLAIN"),
+            ("sasl_username", ""),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        for (k, v) in attrs {
+            base.retain(|(n, _)| n != k);
+            if let Some(v) = v {
+                base.push((k.clone(), v.clone()));
+            }
+        }
+        let mut bytes = Vec::new();
+        for (k, v) in base {
+            bytes.extend_from_slice(format!("{k}={v}\n").as_bytes());
+        }
+        bytes.push(b'\n');
+        let addr = self.addr.clone();
+        let r = self
+            .rt
+            .block_on(async move { Client::connect(&addr).await.ask(&bytes).await });
+        r.trim_end_matches('\n').to_owned()
+    }
+
+    fn tick(&self) {
+        self.rt.block_on(self.daemon.tick_between(NOW - 60, NOW));
+    }
+}
+
+/// `{now}`, `{now+N}`, `{now-N}` → numbers.
+fn expand(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("{now") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').expect("unclosed {now") + i;
+        let expr = &rest[i + 4..end];
+        let v = if expr.is_empty() {
+            NOW
+        } else {
+            NOW + expr.parse::<i64>().expect("{now+N}")
+        };
+        out.push_str(&v.to_string());
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn run_conformance(mysql: bool) {
+    let text = std::fs::read_to_string(fixture("mod-ticket/conformance.test")).unwrap();
+    let e = env(mysql, "");
+    let backend = if mysql { "mariadb" } else { "sqlite" };
+    let mut case = String::new();
+    for (no, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = format!("{backend}, conformance.test:{} ({case})", no + 1);
+        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match cmd {
+            "case" => {
+                case = rest.to_owned();
+                for t in [
+                    "domain_ticket",
+                    "ticket_plan",
+                    "outgoing_ip",
+                    "domain_ticket_history",
+                    "domain_month_ticket_history",
+                ] {
+                    e.raw.exec(&format!("DELETE FROM {t}"));
+                }
+            }
+            "sql" => e.raw.exec(&expand(rest)),
+            "ask" => {
+                let (req, want) = rest
+                    .split_once(" => ")
+                    .unwrap_or_else(|| panic!("{at}: ask needs =>"));
+                let (times, req) = match req.strip_prefix('x') {
+                    Some(r) => {
+                        let (n, r) = r.split_once(' ').unwrap();
+                        (n.parse::<usize>().unwrap(), r)
+                    }
+                    None => (1, req),
+                };
+                let attrs: Vec<(String, Option<String>)> = req
+                    .split_whitespace()
+                    .map(|t| match t.strip_prefix('-') {
+                        Some(name) => (name.to_owned(), None),
+                        None => {
+                            let (k, v) = t
+                                .split_once('=')
+                                .unwrap_or_else(|| panic!("{at}: bad attribute {t}"));
+                            (k.to_owned(), Some(v.to_owned()))
+                        }
+                    })
+                    .collect();
+                let want = expand(want);
+                for i in 0..times {
+                    assert_eq!(e.ask(&attrs), want, "{at}, request {}", i + 1);
+                }
+            }
+            "row" => {
+                let (id, want) = rest.split_once(' ').unwrap();
+                let got = e.raw.row(&format!(
+                    "SELECT total_used, current_day_usage, current_month_usage FROM domain_ticket WHERE id = {id}"
+                ));
+                let got = got.replace("NULL", "-").replace('\t', "/");
+                assert_eq!(got, want, "{at}: counters of row {id}");
+            }
+            "value" => {
+                let (sql, want) = rest.split_once(" => ").unwrap();
+                assert_eq!(e.raw.row(&expand(sql)), want, "{at}");
+            }
+            "rollover" => {
+                match rest {
+                    "day" => e.raw.exec("UPDATE time_tracking SET day = 0"),
+                    "month" => e.raw.exec("UPDATE time_tracking SET month = -1"),
+                    "none" => {}
+                    other => panic!("{at}: rollover {other}?"),
+                }
+                e.tick();
+            }
+            other => panic!("{at}: unknown command {other}"),
+        }
+    }
+}
+
+#[test]
+fn conformance_sqlite() {
+    run_conformance(false);
+}
+
+#[test]
+fn conformance_mariadb() {
+    run_conformance(true);
+}
+
+#[test]
+fn charge_states_stop_double_counting() {
+    for mysql in [false, true] {
+        let e = env(mysql, "charge_states = [\"DATA\"]");
+        e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 3, -1)");
+        e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id) VALUES (1, 'a@x.com', -1, 1)");
+        let user = ("sasl_username".to_owned(), Some("a@x.com".to_owned()));
+        let state = |s: &str| ("protocol_state".to_owned(), Some(s.to_owned()));
+        let count = |n: &str| ("recipient_count".to_owned(), Some(n.to_owned()));
+        // One message to two recipients: two RCPT requests, then DATA with the count.
+        for _ in 0..2 {
+            assert_eq!(
+                e.ask(&[user.clone(), state("RCPT"), count("0")]),
+                "action=dunno"
+            );
+        }
+        assert_eq!(
+            e.ask(&[user.clone(), state("DATA"), count("2")]),
+            "action=dunno"
+        );
+        assert_eq!(
+            e.raw
+                .row("SELECT current_day_usage FROM domain_ticket WHERE id = 1"),
+            "2"
+        );
+        // Uncharged stages still refuse what would not fit.
+        assert_eq!(
+            e.ask(&[user.clone(), state("RCPT"), count("2")]),
+            "action=reject Rejecting operation because day limit reached (3)"
+        );
+        assert_eq!(
+            e.ask(&[user.clone(), state("RCPT"), count("0")]),
+            "action=dunno"
+        );
+        assert_eq!(
+            e.raw
+                .row("SELECT current_day_usage FROM domain_ticket WHERE id = 1"),
+            "2"
+        );
+    }
+}
+
+/// valvula's documented administration SQL, on a database valvula itself created
+/// (reference schema, with rows), works unchanged; missing columns are added.
+#[test]
+fn existing_valvula_database_and_operator_sql() {
+    let db = TestDb::new();
+    // The DDL valvula 1.0.11 created (SHOW CREATE TABLE), kept as a fixture.
+    let schema = std::fs::read_to_string(fixture("mod-ticket/valvula-schema.sql")).unwrap();
+    let ddl: String = schema
+        .lines()
+        .filter(|l| !l.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    db.sql(&ddl);
+    // One column missing, as in a database made by an older valvula: it must be added
+    // without touching the rest.
+    db.sql("ALTER TABLE domain_ticket DROP COLUMN outgoing_ip_id");
+    db.sql("INSERT INTO ticket_plan (name, description, total_limit, day_limit, month_limit) VALUES ('basic', 'Basic plan', 100000, 3, 10000)");
+    db.sql("INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('user@example.com', -1, 1)");
+    db.sql("INSERT INTO time_tracking (day, month) VALUES (22, 10)");
+    valvulad::host::freeze_clock(Some(NOW));
+    let raw = Raw::Mysql(db);
+    let p = Proc::start(&daemon_toml(&raw, ""), &[]);
+    let Raw::Mysql(db) = &raw else { unreachable!() };
+    let cols = db.sql("SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() AND table_name = 'domain_ticket' AND column_name = 'outgoing_ip_id'");
+    assert_eq!(
+        cols.trim(),
+        "1",
+        "the missing column was not added\n{}",
+        p.log()
+    );
+    let addr = p.addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ask = |user: &str| {
+        let req = valvula_tests::client::postfix_request(&[
+            ("sasl_username", user),
+            ("protocol_state", "DATA"),
+            ("recipient_count", "1"),
+        ]);
+        let addr = addr.clone();
+        rt.block_on(async move { Client::connect(&addr).await.ask(&req).await })
+    };
+    for _ in 0..3 {
+        assert_eq!(ask("user@example.com"), "action=dunno\n\n");
+    }
+    assert_eq!(
+        ask("user@example.com"),
+        "action=reject Rejecting operation because day limit reached (3)\n\n"
+    );
+    // An edit by plain SQL applies to the next request, without a restart.
+    db.sql("UPDATE ticket_plan SET day_limit = 5 WHERE id = 1");
+    assert_eq!(ask("user@example.com"), "action=dunno\n\n");
+    db.sql("INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id, block_ticket) VALUES ('new@example.com', -1, 1, 2)");
+    assert_eq!(
+        ask("new@example.com"),
+        "action=reject Rejecting operation because ticket (1) is blocked(2) for user (<unknown>)\n\n"
+    );
+    assert_eq!(
+        db.sql("SELECT total_used, current_day_usage FROM domain_ticket WHERE id = 1")
+            .trim(),
+        "4\t4"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_connections_and_two_daemons_admit_exactly_the_plan() {
+    let db = TestDb::new();
+    db.sql("CREATE TABLE ticket_plan (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(250), description VARCHAR(500), total_limit INT, day_limit INT, month_limit INT)");
+    db.sql("INSERT INTO ticket_plan (name, total_limit, day_limit, month_limit) VALUES ('p', 1000, 150, 1000)");
+    let raw = Raw::Mysql(db);
+    let cfg = daemon_toml(&raw, "");
+    let a = Proc::start(&cfg, &[]);
+    let b = Proc::start(&cfg, &[]);
+    let Raw::Mysql(db) = &raw else { unreachable!() };
+    db.sql("INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('busy@example.com', -1, 1)");
+    let addrs = [a.addrs()[0].clone(), b.addrs()[0].clone()];
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (addr, admitted) = (addrs[i % 2].clone(), admitted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            let req =
+                valvula_tests::client::postfix_request(&[("sasl_username", "busy@example.com")]);
+            for _ in 0..4 {
+                let r = c.ask(&req).await;
+                if r == "action=dunno\n\n" {
+                    admitted.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    assert_eq!(
+                        r,
+                        "action=reject Rejecting operation because day limit reached (150)\n\n"
+                    );
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        admitted.load(Ordering::SeqCst),
+        150,
+        "a:\n{}\nb:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(
+        db.sql("SELECT total_used, current_day_usage, current_month_usage FROM domain_ticket")
+            .trim(),
+        "150\t150\t150"
+    );
+}
+
+#[test]
+fn real_postfix_enforces_tickets_at_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = Raw::Sqlite(dir.path().join("tickets.db"));
+    let v = Proc::start(&daemon_toml(&raw, ""), &[]);
+    raw.exec(&format!(
+        "INSERT INTO ticket_plan (name, description, total_limit, day_limit, month_limit) VALUES ('small', '', -1, 3, -1);
+         INSERT INTO ticket_plan (name, description, total_limit, day_limit, month_limit) VALUES ('big', '', -1, 100, -1);
+         INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('{USER}', -1, 1);
+         INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('{USER2}', -1, 2);"
+    ));
+    let pf = Postfix::start(&v.addrs()[0], &["smtpd_data_restrictions"], "");
+    let log = || format!("maillog:\n{}\nvalvulad:\n{}", pf.maillog(), v.log());
+    for i in 0..3 {
+        let r = send_mail(pf.port, Some((USER, PASSWORD)), USER, &["bob@example.com"]);
+        assert!(r.accepted(), "message {i}: {r:?}\n{}", log());
+    }
+    let r = send_mail(pf.port, Some((USER, PASSWORD)), USER, &["bob@example.com"]);
+    assert_eq!((r.step.as_str(), r.code), ("DATA", 554), "{r:?}\n{}", log());
+    assert!(
+        r.text
+            .contains("Rejecting operation because day limit reached (3)"),
+        "{r:?}"
+    );
+    // A message to three recipients is charged three.
+    let r = send_mail(
+        pf.port,
+        Some((USER2, PASSWORD2)),
+        USER2,
+        &["a@example.com", "b@example.com", "c@remote.test"],
+    );
+    assert!(r.accepted(), "{r:?}\n{}", log());
+    assert_eq!(
+        raw.row(&format!(
+            "SELECT current_day_usage FROM domain_ticket WHERE sasl_user = '{USER2}'"
+        )),
+        "3"
+    );
+    // Expired and blocked tickets, with valvula's texts.
+    raw.exec(&format!(
+        "UPDATE domain_ticket SET valid_until = 1000 WHERE sasl_user = '{USER2}'"
+    ));
+    let r = send_mail(pf.port, Some((USER2, PASSWORD2)), USER2, &["a@example.com"]);
+    assert_eq!(r.code, 554, "{r:?}");
+    assert!(
+        r.text
+            .contains("Rejecting operation because tickets are expired (valid_until 1000 < "),
+        "{r:?}"
+    );
+    raw.exec(&format!(
+        "UPDATE domain_ticket SET valid_until = -1, block_ticket = 1 WHERE sasl_user = '{USER2}'"
+    ));
+    let r = send_mail(pf.port, Some((USER2, PASSWORD2)), USER2, &["a@example.com"]);
+    assert!(
+        r.text
+            .contains("Rejecting operation because ticket (2) is blocked(1) for user (<unknown>)"),
+        "{r:?}"
+    );
+    // An unauthenticated sender of a domain without a ticket passes.
+    let r = send_mail(
+        pf.port,
+        None,
+        "someone@unknown-domain.test",
+        &["bob@example.com"],
+    );
+    assert!(r.accepted(), "{r:?}\n{}", log());
+}
