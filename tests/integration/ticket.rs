@@ -2,192 +2,55 @@
 //! conformance cases from a data file, stage control, an existing valvula database,
 //! exact counting across daemons, and a real Postfix.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use valvula_tests::client::Client;
-use valvula_tests::daemon::{Proc, parse_config, start};
+use valvula_tests::daemon::Proc;
 use valvula_tests::db::TestDb;
+use valvula_tests::fixture;
+use valvula_tests::inproc::{self, Env, Raw, attrs, expand, request};
 use valvula_tests::postfix::{PASSWORD, PASSWORD2, Postfix, USER, USER2, send_mail};
-use valvula_tests::{fixture, module_path};
-use valvulad::host::ModuleSet;
-use valvulad::server::Daemon;
-use valvulad::store::Store;
 
 /// 2026-11-22 12:00:00 UTC.
 const NOW: i64 = 1_795_348_800;
 
-/// Direct database access for test set-up, as an operator would use it (plain SQL).
-enum Raw {
-    Sqlite(PathBuf),
-    Mysql(TestDb),
-}
-
-impl Raw {
-    fn exec(&self, sql: &str) {
-        match self {
-            Raw::Sqlite(p) => {
-                let c = rusqlite::Connection::open(p).unwrap();
-                c.busy_timeout(Duration::from_secs(5)).unwrap();
-                c.execute_batch(sql)
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            }
-            Raw::Mysql(db) => {
-                db.sql(sql);
-            }
-        }
-    }
-
-    /// The first row of a query as tab-separated text (`NULL` for NULL).
-    fn row(&self, sql: &str) -> String {
-        match self {
-            Raw::Sqlite(p) => {
-                let c = rusqlite::Connection::open(p).unwrap();
-                let mut st = c.prepare(sql).unwrap();
-                let n = st.column_count();
-                st.query_row([], |r| {
-                    Ok((0..n)
-                        .map(|i| match r.get_ref(i).unwrap() {
-                            rusqlite::types::ValueRef::Null => "NULL".to_owned(),
-                            rusqlite::types::ValueRef::Integer(v) => v.to_string(),
-                            rusqlite::types::ValueRef::Real(v) => v.to_string(),
-                            rusqlite::types::ValueRef::Text(t) => {
-                                String::from_utf8_lossy(t).into_owned()
-                            }
-                            rusqlite::types::ValueRef::Blob(_) => "<blob>".into(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\t"))
-                })
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            }
-            Raw::Mysql(db) => db.sql(sql).lines().next().unwrap_or("").to_owned(),
-        }
-    }
-}
-
-fn storage_toml(raw: &Raw) -> String {
-    match raw {
-        Raw::Sqlite(p) => format!(
-            "[storage]\npath = {:?}\ntime_zone = \"UTC\"\n",
-            p.display().to_string()
-        ),
-        Raw::Mysql(db) => format!(
-            "[storage]\nbackend = \"mysql\"\nurl = \"{}\"\ntime_zone = \"UTC\"\n",
-            db.url()
-        ),
-    }
-}
-
-fn daemon_toml(raw: &Raw, module: &str) -> String {
-    format!(
-        "[server]\nmodules = [{:?}]\nmodule_timeout = \"10s\"\n\
-         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ticket\"]\n\
-         [module.mod-ticket]\ntime_zone = \"UTC\"\n{module}\n{}",
-        module_path("mod_ticket").display().to_string(),
-        storage_toml(raw)
+fn daemon_toml(raw: &Raw, section: &str) -> String {
+    inproc::daemon_toml(
+        raw,
+        "mod_ticket",
+        "mod-ticket",
+        &format!("time_zone = \"UTC\"\n{section}"),
     )
 }
 
-/// A daemon running mod-ticket in this process, with the clock frozen at [`NOW`].
-struct Env {
-    rt: tokio::runtime::Runtime,
-    daemon: Daemon,
-    addr: String,
-    raw: Raw,
-    _store: Arc<Store>,
-    _dir: tempfile::TempDir,
+fn env(mysql: bool, section: &str) -> Env {
+    Env::start(
+        mysql,
+        "mod_ticket",
+        "mod-ticket",
+        &format!("time_zone = \"UTC\"\n{section}"),
+        NOW,
+    )
 }
 
-fn env(mysql: bool, module: &str) -> Env {
-    valvulad::host::freeze_clock(Some(NOW));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let raw = if mysql {
-        Raw::Mysql(TestDb::new())
-    } else {
-        Raw::Sqlite(dir.path().join("tickets.db"))
-    };
-    let config = parse_config(&daemon_toml(&raw, module));
-    let store = Store::open(&config.storage, rt.handle().clone()).unwrap();
-    let (modules, _) =
-        ModuleSet::load(&config, None, Some(store.clone())).unwrap_or_else(|e| panic!("{e:?}"));
-    let (daemon, addrs) = rt.block_on(start(config, modules));
-    Env {
-        addr: addrs[0].clone(),
-        rt,
-        daemon,
-        raw,
-        _store: store,
-        _dir: dir,
-    }
-}
+/// valvula's regression-suite request (test_03), changed by the case's attributes.
+const BASE: [(&str, &str); 11] = [
+    ("request", "smtpd_access_policy"),
+    ("protocol_state", "RCPT"),
+    ("protocol_name", "ESMTP"),
+    ("client_address", "127.0.0.1"),
+    ("sender", "francis@aspl.es"),
+    ("recipient", "francis@aspl.es"),
+    ("recipient_count", "1"),
+    ("queue_id", "935jfe534"),
+    ("size", "235"),
+    ("sasl_method", "PLAIN"),
+    ("sasl_username", ""),
+];
 
-impl Env {
-    fn ask(&self, attrs: &[(String, Option<String>)]) -> String {
-        let mut base: Vec<(String, String)> = [
-            ("request", "smtpd_access_policy"),
-            ("protocol_state", "RCPT"),
-            ("protocol_name", "ESMTP"),
-            ("client_address", "127.0.0.1"),
-            ("sender", "francis@aspl.es"),
-            ("recipient", "francis@aspl.es"),
-            ("recipient_count", "1"),
-            ("queue_id", "935jfe534"),
-            ("size", "235"),
-            ("sasl_method", "PLAIN"),
-            ("sasl_username", ""),
-        ]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-        for (k, v) in attrs {
-            base.retain(|(n, _)| n != k);
-            if let Some(v) = v {
-                base.push((k.clone(), v.clone()));
-            }
-        }
-        let mut bytes = Vec::new();
-        for (k, v) in base {
-            bytes.extend_from_slice(format!("{k}={v}\n").as_bytes());
-        }
-        bytes.push(b'\n');
-        let addr = self.addr.clone();
-        let r = self
-            .rt
-            .block_on(async move { Client::connect(&addr).await.ask(&bytes).await });
-        r.trim_end_matches('\n').to_owned()
-    }
-
-    fn tick(&self) {
-        self.rt.block_on(self.daemon.tick_between(NOW - 60, NOW));
-    }
-}
-
-/// `{now}`, `{now+N}`, `{now-N}` → numbers.
-fn expand(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find("{now") {
-        out.push_str(&rest[..i]);
-        let end = rest[i..].find('}').expect("unclosed {now") + i;
-        let expr = &rest[i + 4..end];
-        let v = if expr.is_empty() {
-            NOW
-        } else {
-            NOW + expr.parse::<i64>().expect("{now+N}")
-        };
-        out.push_str(&v.to_string());
-        rest = &rest[end + 1..];
-    }
-    out.push_str(rest);
-    out
+fn ask(e: &Env, over: &[(String, Option<String>)]) -> String {
+    e.ask(&request(&BASE, over))
 }
 
 fn run_conformance(mysql: bool) {
@@ -201,6 +64,7 @@ fn run_conformance(mysql: bool) {
             continue;
         }
         let at = format!("{backend}, conformance.test:{} ({case})", no + 1);
+        let expand = |s: &str| expand(s, NOW);
         let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
         match cmd {
             "case" => {
@@ -227,21 +91,10 @@ fn run_conformance(mysql: bool) {
                     }
                     None => (1, req),
                 };
-                let attrs: Vec<(String, Option<String>)> = req
-                    .split_whitespace()
-                    .map(|t| match t.strip_prefix('-') {
-                        Some(name) => (name.to_owned(), None),
-                        None => {
-                            let (k, v) = t
-                                .split_once('=')
-                                .unwrap_or_else(|| panic!("{at}: bad attribute {t}"));
-                            (k.to_owned(), Some(v.to_owned()))
-                        }
-                    })
-                    .collect();
+                let attrs = attrs(req);
                 let want = expand(want);
                 for i in 0..times {
-                    assert_eq!(e.ask(&attrs), want, "{at}, request {}", i + 1);
+                    assert_eq!(ask(&e, &attrs), want, "{at}, request {}", i + 1);
                 }
             }
             "row" => {
@@ -287,17 +140,18 @@ fn charge_states_stop_double_counting() {
         e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 3, -1)");
         e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id) VALUES (1, 'a@x.com', -1, 1)");
         let user = ("sasl_username".to_owned(), Some("a@x.com".to_owned()));
+        let ask = |a: &[(String, Option<String>)]| ask(&e, a);
         let state = |s: &str| ("protocol_state".to_owned(), Some(s.to_owned()));
         let count = |n: &str| ("recipient_count".to_owned(), Some(n.to_owned()));
         // One message to two recipients: two RCPT requests, then DATA with the count.
         for _ in 0..2 {
             assert_eq!(
-                e.ask(&[user.clone(), state("RCPT"), count("0")]),
+                ask(&[user.clone(), state("RCPT"), count("0")]),
                 "action=dunno"
             );
         }
         assert_eq!(
-            e.ask(&[user.clone(), state("DATA"), count("2")]),
+            ask(&[user.clone(), state("DATA"), count("2")]),
             "action=dunno"
         );
         assert_eq!(
@@ -307,11 +161,11 @@ fn charge_states_stop_double_counting() {
         );
         // Uncharged stages still refuse what would not fit.
         assert_eq!(
-            e.ask(&[user.clone(), state("RCPT"), count("2")]),
+            ask(&[user.clone(), state("RCPT"), count("2")]),
             "action=reject Rejecting operation because day limit reached (3)"
         );
         assert_eq!(
-            e.ask(&[user.clone(), state("RCPT"), count("0")]),
+            ask(&[user.clone(), state("RCPT"), count("0")]),
             "action=dunno"
         );
         assert_eq!(

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod daemon;
 pub mod db;
+pub mod inproc;
 pub mod postfix;
 
 use std::path::{Path, PathBuf};
