@@ -6,5 +6,6 @@ mod fakes;
 mod postfix;
 mod process;
 mod protocol;
+mod ratelimit;
 mod store;
 mod ticket;

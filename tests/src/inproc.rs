@@ -79,8 +79,27 @@ impl Raw {
     }
 }
 
+/// Nests a module section's own table headers (`[[policy]]`) under `[module.NAME]`.
+fn nest(module: &str, section: &str) -> String {
+    section
+        .lines()
+        .map(|l| {
+            let t = l.trim_start();
+            if let Some(rest) = t.strip_prefix("[[") {
+                format!("[[module.{module}.{rest}")
+            } else if let Some(rest) = t.strip_prefix('[') {
+                format!("[module.{module}.{rest}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// valvulad.toml running one module on one listener.
 pub fn daemon_toml(raw: &Raw, crate_name: &str, module: &str, section: &str) -> String {
+    let section = nest(module, section);
     format!(
         "[server]\nmodules = [{:?}]\nmodule_timeout = \"10s\"\n\
          [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"{module}\"]\n\

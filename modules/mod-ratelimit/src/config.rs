@@ -129,7 +129,8 @@ pub enum Metric {
 pub struct Rule {
     pub limits: Vec<(WindowKind, i64, String)>,
     pub action: Action,
-    /// The raw action text for `raw` (a 4xx/5xx code), else the verb's text.
+    /// For a raw action: the code (and DSN) written before the text, e.g. "450 4.7.1".
+    pub code: String,
     pub text: String,
     pub soft_at: Option<u32>,
     pub soft_action: Action,
@@ -234,7 +235,7 @@ fn action(s: Option<&str>, default: Action) -> Result<Action, Error> {
         None => Ok(default),
         Some(a) => {
             // A numeric code ("450", "554 5.7.1") is a raw action.
-            if a.starts_with(|c: char| c == '4' || c == '5') {
+            if a.starts_with(['4', '5']) {
                 return Ok(Action::Raw);
             }
             Ok(a.parse::<Action>()?)
@@ -253,30 +254,33 @@ fn rule(r: &RuleConfig, base: Option<&Rule>, at: &str) -> Result<Rule, Error> {
     };
     let raw_action = r.action.clone().or_else(|| {
         base.map(|b| match b.action {
-            Action::Raw => b.text.clone(),
+            Action::Raw => b.code.clone(),
             a => a.verb().to_owned(),
         })
     });
     let act =
         action(raw_action.as_deref(), Action::DeferIfPermit).map_err(|e| format!("{at}: {e}"))?;
-    let text = match act {
-        // For a raw action the "text" is the whole reply: code, DSN and message.
-        Action::Raw => {
-            let a = raw_action.unwrap_or_default();
-            match &r.text {
-                Some(t) if !a.contains(' ') => format!("{a} {t}"),
-                _ => a,
-            }
-        }
-        _ => r
-            .text
-            .clone()
-            .or_else(|| base.map(|b| b.text.clone()))
-            .unwrap_or_else(|| DEFAULT_TEXT.to_owned()),
+    let code = if act == Action::Raw {
+        raw_action.unwrap_or_default()
+    } else {
+        String::new()
     };
+    // A raw action may carry its whole reply ("450 4.7.1 slow down") and no text.
+    let text = r
+        .text
+        .clone()
+        .or_else(|| base.map(|b| b.text.clone()))
+        .unwrap_or_else(|| {
+            if act == Action::Raw {
+                String::new()
+            } else {
+                DEFAULT_TEXT.to_owned()
+            }
+        });
     Ok(Rule {
         limits,
         action: act,
+        code,
         text,
         soft_at: r.soft_at.or(base.and_then(|b| b.soft_at)),
         soft_action: action(
@@ -311,9 +315,10 @@ pub fn settings(c: Config) -> Result<Settings, Error> {
             "unauthenticated" => Applies::Unauthenticated,
             "all" => Applies::All,
             o => {
-                return Err(
-                    format!("{at}.applies_to {o:?}: authenticated, unauthenticated or all").into(),
-                );
+                return Err(format!(
+                    "{at}.applies_to {o:?}: authenticated, unauthenticated or all"
+                )
+                .into());
             }
         };
         let specs = match &p.key {

@@ -22,8 +22,7 @@ use std::sync::{Arc, RwLock};
 
 use config::{Applies, Match, Metric, Part, Policy, Rule, Settings};
 use valvula_module::{
-    Action, Consumption, Error, Host, Module, Request, Ticks, Verdict, Window, WindowKind,
-    export_module,
+    Action, Consumption, Error, Host, Module, Request, Ticks, Verdict, Window, export_module,
 };
 
 struct RateLimit {
@@ -129,8 +128,13 @@ fn render(
         .replace(['\r', '\n'], " ")
 }
 
-fn verdict(action: Action, text: String) -> Verdict {
-    Verdict::new(action, text)
+/// The reply: a raw action writes its code before the text.
+fn verdict(action: Action, code: &str, text: String) -> Verdict {
+    match action {
+        Action::Raw if text.is_empty() => Verdict::new(Action::Raw, code),
+        Action::Raw => Verdict::new(Action::Raw, format!("{code} {text}")),
+        a => Verdict::new(a, text),
+    }
 }
 
 struct Outcome {
@@ -231,6 +235,7 @@ impl RateLimit {
                     (*limit > 0 && st.used * 100 >= *limit * pct as i64).then(|| {
                         verdict(
                             rule.soft_action,
+                            "",
                             render(
                                 &rule.soft_text,
                                 &ident,
@@ -305,7 +310,7 @@ impl RateLimit {
                 }
             }
         }
-        verdict(rule.action, text)
+        verdict(rule.action, &rule.code, text)
     }
 }
 

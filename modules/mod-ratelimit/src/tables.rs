@@ -147,18 +147,14 @@ pub fn effective_rule(
         rule.limits = parse_limits(l)?;
     }
     if let Some(a) = row[2].as_str() {
-        rule.action = if a.starts_with(['4', '5']) {
-            valvula_module::Action::Raw
+        if a.starts_with(['4', '5']) {
+            rule.action = valvula_module::Action::Raw;
+            rule.code = a.to_owned();
         } else {
-            a.parse()?
-        };
-        if rule.action == valvula_module::Action::Raw {
-            rule.text = a.to_owned();
+            rule.action = a.parse()?;
         }
     }
-    if let Some(t) = row[3].as_str()
-        && rule.action != valvula_module::Action::Raw
-    {
+    if let Some(t) = row[3].as_str() {
         rule.text = t.to_owned();
     }
     Ok(rule)
