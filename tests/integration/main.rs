@@ -3,6 +3,7 @@
 mod abi;
 mod counting;
 mod fakes;
+mod maincf;
 mod postfix;
 mod process;
 mod protocol;
