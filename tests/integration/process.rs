@@ -225,8 +225,13 @@ async fn syslog_lines_use_facility_mail_and_valvula_prefixes() {
         c.ask(&postfix_request(&[("queue_id", "ABC123")])).await,
         "action=dunno\n\n"
     );
-    let n = sock.recv(&mut buf).unwrap();
-    let decision = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let decision = loop {
+        let n = sock.recv(&mut buf).unwrap();
+        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if line.contains(" decision") {
+            break line;
+        }
+    };
     assert!(
         decision.starts_with(&format!("<22>valvulad[{pid}]: info: decision")),
         "{decision}"

@@ -50,13 +50,26 @@ pub async fn start(config: Config, modules: ModuleSet) -> (Daemon, Vec<String>) 
     (d, addrs)
 }
 
-/// Each daemon gets its own SQLite file in its directory unless the test chose storage.
+/// Each daemon gets its own SQLite file and admin socket in its directory unless the
+/// test chose them.
 fn with_storage(config: &str) -> String {
-    if config.contains("[storage]") {
+    let mut c = if config.contains("[storage]") {
         config.to_owned()
     } else {
         format!("{config}\n[storage]\npath = \"{{dir}}/valvula.db\"\n")
+    };
+    if !c.contains("admin_socket") {
+        c = if c.contains("[server]\n") {
+            c.replacen(
+                "[server]\n",
+                "[server]\nadmin_socket = \"{dir}/admin.sock\"\n",
+                1,
+            )
+        } else {
+            format!("[server]\nadmin_socket = \"{{dir}}/admin.sock\"\n{c}")
+        };
     }
+    c
 }
 
 /// A `valvulad` process with its own config file and temporary directory.

@@ -20,6 +20,8 @@ use crate::store::{Backend, StorageConfig, Zone};
 pub const DEFAULT_PATH: &str = "/etc/valvula/valvulad.toml";
 /// Where packaged modules are installed.
 pub const DEFAULT_MODULE_DIR: &str = "/usr/lib/valvulad/modules";
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/valvulad/admin.sock";
 /// Default SQLite file.
 pub const DEFAULT_SQLITE_PATH: &str = "/var/lib/valvula/valvula.db";
 
@@ -48,6 +50,8 @@ pub struct ServerConfig {
     pub quarantine_for: Duration,
     /// How long a stopping daemon waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// The admin socket `valvula-ctl` talks to (`None`: none).
+    pub admin_socket: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -526,9 +530,20 @@ impl Walker {
                 "quarantine_after",
                 "quarantine_for",
                 "shutdown_grace",
+                "admin_socket",
             ],
         );
+        let admin_socket = match self.string(t, p, "admin_socket") {
+            None => Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            Some(s) if s.is_empty() => None,
+            Some(s) => Some(if Path::new(&s).is_relative() {
+                self.base.join(s)
+            } else {
+                PathBuf::from(s)
+            }),
+        };
         ServerConfig {
+            admin_socket,
             module_dirs: self
                 .strings(t, p, "module_dirs")
                 .map(|v| v.into_iter().map(PathBuf::from).collect())

@@ -32,6 +32,10 @@ pub enum HandlerError {
 /// A policy module as the server sees it.
 pub trait Handler: Send + Sync + 'static {
     fn name(&self) -> &str;
+    /// The module's version, for status.
+    fn version(&self) -> &str {
+        ""
+    }
     /// Run `handle` inline on the event loop (no blocking pool hand-off).
     fn nonblocking(&self) -> bool {
         false
@@ -58,7 +62,7 @@ pub struct DispatchSettings {
 }
 
 /// Per-module counters, for logs and status.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ModuleStats {
     pub calls: AtomicU64,
     pub answers: AtomicU64,
@@ -66,6 +70,8 @@ pub struct ModuleStats {
     pub timeouts: AtomicU64,
     pub total_us: AtomicU64,
     pub max_us: AtomicU64,
+    /// `u64::MAX` until the first call.
+    pub min_us: AtomicU64,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -94,6 +100,20 @@ impl Pool {
             }
         }
         Pool { jobs: tx }
+    }
+}
+
+impl Default for ModuleStats {
+    fn default() -> Self {
+        ModuleStats {
+            calls: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            total_us: AtomicU64::new(0),
+            max_us: AtomicU64::new(0),
+            min_us: AtomicU64::new(u64::MAX),
+        }
     }
 }
 
@@ -190,6 +210,7 @@ impl Dispatcher {
         let us = started.elapsed().as_micros() as u64;
         self.stats.total_us.fetch_add(us, Ordering::Relaxed);
         self.stats.max_us.fetch_max(us, Ordering::Relaxed);
+        self.stats.min_us.fetch_min(us, Ordering::Relaxed);
         self.account(&result, settings);
         result
     }

@@ -8,6 +8,7 @@
 //!
 //! `ARCHITECTURE.md` at the repository root shows how a request flows through them.
 
+pub mod admin;
 pub mod config;
 pub mod dispatch;
 pub mod host;

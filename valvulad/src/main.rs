@@ -137,6 +137,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let daemon = Daemon::start(config, modules).await?;
     tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
 
+    let (reload_tx, mut reload_rx) =
+        tokio::sync::mpsc::channel::<valvulad::admin::ReloadRequest>(4);
+    if let Some(sock) = daemon.config().server.admin_socket.clone()
+        && let Err(e) = valvulad::admin::spawn(&sock, daemon.clone(), reload_tx)
+    {
+        tracing::error!(socket = %sock.display(), "admin socket not available (valvula-ctl status/reload will not work): {e}");
+    }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
@@ -144,16 +151,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&daemon, &args.config, &store).await,
+            _ = hup.recv() => {
+                let _ = reload(&daemon, &args.config, &store).await;
+            }
+            Some(answer) = reload_rx.recv() => {
+                let _ = answer.send(reload(&daemon, &args.config, &store).await);
+            }
         }
     }
+    let admin_socket = daemon.config().server.admin_socket.clone();
     daemon.shutdown(grace).await;
+    if let Some(sock) = admin_socket {
+        let _ = std::fs::remove_file(sock);
+    }
     tracing::info!("valvulad stopped");
     Ok(())
 }
 
 /// SIGHUP: re-read the config; on any error keep running with the old one.
-async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) {
+async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) -> Result<(), String> {
     tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
     let previous = daemon.modules();
     let p = path.to_owned();
@@ -163,11 +179,11 @@ async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::error!("reload refused, the running configuration stays: {e:#}");
-            return;
+            return Err(format!("{e:#}"));
         }
         Err(e) => {
             tracing::error!("reload failed: {e}");
-            return;
+            return Err(e.to_string());
         }
     };
     if config.storage != daemon.config().storage {
@@ -185,8 +201,14 @@ async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) {
         }
     }
     match daemon.apply(config, modules).await {
-        Ok(()) => tracing::info!("configuration reloaded"),
-        Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+        Ok(()) => {
+            tracing::info!("configuration reloaded");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e}");
+            Err(e.to_string())
+        }
     }
 }
 

@@ -179,6 +179,26 @@ impl Daemon {
         v
     }
 
+    /// Each listener: name, bound address, chain, open connections.
+    pub fn listeners(&self) -> Vec<(String, String, Vec<String>, usize)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = st
+            .listeners
+            .values()
+            .map(|l| {
+                let rt = l.shared.runtime.load();
+                (
+                    rt.config.name.clone(),
+                    l.bound.clone(),
+                    rt.config.modules.clone(),
+                    l.shared.active.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.state
             .lock()

@@ -643,6 +643,10 @@ impl Handler for LoadedModule {
         &self.opened.name
     }
 
+    fn version(&self) -> &str {
+        &self.opened.version
+    }
+
     fn nonblocking(&self) -> bool {
         self.opened.def.flags & abi::VLV_FLAG_NONBLOCKING != 0
     }
