@@ -1,9 +1,45 @@
-//! valvula-ctl: the management shell. Its verbs arrive with the valvula-ctl issue; until
-//! then it says so instead of pretending.
+//! valvula-ctl: wire valvulad into Postfix, edit its configuration, administer plans,
+//! tickets and rate-limit overrides without SQL, and ask the running daemon.
+//!
+//! One clap command tree serves both uses: `valvula-ctl -l` once, or `valvula-ctl` alone
+//! for a `>> ` shell where the same verbs are typed (with history and completion). An
+//! error is a sentence and a non-zero exit status; in the shell it never ends the shell.
 
-fn main() {
-    eprintln!(
-        "valvula-ctl: not built yet; see the valvula-ctl issue (main.cf editing, plans, usage)"
-    );
-    std::process::exit(2);
+mod admin;
+mod cli;
+mod conf;
+mod daemonio;
+mod maincf;
+mod shell;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // No verb at all (global options only): the interactive shell.
+    if cli::only_globals(&args[1..]) {
+        return match shell::run(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("valvula-ctl: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let parsed = match cli::Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match cli::run(&parsed, &mut cli::Io::terminal()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("valvula-ctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,246 @@
+//! The command tree: valvula's letters (`-o -l -a -m -e -d -c -r -s -n -y -t`) with
+//! readable long names, and subcommands for administration and the daemon.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{admin, conf, daemonio, maincf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "valvula-ctl",
+    version,
+    about = "Manage valvulad: Postfix hooks, listeners, modules, plans, tickets, limits"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(flatten)]
+    pub verbs: Verbs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// valvulad's configuration file.
+    #[arg(long, global = true, default_value = valvulad::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Postfix's configuration directory.
+    #[arg(long = "postfix-dir", global = true, default_value = "/etc/postfix")]
+    pub postfix_dir: PathBuf,
+    /// Show the change without writing it.
+    #[arg(long = "dry-run", global = true)]
+    pub dry_run: bool,
+    /// Run `postfix reload` after a main.cf change without asking.
+    #[arg(long, global = true)]
+    pub reload: bool,
+    /// Never ask; do not run `postfix reload` unless --reload is given.
+    #[arg(long, global = true)]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct Verbs {
+    /// -o: the modules available in the module directories.
+    #[arg(short = 'o', long = "list-modules")]
+    pub list_modules: bool,
+    /// -l: the listeners and the modules each runs.
+    #[arg(short = 'l', long = "list-listeners")]
+    pub list_listeners: bool,
+    /// -a: add a listener (HOST:PORT, [IPv6]:PORT, PORT or unix:/path).
+    #[arg(short = 'a', long = "add-listener", value_name = "ADDRESS")]
+    pub add_listener: Option<String>,
+    /// -m: add a module to the end of a listener's chain.
+    #[arg(short = 'm', long = "add-module", num_args = 2, value_names = ["MODULE", "LISTENER"])]
+    pub add_module: Option<Vec<String>>,
+    /// -e: load a module (add it to server.modules).
+    #[arg(short = 'e', long = "enable-module", value_name = "MODULE")]
+    pub enable: Option<String>,
+    /// -d: stop loading a module (and take it out of every chain).
+    #[arg(short = 'd', long = "disable-module", value_name = "MODULE")]
+    pub disable: Option<String>,
+    /// -c: hook a listener into a Postfix restriction stage, first or last.
+    #[arg(short = 'c', long = "connect-postfix", num_args = 3, value_names = ["STAGE", "LISTENER", "first|last"])]
+    pub connect: Option<Vec<String>>,
+    /// -r: remove a listener's hook from a Postfix restriction stage.
+    #[arg(short = 'r', long = "disconnect", num_args = 2, value_names = ["STAGE", "LISTENER"])]
+    pub disconnect: Option<Vec<String>>,
+    /// -s: the restriction stages and what each is for.
+    #[arg(short = 's', long = "show-postfix-sections")]
+    pub stages: bool,
+    /// -n: Postfix's settings from main.cf (as postconf -n lists them).
+    #[arg(short = 'n', long = "show-postfix-conf")]
+    pub show_postfix: bool,
+    /// -y: use MySQL/MariaDB database DBNAME as DBUSER/DBPASS (tested before saving).
+    #[arg(short = 'y', long = "config-mysql", num_args = 3, value_names = ["DBNAME", "DBUSER", "DBPASS"])]
+    pub mysql: Option<Vec<String>>,
+    /// The MySQL server for -y.
+    #[arg(long = "db-host", default_value = "127.0.0.1:3306")]
+    pub db_host: String,
+    /// -t: send a test policy request to a listener and show the reply and its time.
+    #[arg(short = 't', long = "test-server", value_name = "LISTENER")]
+    pub test: Option<String>,
+    #[command(flatten)]
+    pub request: TestRequest,
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct TestRequest {
+    /// -t: the envelope sender.
+    #[arg(long, default_value = "test@example.com")]
+    pub sender: String,
+    /// -t: the recipient.
+    #[arg(long, default_value = "")]
+    pub recipient: String,
+    /// -t: the SASL user ("" for none).
+    #[arg(long = "sasl-user", default_value = "")]
+    pub sasl_user: String,
+    /// -t: recipient_count.
+    #[arg(long = "rcpt-count", default_value_t = 1)]
+    pub rcpt_count: u32,
+    /// -t: protocol_state.
+    #[arg(long, default_value = "DATA")]
+    pub state: String,
+    /// -t: how many requests.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// mod-ticket plans.
+    #[command(subcommand)]
+    Plan(admin::PlanCmd),
+    /// mod-ticket tickets: who sends on which plan.
+    #[command(subcommand)]
+    Ticket(admin::TicketCmd),
+    /// mod-ratelimit per-identity overrides.
+    #[command(subcommand)]
+    Override(admin::OverrideCmd),
+    /// Used, limit, remaining and next reset per window (mod-ticket and mod-ratelimit).
+    Usage {
+        /// A SASL user, sender, domain or address; all with usage when omitted.
+        identity: Option<String>,
+    },
+    /// Forget every counter of an identity (mod-ticket's counters are set to zero).
+    Reset { identity: String },
+    /// The running daemon: listeners, modules, requests, latency, uptime.
+    Status,
+    /// Ask the running daemon to reload its configuration.
+    Reload,
+    /// Leave the shell.
+    #[command(alias = "quit")]
+    Exit,
+}
+
+/// Where a command reads answers and writes its output (the terminal, or the shell).
+pub struct Io {
+    pub interactive: bool,
+}
+
+impl Io {
+    pub fn terminal() -> Io {
+        use std::io::IsTerminal;
+        Io {
+            interactive: std::io::stdin().is_terminal(),
+        }
+    }
+
+    /// Asks a yes/no question; no terminal means no.
+    pub fn confirm(&mut self, question: &str) -> bool {
+        if !self.interactive {
+            return false;
+        }
+        print!("{question} [y/N] ");
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).is_ok()
+            && matches!(line.trim(), "y" | "Y" | "yes")
+    }
+}
+
+/// True when the arguments are only global options (so the shell starts).
+pub fn only_globals(args: &[String]) -> bool {
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--config" | "--postfix-dir" => i += 2,
+            a if a.starts_with("--config=") || a.starts_with("--postfix-dir=") => i += 1,
+            "--dry-run" | "--reload" | "--yes" => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
+    let g = &c.global;
+    let v = &c.verbs;
+    let mut did = false;
+    let mut step = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        did = true;
+        f()
+    };
+    if v.list_modules {
+        step(&mut || conf::list_modules(&g.config))?;
+    }
+    if v.list_listeners {
+        step(&mut || conf::list_listeners(&g.config))?;
+    }
+    if let Some(a) = &v.add_listener {
+        step(&mut || conf::add_listener(g, a))?;
+    }
+    if let Some(m) = &v.add_module {
+        step(&mut || conf::add_module(g, &m[0], &m[1]))?;
+    }
+    if let Some(m) = &v.enable {
+        step(&mut || conf::enable(g, m))?;
+    }
+    if let Some(m) = &v.disable {
+        step(&mut || conf::disable(g, m))?;
+    }
+    if v.stages {
+        step(&mut || {
+            for (s, what) in valvula_postfix::STAGES {
+                println!("{s:32} {what}");
+            }
+            Ok(())
+        })?;
+    }
+    if v.show_postfix {
+        step(&mut || maincf::show(&g.postfix_dir))?;
+    }
+    if let Some(c) = &v.connect {
+        did = true;
+        let pos: valvula_postfix::Position = c[2].parse().map_err(anyhow::Error::msg)?;
+        maincf::connect(g, io, &c[0], &c[1], pos)?;
+    }
+    if let Some(c) = &v.disconnect {
+        did = true;
+        maincf::disconnect(g, io, &c[0], &c[1])?;
+    }
+    if let Some(y) = &v.mysql {
+        did = true;
+        conf::set_mysql(g, &v.db_host, &y[0], &y[1], &y[2])?;
+    }
+    if let Some(t) = &v.test {
+        did = true;
+        daemonio::test_server(&g.config, t, &v.request)?;
+    }
+    match &c.command {
+        None if !did => bail!("nothing to do: give a verb (valvula-ctl --help lists them)"),
+        None => Ok(()),
+        Some(Command::Plan(p)) => admin::plan(&g.config, p),
+        Some(Command::Ticket(t)) => admin::ticket(&g.config, t),
+        Some(Command::Override(o)) => admin::override_cmd(&g.config, o),
+        Some(Command::Usage { identity }) => admin::usage(&g.config, identity.as_deref()),
+        Some(Command::Reset { identity }) => admin::reset(&g.config, identity),
+        Some(Command::Status) => daemonio::status(&g.config),
+        Some(Command::Reload) => daemonio::reload(&g.config).context("reload"),
+        Some(Command::Exit) => Ok(()),
+    }
+}
