@@ -2,6 +2,7 @@
 
 mod abi;
 mod counting;
+mod ctl;
 mod fakes;
 mod maincf;
 mod postfix;

@@ -79,3 +79,27 @@ pub fn cc_shared(sources: &[&Path], out: &Path, defines: &[&str]) {
 pub fn fixture(rel: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(rel)
 }
+
+pub fn ctl_bin() -> PathBuf {
+    let p = target_dir().join("valvula-ctl");
+    assert!(
+        p.exists(),
+        "{} is missing: cargo build --workspace",
+        p.display()
+    );
+    p
+}
+
+/// Runs valvula-ctl; returns (exit code, stdout, stderr).
+pub fn ctl(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(ctl_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run valvula-ctl");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}

@@ -120,19 +120,32 @@ fn open<T>(config: &Path, f: impl FnOnce(&Arc<Store>) -> anyhow::Result<T>) -> a
     })
 }
 
+/// A storage error, with a hint when the module's tables do not exist yet.
+fn hint(e: valvulad::store::StoreError) -> anyhow::Error {
+    let m = e.to_string();
+    if m.contains("no such table") || m.contains("doesn't exist") {
+        anyhow::anyhow!(
+            "{m}: the module's tables are made when valvulad first runs it (valvulad -t does too)"
+        )
+    } else {
+        anyhow::anyhow!(m)
+    }
+}
+
 fn q(s: &Store, sql: &str, params: Vec<Value>) -> anyhow::Result<Rows> {
-    s.query(Stmt::new(sql, params)).map_err(|e| {
-        let m = e.to_string();
-        if m.contains("no such table") || m.contains("doesn't exist") {
-            anyhow::anyhow!("{m}: the module's tables are made when valvulad first runs it")
-        } else {
-            anyhow::anyhow!(m)
-        }
-    })
+    s.query(Stmt::new(sql, params)).map_err(hint)
+}
+
+fn xe(
+    s: &Store,
+    sql: impl Into<String>,
+    params: Vec<Value>,
+) -> anyhow::Result<valvulad::store::Exec> {
+    s.exec(Stmt::new(sql, params)).map_err(hint)
 }
 
 fn x(s: &Store, sql: &str, params: Vec<Value>) -> anyhow::Result<u64> {
-    Ok(s.exec(Stmt::new(sql, params))?.affected)
+    Ok(xe(s, sql, params)?.affected)
 }
 
 fn cell(v: &Value) -> String {
@@ -174,8 +187,19 @@ fn table(rows: &Rows) {
     }
 }
 
-/// Expiry as mod-ticket stores it: -1 for never, else a Unix time.
+/// Expiry as mod-ticket stores it: -1 for never, else a Unix time that fits valvula's
+/// 32-bit `valid_until` column.
 pub fn parse_until(s: &str) -> anyhow::Result<i64> {
+    let t = parse_time(s)?;
+    if t > i64::from(i32::MAX) {
+        bail!(
+            "{s:?} is after 2038-01-19: valvula's valid_until column is a 32-bit integer; use a date before it, or never"
+        );
+    }
+    Ok(t)
+}
+
+fn parse_time(s: &str) -> anyhow::Result<i64> {
     let s = s.trim();
     if s == "never" || s == "-1" {
         return Ok(-1);
@@ -215,10 +239,17 @@ pub fn plan(config: &Path, cmd: &PlanCmd) -> anyhow::Result<()> {
             day,
             month,
         } => {
-            let e = s.exec(Stmt::new(
+            let e = xe(
+                s,
                 "INSERT INTO ticket_plan (name, description, total_limit, day_limit, month_limit) VALUES (?, ?, ?, ?, ?)",
-                vec![name.as_str().into(), description.as_str().into(), (*total).into(), (*day).into(), (*month).into()],
-            ))?;
+                vec![
+                    name.as_str().into(),
+                    description.as_str().into(),
+                    (*total).into(),
+                    (*day).into(),
+                    (*month).into(),
+                ],
+            )?;
             println!(
                 "INFO: plan {} added: {name} total={total} day={day} month={month}",
                 e.last_insert_id
@@ -317,10 +348,13 @@ pub fn ticket(config: &Path, cmd: &TicketCmd) -> anyhow::Result<()> {
                 (None, Some(d)) => ("domain", d),
                 (None, None) => bail!("give --user or --domain"),
             };
-            let e = s.exec(Stmt::new(
-                format!("INSERT INTO domain_ticket ({col}, valid_until, ticket_plan_id, total_used, current_day_usage, current_month_usage, block_ticket) VALUES (?, ?, ?, 0, 0, 0, 0)"),
+            let e = xe(
+                s,
+                format!(
+                    "INSERT INTO domain_ticket ({col}, valid_until, ticket_plan_id, total_used, current_day_usage, current_month_usage, block_ticket) VALUES (?, ?, ?, 0, 0, 0, 0)"
+                ),
                 vec![who.as_str().into(), until.into(), (*plan).into()],
-            ))?;
+            )?;
             println!(
                 "INFO: ticket {} added: {col} {who} on plan {plan}, valid until {}",
                 e.last_insert_id,

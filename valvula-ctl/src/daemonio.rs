@@ -94,7 +94,14 @@ pub fn status(config: &Path) -> anyhow::Result<()> {
 
 /// `-t`: one or more requests to a listener over TCP, as Postfix sends them.
 pub fn test_server(config: &Path, listener: &str, r: &TestRequest) -> anyhow::Result<()> {
-    let target = crate::maincf::policy_target(config, listener)?;
+    // A configured listener (name or address), or any address given directly.
+    let target = match crate::maincf::policy_target(config, listener) {
+        Ok(t) => t,
+        Err(e) => match valvulad::config::parse_address(listener) {
+            Ok(valvulad::config::ListenAddr::Tcp(a)) => format!("inet:{a}"),
+            _ => return Err(e),
+        },
+    };
     let Some(addr) = target.strip_prefix("inet:") else {
         bail!("-t speaks TCP; {listener} is {target}");
     };
