@@ -186,6 +186,10 @@ fn daemon_config_edits_keep_comments() {
     assert!(run(&["-a", "127.0.0.1:3600"]).1.contains("already exists"));
     assert_eq!(run(&["-m", "mod-test", "127.0.0.1:3600"]).0, 0);
     assert_eq!(run(&["-e", "mod-ratelimit"]).0, 0);
+    assert_eq!(run(&["-u", "nobody", "nogroup"]).0, 0);
+    let (code, _, err) = run(&["-u", "no-such-user-here", "nogroup"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("server.user: no user"), "{err}");
     let (_, out, _) = run(&["-l"]);
     assert!(
         out.contains("Listen: 127.0.0.1:3600") && out.contains("  Mod: mod-test"),

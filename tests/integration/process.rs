@@ -244,3 +244,73 @@ async fn syslog_lines_use_facility_mail_and_valvula_prefixes() {
         assert!(decision.contains(field), "{field} not in {decision}");
     }
 }
+
+/// After binding, the daemon runs as the configured user, with that user's groups only.
+#[tokio::test]
+async fn drops_privileges_after_binding() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(data.path(), Some(65534), Some(65534)).unwrap();
+    let cfg = format!(
+        "[server]\nuser = \"nobody\"\ngroup = \"nogroup\"\nmodule_dirs = [{:?}]\nadmin_socket = \"{}/admin.sock\"\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n\
+         [storage]\npath = \"{}/v.db\"\n",
+        module_path("mod_test")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string(),
+        data.path().display(),
+        data.path().display()
+    );
+    let p = Proc::start(&cfg, &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534", "{status}");
+    assert!(
+        !field("Groups:").split(' ').any(|g| g == "0"),
+        "root's groups kept: {status}"
+    );
+    // It still answers, and still counts in its database.
+    let mut c = Client::connect(&p.addrs()[0]).await;
+    for _ in 0..3 {
+        let r = c
+            .ask(&postfix_request(&[
+                ("x_test_consume", "k"),
+                ("x_test_limit", "2"),
+            ]))
+            .await;
+        assert!(
+            r.starts_with("action=ok") || r.starts_with("action=reject limit reached"),
+            "{r}\n{}",
+            p.log()
+        );
+    }
+    assert_eq!(
+        c.ask(&postfix_request(&[
+            ("x_test_consume", "k"),
+            ("x_test_amount", "0")
+        ]))
+        .await,
+        "action=ok used=2\n\n"
+    );
+    // An unknown user is a configuration error with its key.
+    let mut bad = Proc::spawn(
+        "[server]\nuser = \"no-such-user-here\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
+        &["-t"],
+    );
+    assert_eq!(bad.wait_exit(Duration::from_secs(20)).code(), Some(1));
+    assert!(bad.log().contains("server.user: no user"), "{}", bad.log());
+}

@@ -81,6 +81,9 @@ pub struct Verbs {
     /// The MySQL server for -y.
     #[arg(long = "db-host", default_value = "127.0.0.1:3306")]
     pub db_host: String,
+    /// -u: run valvulad as USER:GROUP after it binds its sockets (takes effect at restart).
+    #[arg(short = 'u', long = "set-user", num_args = 2, value_names = ["USER", "GROUP"])]
+    pub user: Option<Vec<String>>,
     /// -t: send a test policy request to a listener and show the reply and its time.
     #[arg(short = 't', long = "test-server", value_name = "LISTENER")]
     pub test: Option<String>,
@@ -226,6 +229,10 @@ pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
     if let Some(y) = &v.mysql {
         did = true;
         conf::set_mysql(g, &v.db_host, &y[0], &y[1], &y[2])?;
+    }
+    if let Some(u) = &v.user {
+        did = true;
+        conf::set_user(g, &u[0], &u[1])?;
     }
     if let Some(t) = &v.test {
         did = true;

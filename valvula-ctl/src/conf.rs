@@ -266,3 +266,21 @@ pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> an
         &format!("database set to {url} (connection tested)"),
     )
 }
+
+/// `-u`: the run-as user and group (checked to exist).
+pub fn set_user(g: &Global, user: &str, group: &str) -> anyhow::Result<()> {
+    let mut doc = read(&g.config)?;
+    if !doc.contains_key("server") {
+        doc.insert("server", Item::Table(Table::new()));
+    }
+    let server = doc["server"]
+        .as_table_mut()
+        .context("server is not a table")?;
+    server.insert("user", value(user));
+    server.insert("group", value(group));
+    save(
+        g,
+        &doc,
+        &format!("valvulad will run as {user}:{group} from its next start"),
+    )
+}

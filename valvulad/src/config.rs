@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The admin socket `valvula-ctl` talks to (`None`: none).
     pub admin_socket: Option<PathBuf>,
+    /// Run as this user and group once the sockets are bound (`None`: stay as started).
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -531,8 +534,25 @@ impl Walker {
                 "quarantine_for",
                 "shutdown_grace",
                 "admin_socket",
+                "user",
+                "group",
             ],
         );
+        let user = self.string(t, p, "user");
+        let group = self.string(t, p, "group");
+        if let Some(u) = &user
+            && nix::unistd::User::from_name(u).ok().flatten().is_none()
+        {
+            self.err("server.user", format!("no user {u:?} on this system"));
+        }
+        if let Some(g) = &group
+            && nix::unistd::Group::from_name(g).ok().flatten().is_none()
+        {
+            self.err("server.group", format!("no group {g:?} on this system"));
+        }
+        if group.is_some() && user.is_none() {
+            self.err("server.group", "needs server.user as well");
+        }
         let admin_socket = match self.string(t, p, "admin_socket") {
             None => Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
             Some(s) if s.is_empty() => None,
@@ -544,6 +564,8 @@ impl Walker {
         };
         ServerConfig {
             admin_socket,
+            user,
+            group,
             module_dirs: self
                 .strings(t, p, "module_dirs")
                 .map(|v| v.into_iter().map(PathBuf::from).collect())

@@ -13,5 +13,6 @@ pub mod config;
 pub mod dispatch;
 pub mod host;
 pub mod logging;
+pub mod privileges;
 pub mod server;
 pub mod store;

@@ -135,7 +135,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     spawn_maintenance(store.clone());
     let grace = config.server.shutdown_grace;
     let daemon = Daemon::start(config, modules).await?;
-    tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
 
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<valvulad::admin::ReloadRequest>(4);
@@ -144,6 +143,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     {
         tracing::error!(socket = %sock.display(), "admin socket not available (valvula-ctl status/reload will not work): {e}");
     }
+    if let Some(user) = config_user(&daemon) {
+        let (u, gid) = valvulad::privileges::resolve(&user.0, user.1.as_deref())?;
+        let cfg = daemon.config();
+        if let valvulad::store::Backend::Sqlite { path, .. } = &cfg.storage.backend {
+            // The directory stays as it is: it must be the user's (packages make it so),
+            // since SQLite creates its -wal and -shm files there.
+            valvulad::privileges::hand_over(path, u.uid, gid);
+        }
+        if let Some(sock) = &cfg.server.admin_socket {
+            valvulad::privileges::hand_over(sock, u.uid, gid);
+        }
+        for l in &cfg.listeners {
+            if let valvulad::config::ListenAddr::Unix(p) = &l.address {
+                valvulad::privileges::hand_over(p, u.uid, gid);
+            }
+        }
+        valvulad::privileges::drop_to(&u, gid).context("cannot drop privileges")?;
+    }
+    tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
@@ -228,4 +246,10 @@ fn spawn_maintenance(store: Arc<Store>) {
             }
         }
     });
+}
+
+/// `server.user` and `server.group`, if set.
+fn config_user(d: &Daemon) -> Option<(String, Option<String>)> {
+    let c = d.config();
+    c.server.user.clone().map(|u| (u, c.server.group.clone()))
 }
