@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use valvula_tests::client::{Answer, Client, postfix_request};
+use valvula_tests::client::{self, Answer, Client, postfix_request};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::{PrivateMariadb, TestDb};
 use valvula_tests::module_path;
@@ -49,40 +49,31 @@ async fn stored(addr: &str, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no count in {r:?}"))
 }
 
-/// Opens `conns` connections spread over `addrs`, each sending `per_conn` charges of
-/// one unit; returns how many were admitted.
-async fn hammer(addrs: &[String], key: &str, limit: i64, conns: usize, per_conn: usize) -> u64 {
-    let admitted = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for i in 0..conns {
-        let addr = addrs[i % addrs.len()].clone();
-        let (key, admitted) = (key.to_owned(), admitted.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(&addr).await;
-            for _ in 0..per_conn {
-                let r = c.ask(&charge(&key, limit, 1)).await;
-                if r.starts_with("action=ok") {
-                    admitted.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    assert!(
-                        r.starts_with("action=reject limit reached"),
-                        "unexpected reply {r:?}"
-                    );
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    admitted.load(Ordering::SeqCst)
+/// Charges of one unit from `conns` connections over `addrs`; the number admitted.
+async fn charge_from(
+    addrs: &[String],
+    key: &str,
+    limit: i64,
+    conns: usize,
+    per_conn: usize,
+) -> u64 {
+    let key = key.to_owned();
+    client::hammer(
+        addrs,
+        conns,
+        per_conn,
+        move |_, _| charge(&key, limit, 1),
+        "action=ok",
+        "action=reject limit reached",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_connections_admit_exactly_the_limit_sqlite() {
     let p = Proc::start(&config("", ""), &[]);
     let addr = p.addrs()[0].clone();
-    let n = hammer(std::slice::from_ref(&addr), "alice@example.com", 150, 64, 4).await;
+    let n = charge_from(std::slice::from_ref(&addr), "alice@example.com", 150, 64, 4).await;
     assert_eq!(n, 150, "{}", p.log());
     assert_eq!(stored(&addr, "alice@example.com").await, 150);
 }
@@ -94,7 +85,7 @@ async fn two_daemons_on_one_mariadb_admit_exactly_the_limit() {
     let a = Proc::start(&cfg, &[]);
     let b = Proc::start(&cfg, &[]);
     let addrs = vec![a.addrs()[0].clone(), b.addrs()[0].clone()];
-    let n = hammer(&addrs, "shared@example.com", 200, 64, 5).await;
+    let n = charge_from(&addrs, "shared@example.com", 200, 64, 5).await;
     assert_eq!(n, 200, "a:\n{}\nb:\n{}", a.log(), b.log());
     assert_eq!(stored(&addrs[1], "shared@example.com").await, 200);
     // The database agrees, read independently of valvulad.

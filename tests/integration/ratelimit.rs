@@ -2,10 +2,9 @@
 //! data (tests/fixtures/mod-ratelimit/peers.test), notifications, exact counting across
 //! daemons, and a real Postfix.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use valvula_tests::client::{Client, postfix_request};
+use valvula_tests::client::{hammer, postfix_request};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::TestDb;
 use valvula_tests::fixture;
@@ -185,42 +184,24 @@ async fn sixty_four_connections_and_two_daemons_never_exceed_a_limit() {
     let a = Proc::start(&cfg, &[]);
     let b = Proc::start(&cfg, &[]);
     let addrs = [a.addrs()[0].clone(), b.addrs()[0].clone()];
-    let admitted = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for i in 0..64 {
-        let (addr, admitted) = (addrs[i % 2].clone(), admitted.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(&addr).await;
-            for j in 0..4 {
-                let inst = format!("{i}.{j}");
-                let req = postfix_request(&[
-                    ("sasl_username", "many@example.com"),
-                    ("protocol_state", "DATA"),
-                    ("recipient_count", "1"),
-                    ("instance", &inst),
-                ]);
-                let r = c.ask(&req).await;
-                if r == "action=dunno\n\n" {
-                    admitted.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    assert!(
-                        r.starts_with("action=defer_if_permit Rate limit reached"),
-                        "{r:?}"
-                    );
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        admitted.load(Ordering::SeqCst),
-        100,
-        "a:\n{}\nb:\n{}",
-        a.log(),
-        b.log()
-    );
+    let admitted = hammer(
+        &addrs,
+        64,
+        4,
+        |i, j| {
+            let inst = format!("{i}.{j}");
+            postfix_request(&[
+                ("sasl_username", "many@example.com"),
+                ("protocol_state", "DATA"),
+                ("recipient_count", "1"),
+                ("instance", &inst),
+            ])
+        },
+        "action=dunno\n\n",
+        "action=defer_if_permit Rate limit reached",
+    )
+    .await;
+    assert_eq!(admitted, 100, "a:\n{}\nb:\n{}", a.log(), b.log());
     let Raw::Mysql(db) = &raw else { unreachable!() };
     assert_eq!(
         db.sql("SELECT used FROM vlv_counter WHERE ns = 'mod-ratelimit' AND ckey = 'h:many@example.com' AND win = 'hour'").trim(),

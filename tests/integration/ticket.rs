@@ -2,10 +2,7 @@
 //! conformance cases from a data file, stage control, an existing valvula database,
 //! exact counting across daemons, and a real Postfix.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use valvula_tests::client::Client;
+use valvula_tests::client::{Client, hammer};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::TestDb;
 use valvula_tests::fixture;
@@ -251,37 +248,17 @@ async fn sixty_four_connections_and_two_daemons_admit_exactly_the_plan() {
     let Raw::Mysql(db) = &raw else { unreachable!() };
     db.sql("INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('busy@example.com', -1, 1)");
     let addrs = [a.addrs()[0].clone(), b.addrs()[0].clone()];
-    let admitted = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for i in 0..64 {
-        let (addr, admitted) = (addrs[i % 2].clone(), admitted.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = Client::connect(&addr).await;
-            let req =
-                valvula_tests::client::postfix_request(&[("sasl_username", "busy@example.com")]);
-            for _ in 0..4 {
-                let r = c.ask(&req).await;
-                if r == "action=dunno\n\n" {
-                    admitted.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    assert_eq!(
-                        r,
-                        "action=reject Rejecting operation because day limit reached (150)\n\n"
-                    );
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        admitted.load(Ordering::SeqCst),
-        150,
-        "a:\n{}\nb:\n{}",
-        a.log(),
-        b.log()
-    );
+    let req = valvula_tests::client::postfix_request(&[("sasl_username", "busy@example.com")]);
+    let admitted = hammer(
+        &addrs,
+        64,
+        4,
+        move |_, _| req.clone(),
+        "action=dunno\n\n",
+        "action=reject Rejecting operation because day limit reached (150)\n\n",
+    )
+    .await;
+    assert_eq!(admitted, 150, "a:\n{}\nb:\n{}", a.log(), b.log());
     assert_eq!(
         db.sql("SELECT total_used, current_day_usage, current_month_usage FROM domain_ticket")
             .trim(),

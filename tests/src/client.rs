@@ -118,3 +118,43 @@ pub fn postfix_request(extra: &[(&str, &str)]) -> Vec<u8> {
     out.push(b'\n');
     out
 }
+
+/// Opens `conns` connections spread over `addrs`, each sending `per_conn` requests made
+/// by `request(connection, n)`; every reply must be `admitted` or `refused` (a prefix).
+/// Returns how many were admitted.
+pub async fn hammer(
+    addrs: &[String],
+    conns: usize,
+    per_conn: usize,
+    request: impl Fn(usize, usize) -> Vec<u8> + Send + Sync + 'static,
+    admitted: &'static str,
+    refused: &'static str,
+) -> u64 {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let count = Arc::new(AtomicU64::new(0));
+    let request = Arc::new(request);
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        let (addr, count, request) = (
+            addrs[i % addrs.len()].clone(),
+            count.clone(),
+            request.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(&addr).await;
+            for j in 0..per_conn {
+                let r = c.ask(&request(i, j)).await;
+                if r.starts_with(admitted) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    assert!(r.starts_with(refused), "unexpected reply {r:?}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    count.load(Ordering::SeqCst)
+}
