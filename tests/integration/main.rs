@@ -3,6 +3,7 @@
 mod abi;
 mod counting;
 mod ctl;
+mod dropin;
 mod fakes;
 mod maincf;
 mod postfix;

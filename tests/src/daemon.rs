@@ -91,13 +91,32 @@ impl Proc {
         p
     }
 
+    /// Starts valvulad on a configuration written exactly as given (no test defaults
+    /// added), e.g. valvula's XML; waits until it is ready.
+    pub fn start_exact(config: &str, file_name: &str, args: &[&str]) -> Proc {
+        let p = Self::spawn_file(config, file_name, args, false);
+        if !p.wait_for_log("valvulad ready", Duration::from_secs(20)) {
+            panic!("valvulad did not start:\n{}", p.log());
+        }
+        p
+    }
+
     /// Starts valvulad without waiting (for tests of startup failures).
     pub fn spawn(config: &str, args: &[&str]) -> Proc {
+        Self::spawn_file(config, "valvulad.toml", args, true)
+    }
+
+    fn spawn_file(config: &str, file_name: &str, args: &[&str], defaults: bool) -> Proc {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("valvulad.toml");
+        let config_path = dir.path().join(file_name);
+        let text = if defaults {
+            with_storage(config)
+        } else {
+            config.to_owned()
+        };
         std::fs::write(
             &config_path,
-            with_storage(config).replace("{dir}", &dir.path().display().to_string()),
+            text.replace("{dir}", &dir.path().display().to_string()),
         )
         .unwrap();
         let mut child = Command::new(crate::valvulad_bin())

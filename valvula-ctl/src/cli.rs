@@ -135,6 +135,12 @@ pub enum Command {
     Status,
     /// Ask the running daemon to reload its configuration.
     Reload,
+    /// Translate valvula's XML valvula.conf into valvulad.toml (printed, or written to --output).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Leave the shell.
     #[command(alias = "quit")]
     Exit,
@@ -248,6 +254,7 @@ pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
         Some(Command::Reset { identity }) => admin::reset(&g.config, identity),
         Some(Command::Status) => daemonio::status(&g.config),
         Some(Command::Reload) => daemonio::reload(&g.config).context("reload"),
+        Some(Command::Import { file, output }) => conf::import(file, output.as_deref()),
         Some(Command::Exit) => Ok(()),
     }
 }

@@ -284,3 +284,28 @@ pub fn set_user(g: &Global, user: &str, group: &str) -> anyhow::Result<()> {
         &format!("valvulad will run as {user}:{group} from its next start"),
     )
 }
+
+/// `import`: valvula.conf (XML) as valvulad.toml, checked as valvulad would load it.
+pub fn import(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if !valvulad::valvula_conf::is_xml(&text) {
+        bail!("{} is not valvula's XML configuration", file.display());
+    }
+    let t = valvulad::valvula_conf::translate(&text, file)?;
+    for w in &t.warnings {
+        eprintln!("warning: {w}");
+    }
+    valvulad::config::parse(&t.toml, file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match output {
+        None => print!("{}", t.toml),
+        Some(o) => {
+            if o.exists() {
+                bail!("{} exists; not overwritten", o.display());
+            }
+            std::fs::write(o, &t.toml).with_context(|| format!("cannot write {}", o.display()))?;
+            println!("INFO: {} written from {}", o.display(), file.display());
+        }
+    }
+    Ok(())
+}

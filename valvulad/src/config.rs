@@ -166,11 +166,21 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+/// Loads valvulad.toml, or valvula's XML valvula.conf (told apart by their content).
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_owned(),
         errors: vec![format!("cannot read the file: {e}")],
     })?;
+    if crate::valvula_conf::is_xml(&text) {
+        let t = crate::valvula_conf::translate(&text, path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            errors: vec![e.to_string()],
+        })?;
+        let mut loaded = parse(&t.toml, path)?;
+        loaded.warnings.extend(t.warnings);
+        return Ok(loaded);
+    }
     parse(&text, path)
 }
 

@@ -16,3 +16,4 @@ pub mod logging;
 pub mod privileges;
 pub mod server;
 pub mod store;
+pub mod valvula_conf;

@@ -23,7 +23,18 @@ pub fn init(cfg: &LogConfig, level_override: Option<&str>) -> anyhow::Result<()>
             .try_init()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         LogTarget::Syslog => {
-            let sock = Syslog::connect(&cfg.syslog_socket)?;
+            let sock = match Syslog::connect(&cfg.syslog_socket) {
+                Ok(s) => s,
+                Err(e) => {
+                    // No syslog (a container, a test): log to stderr rather than not at all.
+                    eprintln!("valvulad: warning: {e:#}; logging to stderr instead");
+                    let stderr_cfg = LogConfig {
+                        target: LogTarget::Stderr,
+                        ..cfg.clone()
+                    };
+                    return init(&stderr_cfg, level_override);
+                }
+            };
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(sock)
