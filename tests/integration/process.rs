@@ -314,3 +314,134 @@ async fn drops_privileges_after_binding() {
     assert_eq!(bad.wait_exit(Duration::from_secs(20)).code(), Some(1));
     assert!(bad.log().contains("server.user: no user"), "{}", bad.log());
 }
+
+/// A running daemon whose config names its real port (as an operator's file does).
+fn pinned(extra: &str) -> Proc {
+    let p = Proc::start(&base("", extra), &[]);
+    let addr = p.addrs()[0].clone();
+    let text = std::fs::read_to_string(&p.config_path)
+        .unwrap()
+        .replace("127.0.0.1:0", &addr);
+    std::fs::write(&p.config_path, text).unwrap();
+    p
+}
+
+fn valvulad(args: &[&str]) -> (i32, String) {
+    let o = std::process::Command::new(valvulad_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn valvula_command_line_ping_check_db_status() {
+    let p = pinned("");
+    let cfg = p.config_path.display().to_string();
+    let addr = p.addrs()[0].clone();
+    let (code, out) = valvulad(&["-c", &cfg, "-p"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        format!("{addr} working right!\nValvula server working OK\n")
+    );
+    let (code, out) = valvulad(&["-c", &cfg, "-b"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "INFO: Database connection working OK\n")
+    );
+    let (code, out) = valvulad(&["-c", &cfg, "-s"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("\"listeners\"") && out.contains("\"uptime_s\""),
+        "{out}"
+    );
+    // Stopped: the same file (kept) now fails the probe.
+    let keep = tempfile::tempdir().unwrap();
+    let cfg = keep.path().join("valvulad.toml").display().to_string();
+    std::fs::copy(&p.config_path, &cfg).unwrap();
+    drop(p);
+    let (code, out) = valvulad(&["-c", &cfg, "-p"]);
+    assert_eq!(code, 255, "{out}");
+    assert!(
+        out.starts_with(&format!("ERROR: {addr} is not working")),
+        "{out}"
+    );
+    // -b against a database nobody serves.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[storage]\nbackend = \"mysql\"\nurl = \"mysql://u@127.0.0.1:1/db\"\n",
+    )
+    .unwrap();
+    let (code, out) = valvulad(&["-c", &bad.display().to_string(), "-b"]);
+    assert_eq!(code, 255, "{out}");
+    assert!(out.starts_with("ERROR: Database connection isn't working. Please check database server and/or credentials"), "{out}");
+}
+
+#[test]
+fn detach_and_pid_file() {
+    let p = pinned("");
+    let cfg_text = std::fs::read_to_string(&p.config_path).unwrap();
+    let addr = p.addrs()[0].clone();
+    drop(p);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("valvulad.toml");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    let cfg = cfg.display().to_string();
+    let pidf = dir.path().join("valvulad.pid");
+    let pids = pidf.display().to_string();
+    // A stale pid file (no such process) is replaced.
+    std::fs::write(&pidf, "999999\n").unwrap();
+    let t = std::time::Instant::now();
+    let (code, out) = valvulad(&["-c", &cfg, "--detach", "--pid-file", &pids]);
+    assert_eq!(code, 0, "{out}");
+    assert!(t.elapsed() < Duration::from_secs(15));
+    let pid: i32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(out.contains(&format!("pid {pid}")), "{out}");
+    // It serves as soon as --detach returned.
+    let (code, out) = valvulad(&["-c", &cfg, "-p"]);
+    assert_eq!(code, 0, "{out}");
+    // A second daemon with the same pid file is refused.
+    let (code, out) = valvulad(&["-c", &cfg, "--pid-file", &pids]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("running as pid {pid}")), "{out}");
+    // SIGTERM stops it cleanly, and the pid file goes with it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+    for _ in 0..100 {
+        if !pidf.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pidf.exists(), "the pid file was left behind");
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+    // A start that fails is reported by --detach, with its reason.
+    std::fs::write(
+        dir.path().join("broken.toml"),
+        "[[listener]]\naddress = 5\n",
+    )
+    .unwrap();
+    let (code, out) = valvulad(&[
+        "-c",
+        &dir.path().join("broken.toml").display().to_string(),
+        "--detach",
+        "--pid-file",
+        &pids,
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("listener[0].address"), "{out}");
+}

@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod host;
 pub mod logging;
 pub mod privileges;
+pub mod process;
 pub mod server;
 pub mod store;
 pub mod valvula_conf;

@@ -33,10 +33,60 @@ struct Args {
     /// Print the version and exit.
     #[arg(short = 'v', long = "version", action = ArgAction::Version)]
     version: Option<bool>,
+    /// Log every SQL statement (valvula's -q).
+    #[arg(short = 'q', long = "debug-queries")]
+    debug_queries: bool,
+    /// Accepted for valvula compatibility: logs go to the console unless syslog is set.
+    #[arg(short = 'o', long = "verbose")]
+    verbose: bool,
+    /// Check that the database answers, then exit (0, or 255 as valvula).
+    #[arg(short = 'b', long = "check-db")]
+    check_db: bool,
+    /// Ask every listener of the configuration with valvula's checkserver probe, then
+    /// exit (0, or 255 as valvula).
+    #[arg(short = 'p', long = "pingserver")]
+    ping: bool,
+    /// Print the running daemon's status (from its admin socket), then exit.
+    #[arg(short = 's', long = "status")]
+    status: bool,
+    /// Run in the background; returns once the daemon serves (writes /run/valvulad.pid
+    /// unless --pid-file says otherwise).
+    #[arg(long)]
+    detach: bool,
+    /// Write this pid file (refused while the pid in it is alive).
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// Start even if the pid file names a running process (valvula's -f).
+    #[arg(short = 'f', long = "skip-pid-check")]
+    skip_pid_check: bool,
 }
 
 fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
     let args = Args::parse();
+    if args.detach && std::env::var_os(valvulad::process::DETACHED_ENV).is_none() {
+        let mut raw = raw;
+        if args.pid_file.is_none() {
+            raw.push("--pid-file".into());
+            raw.push(valvulad::process::DEFAULT_PID_FILE.into());
+        }
+        return match valvulad::process::detach(&raw) {
+            Ok(pid) => {
+                println!("valvulad running in the background as pid {pid}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("valvulad: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    if std::env::var_os(valvulad::process::DETACHED_ENV).is_some() {
+        valvulad::process::become_detached();
+    }
+    if args.ping || args.check_db || args.status {
+        return one_shot(&args);
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -73,11 +123,79 @@ fn load(
     Ok((loaded.config, modules, reused))
 }
 
+/// valvula's -p, -b and -s: exit 0 on success, 255 on failure, as valvula does.
+fn one_shot(args: &Args) -> ExitCode {
+    let fail = |msg: String| {
+        println!("{msg}");
+        ExitCode::from(255)
+    };
+    let loaded = match config::load_file(&args.config) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("ERROR: Failed to load configuration file: {e}")),
+    };
+    if args.ping {
+        return match valvulad::process::ping(&loaded.config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
+    if args.status {
+        let Some(sock) = &loaded.config.server.admin_socket else {
+            return fail("ERROR: no admin socket configured".into());
+        };
+        let r = std::os::unix::net::UnixStream::connect(sock).and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.write_all(b"status\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        return match r {
+            Ok(out) => {
+                println!("{}", out.trim_end());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!(
+                "ERROR: valvulad is not running ({}: {e})",
+                sock.display()
+            )),
+        };
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("ERROR: {e}")),
+    };
+    let ok = Store::open(&loaded.config.storage, rt.handle().clone()).and_then(|s| s.ping());
+    match ok {
+        Ok(()) => {
+            println!("INFO: Database connection working OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!(
+            "ERROR: Database connection isn't working. Please check database server and/or credentials ({e})"
+        )),
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     // Logging needs the config; a broken config is reported on stderr as is.
     let pre = config::load_file(&args.config)?;
-    valvulad::logging::init(&pre.config.log, args.debug.then_some("debug"))
-        .context("cannot set up logging")?;
+    let level = if args.debug {
+        Some("debug")
+    } else if args.debug_queries {
+        Some("info,valvulad::sql=debug")
+    } else {
+        None
+    };
+    valvulad::logging::init(&pre.config.log, level).context("cannot set up logging")?;
+    let _pid = match &args.pid_file {
+        Some(p) if !args.check => Some(valvulad::process::PidFile::create(p, args.skip_pid_check)?),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("valvulad")
@@ -162,6 +280,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         valvulad::privileges::drop_to(&u, gid).context("cannot drop privileges")?;
     }
     tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
+    valvulad::process::notify_ready();
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;

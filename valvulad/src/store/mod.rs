@@ -228,6 +228,7 @@ impl Store {
 
     pub fn exec(&self, stmt: Stmt) -> Result<Exec> {
         check_sql(&stmt.sql)?;
+        tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "exec");
         self.engine.exec(stmt)
     }
 
@@ -244,6 +245,7 @@ impl Store {
 
     pub fn query(&self, stmt: Stmt) -> Result<Rows> {
         check_sql(&stmt.sql)?;
+        tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "query");
         self.engine.query(stmt)
     }
 
