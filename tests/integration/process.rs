@@ -445,3 +445,58 @@ fn detach_and_pid_file() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("listener[0].address"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_shows_the_counts_of_a_run() {
+    let p = Proc::start(
+        &base("\"mod-test\"", "")
+            .replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n"),
+        &[],
+    );
+    let log = p.log();
+    let metrics = log
+        .lines()
+        .find(|l| l.contains("metrics listener ready"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no metrics listener:\n{log}"));
+    let mut c = Client::connect(&p.addrs()[0]).await;
+    c.ask(&postfix_request(&[])).await;
+    c.ask(&postfix_request(&[])).await;
+    c.ask(&postfix_request(&[
+        ("x_test_action", "reject"),
+        ("x_test_text", "no"),
+    ]))
+    .await;
+    c.ask(&postfix_request(&[("x_test_error", "1")])).await;
+    let mut bad = Client::connect(&p.addrs()[0]).await;
+    bad.send(b"no equals sign here\n\n").await;
+    assert_eq!(
+        bad.answer(Duration::from_secs(5)).await,
+        Answer::Closed(String::new())
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sf", &format!("http://{metrics}/metrics")])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "curl failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "valvulad_requests_total{listener=\"main\",action=\"dunno\"} 3",
+        "valvulad_requests_total{listener=\"main\",action=\"reject\"} 1",
+        "valvulad_malformed_requests_total{listener=\"main\"} 1",
+        "valvulad_module_calls_total{module=\"mod-test\"} 4",
+        "valvulad_module_failures_total{module=\"mod-test\"} 1",
+        "valvulad_module_latency_seconds_count{module=\"mod-test\"} 4",
+        "# TYPE valvulad_module_latency_seconds histogram",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+    }
+}

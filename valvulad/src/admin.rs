@@ -125,3 +125,56 @@ pub fn status(d: &Daemon) -> String {
     })
     .to_string()
 }
+
+/// Serves `GET /metrics` (Prometheus text format) on `addr`; anything else is a 404.
+pub async fn spawn_metrics(addr: std::net::SocketAddr, daemon: Daemon) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics listener ready");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let daemon = daemon.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = BufReader::new(r);
+                if tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    reader.read_line(&mut line),
+                )
+                .await
+                .is_err()
+                {
+                    return;
+                }
+                // Drain the headers so the client sees a clean response.
+                let mut h = String::new();
+                while let Ok(Ok(n)) = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    reader.read_line(&mut h),
+                )
+                .await
+                {
+                    if n == 0 || h == "\r\n" || h == "\n" {
+                        break;
+                    }
+                    h.clear();
+                }
+                let (status, body) =
+                    if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
+                        ("200 OK", daemon.metrics())
+                    } else {
+                        ("404 Not Found", "only /metrics is served here\n".to_owned())
+                    };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = w.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The admin socket `valvula-ctl` talks to (`None`: none).
     pub admin_socket: Option<PathBuf>,
+    /// Where Prometheus scrapes `/metrics` (`None`: no metrics listener).
+    pub metrics_listen: Option<SocketAddr>,
     /// Run as this user and group once the sockets are bound (`None`: stay as started).
     pub user: Option<String>,
     pub group: Option<String>,
@@ -546,8 +548,18 @@ impl Walker {
                 "admin_socket",
                 "user",
                 "group",
+                "metrics_listen",
             ],
         );
+        let metrics_listen = self
+            .string(t, p, "metrics_listen")
+            .and_then(|m| match parse_address(&m) {
+                Ok(ListenAddr::Tcp(a)) => Some(a),
+                _ => {
+                    self.err("server.metrics_listen", format!("{m:?} is not host:port"));
+                    None
+                }
+            });
         let user = self.string(t, p, "user");
         let group = self.string(t, p, "group");
         if let Some(u) = &user
@@ -573,6 +585,7 @@ impl Walker {
             }),
         };
         ServerConfig {
+            metrics_listen,
             admin_socket,
             user,
             group,

@@ -61,7 +61,12 @@ pub struct DispatchSettings {
     pub quarantine_for: Duration,
 }
 
-/// Per-module counters, for logs and status.
+/// Upper bounds (µs) of the latency histogram's buckets.
+pub const LATENCY_BUCKETS_US: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000,
+];
+
+/// Per-module counters, for logs, status and metrics.
 #[derive(Debug)]
 pub struct ModuleStats {
     pub calls: AtomicU64,
@@ -72,6 +77,8 @@ pub struct ModuleStats {
     pub max_us: AtomicU64,
     /// `u64::MAX` until the first call.
     pub min_us: AtomicU64,
+    /// Calls per latency bucket (not cumulative; the last bound's overflow is implied).
+    pub buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -113,6 +120,7 @@ impl Default for ModuleStats {
             total_us: AtomicU64::new(0),
             max_us: AtomicU64::new(0),
             min_us: AtomicU64::new(u64::MAX),
+            buckets: Default::default(),
         }
     }
 }
@@ -211,6 +219,9 @@ impl Dispatcher {
         self.stats.total_us.fetch_add(us, Ordering::Relaxed);
         self.stats.max_us.fetch_max(us, Ordering::Relaxed);
         self.stats.min_us.fetch_min(us, Ordering::Relaxed);
+        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|b| us <= *b) {
+            self.stats.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
         self.account(&result, settings);
         result
     }

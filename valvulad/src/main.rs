@@ -261,6 +261,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     {
         tracing::error!(socket = %sock.display(), "admin socket not available (valvula-ctl status/reload will not work): {e}");
     }
+    if let Some(addr) = daemon.config().server.metrics_listen {
+        valvulad::admin::spawn_metrics(addr, daemon.clone())
+            .await
+            .with_context(|| format!("server.metrics_listen {addr}"))?;
+    }
     if let Some(user) = config_user(&daemon) {
         let (u, gid) = valvulad::privileges::resolve(&user.0, user.1.as_deref())?;
         let cfg = daemon.config();

@@ -49,7 +49,15 @@ struct ListenerShared {
     active: AtomicUsize,
     /// Last time (ms since start) a refusal was logged, so a flood logs once a second.
     last_refusal_log: AtomicU64,
+    /// Connections refused at the cap.
     refused: AtomicU64,
+    /// Connections refused because the client is outside the allowed networks.
+    refused_network: AtomicU64,
+    /// Connections closed for a malformed or oversized request.
+    malformed: AtomicU64,
+    /// Answers by action (`Action::ALL` order), then closes without a reply (on-error
+    /// disconnect) in the last slot.
+    answers: [AtomicU64; 16],
 }
 
 struct RunningListener {
@@ -199,6 +207,135 @@ impl Daemon {
         v
     }
 
+    /// Prometheus text exposition of the listeners' and modules' counters.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut listeners: Vec<_> = st.listeners.values().collect();
+        listeners.sort_by_key(|l| l.bound.clone());
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        o.push_str("# HELP valvulad_requests_total Policy requests answered, by listener and action (disconnect: closed without a reply).\n# TYPE valvulad_requests_total counter\n");
+        for l in &listeners {
+            let name = esc(&l.shared.runtime.load().config.name);
+            for (i, c) in l.shared.answers.iter().enumerate() {
+                let action = Action::ALL.get(i).map_or("disconnect", |a| a.verb());
+                let _ = writeln!(
+                    o,
+                    "valvulad_requests_total{{listener=\"{name}\",action=\"{action}\"}} {}",
+                    c.load(Ordering::Relaxed)
+                );
+            }
+        }
+        o.push_str("# HELP valvulad_connections_refused_total Connections refused, by listener and reason.\n# TYPE valvulad_connections_refused_total counter\n");
+        for l in &listeners {
+            let name = esc(&l.shared.runtime.load().config.name);
+            let _ = writeln!(
+                o,
+                "valvulad_connections_refused_total{{listener=\"{name}\",reason=\"cap\"}} {}",
+                l.shared.refused.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "valvulad_connections_refused_total{{listener=\"{name}\",reason=\"network\"}} {}",
+                l.shared.refused_network.load(Ordering::Relaxed)
+            );
+        }
+        o.push_str("# HELP valvulad_malformed_requests_total Connections closed for a malformed or oversized request.\n# TYPE valvulad_malformed_requests_total counter\n");
+        for l in &listeners {
+            let name = esc(&l.shared.runtime.load().config.name);
+            let _ = writeln!(
+                o,
+                "valvulad_malformed_requests_total{{listener=\"{name}\"}} {}",
+                l.shared.malformed.load(Ordering::Relaxed)
+            );
+        }
+        o.push_str("# HELP valvulad_connections Open connections, by listener.\n# TYPE valvulad_connections gauge\n");
+        for l in &listeners {
+            let name = esc(&l.shared.runtime.load().config.name);
+            let _ = writeln!(
+                o,
+                "valvulad_connections{{listener=\"{name}\"}} {}",
+                l.shared.active.load(Ordering::Relaxed)
+            );
+        }
+        let modules: Vec<_> = st.modules.iter().cloned().collect();
+        drop(st);
+        for (metric, help, get) in [
+            (
+                "valvulad_module_calls_total",
+                "Requests given to a module.",
+                0usize,
+            ),
+            (
+                "valvulad_module_answers_total",
+                "Requests a module answered (not DUNNO).",
+                1,
+            ),
+            (
+                "valvulad_module_failures_total",
+                "Module errors, panics, invalid replies and timeouts.",
+                2,
+            ),
+            (
+                "valvulad_module_timeouts_total",
+                "Module calls that ran past the module timeout.",
+                3,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for m in &modules {
+                let s = &m.stats;
+                let v =
+                    [&s.calls, &s.answers, &s.failures, &s.timeouts][get].load(Ordering::Relaxed);
+                let _ = writeln!(o, "{metric}{{module=\"{}\"}} {v}", esc(m.name()));
+            }
+        }
+        o.push_str("# HELP valvulad_module_quarantined 1 while a module is quarantined.\n# TYPE valvulad_module_quarantined gauge\n");
+        for m in &modules {
+            let _ = writeln!(
+                o,
+                "valvulad_module_quarantined{{module=\"{}\"}} {}",
+                esc(m.name()),
+                u8::from(m.is_quarantined())
+            );
+        }
+        o.push_str("# HELP valvulad_module_latency_seconds Time a module took per request.\n# TYPE valvulad_module_latency_seconds histogram\n");
+        for m in &modules {
+            let s = &m.stats;
+            let name = esc(m.name());
+            let mut cumulative = 0;
+            for (i, bound) in crate::dispatch::LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += s.buckets[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    o,
+                    "valvulad_module_latency_seconds_bucket{{module=\"{name}\",le=\"{}\"}} {cumulative}",
+                    *bound as f64 / 1e6
+                );
+            }
+            let calls = s.calls.load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "valvulad_module_latency_seconds_bucket{{module=\"{name}\",le=\"+Inf\"}} {calls}"
+            );
+            let _ = writeln!(
+                o,
+                "valvulad_module_latency_seconds_sum{{module=\"{name}\"}} {}",
+                s.total_us.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                o,
+                "valvulad_module_latency_seconds_count{{module=\"{name}\"}} {calls}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP valvulad_uptime_seconds Seconds since the daemon started.\n# TYPE valvulad_uptime_seconds gauge\nvalvulad_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
+        o
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.state
             .lock()
@@ -276,6 +413,9 @@ impl Daemon {
                 active: AtomicUsize::new(0),
                 last_refusal_log: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
+                refused_network: AtomicU64::new(0),
+                malformed: AtomicU64::new(0),
+                answers: Default::default(),
             });
             let stop = CancellationToken::new();
             tracing::info!(listener = %l.name, address = %addr, chain = ?l.modules, "listening");
@@ -422,6 +562,7 @@ async fn accept_loop(
         if let Some(ip) = ip
             && !rt.config.allows(ip)
         {
+            shared.refused_network.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(listener = %rt.config.name, client = %peer, "connection refused: client is not in the listener's allowed networks");
             continue;
         }
@@ -493,6 +634,7 @@ where
         match decoder.decode(&mut buf) {
             Err(e) => {
                 let rt = shared.runtime.load();
+                shared.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %rt.config.name, client = %peer, "closing connection without a reply: {e}");
                 return;
             }
@@ -504,8 +646,14 @@ where
             Ok(Some(Frame::Request(req))) => {
                 let rt = shared.runtime.load_full();
                 let Some(reply) = run_chain(&rt, req).await else {
+                    shared.answers[15].fetch_add(1, Ordering::Relaxed);
                     return;
                 };
+                let slot = Action::ALL
+                    .iter()
+                    .position(|a| *a == reply.action())
+                    .unwrap_or(15);
+                shared.answers[slot].fetch_add(1, Ordering::Relaxed);
                 out.clear();
                 reply.encode(&mut out);
                 match tokio::time::timeout(limits.request_timeout, stream.write_all(&out)).await {
