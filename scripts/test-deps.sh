@@ -11,6 +11,10 @@ command -v dovecot >/dev/null || missing+=(dovecot-core)
 command -v mariadbd >/dev/null || command -v mysqld >/dev/null || missing+=(mariadb-server)
 command -v mariadb >/dev/null || command -v mysql >/dev/null || missing+=(mariadb-client)
 command -v cargo-nextest >/dev/null || cargo nextest --version >/dev/null 2>&1 || need_nextest=1
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v curl >/dev/null || missing+=(curl)
+command -v tmux >/dev/null || missing+=(tmux)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test-deps: installing ${missing[*]}"
@@ -23,6 +27,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if [ "${need_nextest:-0}" = 1 ]; then
     cargo install --locked cargo-nextest
+fi
+# The package test builds a .deb from the test build; pinned so its options stay put.
+if ! cargo deb --version >/dev/null 2>&1; then
+    cargo install --locked cargo-deb --version 3.8.0
 fi
 
 # The Debian package's own instances are not used: tests start their own Postfix and

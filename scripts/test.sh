@@ -9,4 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/test-deps.sh
 cargo build --workspace --all-targets --locked
+# The Debian package of this build, for the package test (releases: scripts/build-deb.sh).
+cargo deb -p valvulad --no-build --profile dev -o target/debian/ >/dev/null 2>&1
 cargo nextest run --workspace --locked --no-fail-fast "$@"
