@@ -83,6 +83,9 @@ pub struct LogConfig {
     pub level: String,
     /// The syslog socket (`/dev/log`).
     pub syslog_socket: PathBuf,
+    /// Decision lines in valvula's format (`REJECT: sender -> rcpt ...`) instead of
+    /// key=value fields, for log parsers written for valvula.
+    pub valvula_lines: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -648,7 +651,18 @@ impl Walker {
 
     fn log(&mut self, t: &Table) -> LogConfig {
         let p = "log";
-        self.unknown_keys(p, t, &["target", "level", "syslog_socket"]);
+        self.unknown_keys(p, t, &["target", "level", "syslog_socket", "format"]);
+        let valvula_lines = match self.string(t, p, "format").as_deref() {
+            None | Some("fields") => false,
+            Some("valvula") => true,
+            Some(o) => {
+                self.err(
+                    "log.format",
+                    format!("{o:?} is not \"fields\" or \"valvula\""),
+                );
+                false
+            }
+        };
         let target = match self.string(t, p, "target").as_deref() {
             None | Some("stderr") => LogTarget::Stderr,
             Some("syslog") => LogTarget::Syslog,
@@ -673,6 +687,7 @@ impl Walker {
             target,
             level,
             syslog_socket,
+            valvula_lines,
         }
     }
 

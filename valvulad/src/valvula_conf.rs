@@ -232,7 +232,7 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
         || yes(path(&["global-settings", "debug-queries"]), "debug");
     let _ = writeln!(
         t,
-        "\n[log]\ntarget = {}\nlevel = {}",
+        "\n[log]\nformat = \"valvula\"\ntarget = {}\nlevel = {}",
         q(if yes(rep, "enabled") && yes(rep, "use-syslog") {
             "syslog"
         } else {
