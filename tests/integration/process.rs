@@ -500,3 +500,63 @@ async fn metrics_endpoint_shows_the_counts_of_a_run() {
         );
     }
 }
+
+#[test]
+fn is_local_destination_asks_postfix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("vdomains"), "maps.example.org ok\n").unwrap();
+    std::fs::write(d.join("vmailbox"), "alice@example.com example.com/alice/\n").unwrap();
+    std::fs::write(
+        d.join("main.cf"),
+        format!(
+            "myhostname = mx.example.test\nmydestination = localhost, $myhostname\n\
+             virtual_mailbox_domains = example.com, texthash:{}/vdomains\n\
+             virtual_mailbox_maps = texthash:{}/vmailbox\n",
+            d.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("master.cf"), "").unwrap();
+    let f = std::fs::File::options()
+        .write(true)
+        .open(d.join("main.cf"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(120))
+        .unwrap();
+    let pf = d.display().to_string();
+    let cfg = d.join("v.toml");
+    std::fs::write(&cfg, "[[listener]]\naddress = \"127.0.0.1:0\"\n").unwrap();
+    let cfg = cfg.display().to_string();
+    for (what, code, says) in [
+        (
+            "alice@example.com",
+            0,
+            "INFO: alice@example.com is a local address",
+        ),
+        (
+            "bob@example.com",
+            0,
+            "INFO: bob@example.com is a local domain",
+        ),
+        (
+            "mx.example.test",
+            0,
+            "INFO: mx.example.test is a local domain",
+        ),
+        (
+            "maps.example.org",
+            0,
+            "INFO: maps.example.org is a local domain",
+        ),
+        (
+            "someone@other.org",
+            255,
+            "ERROR: someone@other.org is not a local domain nor a local address",
+        ),
+    ] {
+        let (c, out) = valvulad(&["-c", &cfg, "--postfix-dir", &pf, "-l", what]);
+        assert_eq!((c, out.trim()), (code, says), "{what}");
+    }
+}

@@ -56,6 +56,17 @@ struct Args {
     /// Write this pid file (refused while the pid in it is alive).
     #[arg(long = "pid-file")]
     pid_file: Option<PathBuf>,
+    /// Tell whether an address or domain is delivered by this mail server (as Postfix
+    /// in --postfix-dir is configured), then exit (0, or 255 as valvula).
+    #[arg(
+        short = 'l',
+        long = "is-local-destination",
+        value_name = "ADDRESS|DOMAIN"
+    )]
+    local: Option<String>,
+    /// Postfix's configuration directory, for -l.
+    #[arg(long = "postfix-dir", default_value = "/etc/postfix")]
+    postfix_dir: PathBuf,
     /// Start even if the pid file names a running process (valvula's -f).
     #[arg(short = 'f', long = "skip-pid-check")]
     skip_pid_check: bool,
@@ -83,6 +94,26 @@ fn main() -> ExitCode {
     }
     if std::env::var_os(valvulad::process::DETACHED_ENV).is_some() {
         valvulad::process::become_detached();
+    }
+    if let Some(what) = &args.local {
+        return match valvulad::process::local_destination(&args.postfix_dir, what) {
+            Ok(valvulad::process::Local::Address) => {
+                println!("INFO: {what} is a local address");
+                ExitCode::SUCCESS
+            }
+            Ok(valvulad::process::Local::Domain) => {
+                println!("INFO: {what} is a local domain");
+                ExitCode::SUCCESS
+            }
+            Ok(valvulad::process::Local::No) => {
+                println!("ERROR: {what} is not a local domain nor a local address");
+                ExitCode::from(255)
+            }
+            Err(e) => {
+                println!("ERROR: {e:#}");
+                ExitCode::from(255)
+            }
+        };
     }
     if args.ping || args.check_db || args.status {
         return one_shot(&args);

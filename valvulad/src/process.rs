@@ -192,3 +192,76 @@ impl SocketTimeouts for std::os::unix::net::UnixStream {
         self.set_write_timeout(Some(d))
     }
 }
+
+/// What valvula's `-l` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Local {
+    Address,
+    Domain,
+    No,
+}
+
+fn postconf(dir: &Path, params: &[&str]) -> anyhow::Result<Vec<String>> {
+    let o = std::process::Command::new("postconf")
+        .arg("-c")
+        .arg(dir)
+        .args(["-h", "-x"])
+        .args(params)
+        .output()
+        .context("cannot run postconf (is Postfix installed?)")?;
+    if !o.status.success() {
+        bail!("postconf: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Whether `key` is in one of a parameter's items: a literal (compared without case)
+/// or a map, asked with Postfix's own `postmap -q` (so every map type Postfix knows
+/// works: hash, texthash, mysql, ldap...).
+fn listed(dir: &Path, value: &str, key: &str) -> bool {
+    value
+        .split([' ', ',', '\t'])
+        .filter(|i| !i.is_empty())
+        .any(|item| {
+            if item.contains(':') {
+                std::process::Command::new("postmap")
+                    .arg("-c")
+                    .arg(dir)
+                    .args(["-q", key, item])
+                    .output()
+                    .is_ok_and(|o| o.status.success() && !o.stdout.trim_ascii().is_empty())
+            } else {
+                item.eq_ignore_ascii_case(key)
+            }
+        })
+}
+
+/// valvula's `-l`: is `what` (an address or a domain) delivered here, as Postfix is
+/// configured in `dir`?
+pub fn local_destination(dir: &Path, what: &str) -> anyhow::Result<Local> {
+    let domain = what
+        .rsplit_once('@')
+        .map_or(what, |(_, d)| d)
+        .to_ascii_lowercase();
+    let v = postconf(
+        dir,
+        &[
+            "mydestination",
+            "virtual_mailbox_domains",
+            "virtual_alias_domains",
+            "virtual_mailbox_maps",
+            "virtual_alias_maps",
+        ],
+    )?;
+    let get = |i: usize| v.get(i).map(String::as_str).unwrap_or("");
+    if what.contains('@') && (listed(dir, get(3), what) || listed(dir, get(4), what)) {
+        return Ok(Local::Address);
+    }
+    if (0..3).any(|i| listed(dir, get(i), &domain)) {
+        return Ok(Local::Domain);
+    }
+    Ok(Local::No)
+}
