@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Benchmark scenarios for BENCHMARKS.md (issue: performance). Run from the repository:
+#
+#   scripts/bench.sh [SECONDS] [CONNECTIONS...]      e.g. scripts/bench.sh 5 1 8 64 256
+#
+# The daemon under test runs on core 0, the load generator on core 1 (taskset), both in
+# release builds; MariaDB scenarios use the local server (root, no password) and a
+# database of their own. Prints one markdown table row per scenario and connection count,
+# and a correctness row per module (limit L: how many of N were admitted).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-5}
+shift || true
+CONNS=${*:-1 8 64 256}
+cargo build --release --locked -p valvula-bench -p valvulad -p mod-ticket -p mod-ratelimit >&2
+B=$PWD/target/release/valvula-bench
+V=$PWD/target/release/valvulad
+MODS=$PWD/target/release
+W=$(mktemp -d)
+trap 'pkill -f "$W" 2>/dev/null || true; pkill -f "valvula-bench serve-dunno" 2>/dev/null || true; rm -rf "$W"' EXIT
+
+config() { # name port modules storage module-sections
+    cat > "$W/$1.toml" <<CFG
+[server]
+module_dirs = ["$MODS"]
+admin_socket = ""
+module_threads = 64
+[log]
+level = "warn"
+$4
+[[listener]]
+name = "main"
+address = "127.0.0.1:$2"
+modules = [$3]
+max_connections = 5000
+$5
+CFG
+}
+RATELIMIT='[module.mod-ratelimit]
+accounting = false
+[[module.mod-ratelimit.policy]]
+name = "users"
+key = "sasl_user"
+metric = "recipients"
+default = { limits = [["hour", 1000000000], ["day", 1000000000]] }'
+TICKET='[module.mod-ticket]
+charge_states = []'
+
+start() { # name
+    taskset -c 0 "$V" -c "$W/$1.toml" 2>"$W/$1.log" &
+    # Ready when every listener answers valvula's checkserver probe.
+    for _ in $(seq 1 100); do "$V" -c "$W/$1.toml" -p >/dev/null 2>&1 && return; sleep 0.1; done
+    cat "$W/$1.log" >&2; exit 1
+}
+stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
+row() { # scenario port conns
+    local j
+    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --json)
+    python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('| %s | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %s | %d |' % (sys.argv[2], d['connections'], d['requests_per_second'], d['latency_ms']['p50'], d['latency_ms']['p99'], d['latency_ms']['p99_9'], d['latency_ms']['max'], ' '.join('%s=%d' % kv for kv in d['actions'].items()), d['errors']))" "$j" "$1"
+}
+tickets() { # sql-runner: 1000 users on one plan
+    { echo "INSERT INTO ticket_plan (id, name, total_limit, day_limit, month_limit) VALUES (1, 'bench', -1, -1, -1);"
+      for i in $(seq 0 999); do echo "INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('user$i@example.com', -1, 1);"; done; } | "$@"
+}
+
+echo "| scenario | connections | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | actions | errors |"
+echo "|---|---|---|---|---|---|---|---|---|"
+taskset -c 0 "$B" serve-dunno --listen 127.0.0.1:3690 --threads 1 2>/dev/null &
+sleep 0.5
+for c in $CONNS; do row "ceiling (parse, answer dunno)" 3690 "$c"; done
+pkill -f "valvula-bench serve-dunno" || true
+
+config empty 3691 "" "[storage]
+path = \"$W/empty.db\"" ""
+start empty; for c in $CONNS; do row "valvulad, empty chain" 3691 "$c"; done; stop empty
+
+config rl 3692 '"mod-ratelimit"' "[storage]
+path = \"$W/rl.db\"" "$RATELIMIT"
+start rl; for c in $CONNS; do row "mod-ratelimit, SQLite" 3692 "$c"; done; stop rl
+
+config tk 3693 '"mod-ticket"' "[storage]
+path = \"$W/tk.db\"" "$TICKET"
+start tk; tickets sqlite3 "$W/tk.db"; for c in $CONNS; do row "mod-ticket, SQLite" 3693 "$c"; done; stop tk
+
+if mariadb-admin ping >/dev/null 2>&1; then
+    DB=vlvbench_$$
+    mariadb -uroot -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
+    config rlm 3694 '"mod-ratelimit"' "[storage]
+backend = \"mysql\"
+url = \"mysql://root@127.0.0.1:3306/$DB\"
+pool_size = 64" "$RATELIMIT"
+    start rlm; for c in $CONNS; do row "mod-ratelimit, MariaDB" 3694 "$c"; done; stop rlm
+    config tkm 3695 '"mod-ticket"' "[storage]
+backend = \"mysql\"
+url = \"mysql://root@127.0.0.1:3306/$DB\"
+pool_size = 64" "$TICKET"
+    start tkm; tickets mariadb -uroot "$DB"; for c in $CONNS; do row "mod-ticket, MariaDB" 3695 "$c"; done; stop tkm
+    mariadb -uroot -e "DROP DATABASE $DB"
+fi
