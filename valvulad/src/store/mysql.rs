@@ -149,7 +149,11 @@ impl Mysql {
             .pool_opts(
                 PoolOpts::default()
                     .with_constraints(constraints)
-                    .with_reset_connection(false),
+                    .with_reset_connection(false)
+                    // Keep up to pool_size idle connections (closed after 5 idle minutes).
+                    // With the default TTL of 0 the pool keeps only `min` (here 0) idle,
+                    // and every query would open a new connection, as valvula did.
+                    .with_inactive_connection_ttl(Duration::from_secs(300)),
             )
             .stmt_cache_size(128)
             // Counting needs "rows changed", not "rows matched".
