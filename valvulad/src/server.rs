@@ -230,37 +230,56 @@ impl Daemon {
                 );
             }
         }
-        o.push_str("# HELP valvulad_connections_refused_total Connections refused, by listener and reason.\n# TYPE valvulad_connections_refused_total counter\n");
-        for l in &listeners {
-            let name = esc(&l.shared.runtime.load().config.name);
-            let _ = writeln!(
-                o,
-                "valvulad_connections_refused_total{{listener=\"{name}\",reason=\"cap\"}} {}",
-                l.shared.refused.load(Ordering::Relaxed)
-            );
-            let _ = writeln!(
-                o,
-                "valvulad_connections_refused_total{{listener=\"{name}\",reason=\"network\"}} {}",
-                l.shared.refused_network.load(Ordering::Relaxed)
-            );
-        }
-        o.push_str("# HELP valvulad_malformed_requests_total Connections closed for a malformed or oversized request.\n# TYPE valvulad_malformed_requests_total counter\n");
-        for l in &listeners {
-            let name = esc(&l.shared.runtime.load().config.name);
-            let _ = writeln!(
-                o,
-                "valvulad_malformed_requests_total{{listener=\"{name}\"}} {}",
-                l.shared.malformed.load(Ordering::Relaxed)
-            );
-        }
-        o.push_str("# HELP valvulad_connections Open connections, by listener.\n# TYPE valvulad_connections gauge\n");
-        for l in &listeners {
-            let name = esc(&l.shared.runtime.load().config.name);
-            let _ = writeln!(
-                o,
-                "valvulad_connections{{listener=\"{name}\"}} {}",
-                l.shared.active.load(Ordering::Relaxed)
-            );
+        // (metric, help, type, extra label, value) for the per-listener series.
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&ListenerShared) -> u64,
+        );
+        let series: [Series; 4] = [
+            (
+                "valvulad_connections_refused_total",
+                "Connections refused, by listener and reason.",
+                "counter",
+                ",reason=\"cap\"",
+                |l| l.refused.load(Ordering::Relaxed),
+            ),
+            (
+                "valvulad_connections_refused_total",
+                "",
+                "",
+                ",reason=\"network\"",
+                |l| l.refused_network.load(Ordering::Relaxed),
+            ),
+            (
+                "valvulad_malformed_requests_total",
+                "Connections closed for a malformed or oversized request.",
+                "counter",
+                "",
+                |l| l.malformed.load(Ordering::Relaxed),
+            ),
+            (
+                "valvulad_connections",
+                "Open connections, by listener.",
+                "gauge",
+                "",
+                |l| l.active.load(Ordering::Relaxed) as u64,
+            ),
+        ];
+        for (metric, help, kind, label, value) in series {
+            if !help.is_empty() {
+                let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+            }
+            for l in &listeners {
+                let name = esc(&l.shared.runtime.load().config.name);
+                let _ = writeln!(
+                    o,
+                    "{metric}{{listener=\"{name}\"{label}}} {}",
+                    value(&l.shared)
+                );
+            }
         }
         let modules: Vec<_> = st.modules.iter().cloned().collect();
         drop(st);
