@@ -509,11 +509,6 @@ impl MainCf {
         }
         Ok(true)
     }
-
-    /// The whole hooked value of a stage, for messages.
-    pub fn stage_value(&self, stage: &str) -> Option<String> {
-        self.value(stage)
-    }
 }
 
 fn check_stage(stage: &str) -> Result<(), EditError> {

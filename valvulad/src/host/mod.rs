@@ -24,28 +24,20 @@ use crate::store::Store;
 mod storage;
 use storage::*;
 
-/// Seconds added to the system clock in what modules see as "now".
-static CLOCK_OFFSET: AtomicI64 = AtomicI64::new(0);
 /// When not `i64::MIN`: the host clock stands still at this time.
 static CLOCK_FROZEN: AtomicI64 = AtomicI64::new(i64::MIN);
 
 /// The host's clock, in seconds since the epoch: what modules and counters see. Tests
-/// move or freeze it to cross day and month boundaries without waiting for them.
+/// freeze it to cross day and month boundaries without waiting for them.
 pub fn now() -> i64 {
     let frozen = CLOCK_FROZEN.load(Ordering::Relaxed);
     if frozen != i64::MIN {
         return frozen;
     }
-    let sys = std::time::SystemTime::now()
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    sys + CLOCK_OFFSET.load(Ordering::Relaxed)
-}
-
-/// Moves the host clock by `seconds` from the system clock.
-pub fn set_clock_offset(seconds: i64) {
-    CLOCK_OFFSET.store(seconds, Ordering::Relaxed);
+        .unwrap_or(0)
 }
 
 /// Stops the host clock at `at` (`None`: it follows the system clock again).
