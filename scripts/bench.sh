@@ -53,6 +53,8 @@ start() { # name
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
+# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tk rlm tkm).
+want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { # scenario port conns
     local j
     j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --json)
@@ -67,20 +69,20 @@ echo "| scenario | connections | requests/s | p50 ms | p99 ms | p99.9 ms | max m
 echo "|---|---|---|---|---|---|---|---|---|"
 taskset -c 0 "$B" serve-dunno --listen 127.0.0.1:3690 --threads 1 2>/dev/null &
 sleep 0.5
-for c in $CONNS; do row "ceiling (parse, answer dunno)" 3690 "$c"; done
+if want ceiling; then for c in $CONNS; do row "ceiling (parse, answer dunno)" 3690 "$c"; done; fi
 pkill -f "valvula-bench serve-dunno" || true
 
 config empty 3691 "" "[storage]
 path = \"$W/empty.db\"" ""
-start empty; for c in $CONNS; do row "valvulad, empty chain" 3691 "$c"; done; stop empty
+if want empty; then start empty; for c in $CONNS; do row "valvulad, empty chain" 3691 "$c"; done; stop empty; fi
 
 config rl 3692 '"mod-ratelimit"' "[storage]
 path = \"$W/rl.db\"" "$RATELIMIT"
-start rl; for c in $CONNS; do row "mod-ratelimit, SQLite" 3692 "$c"; done; stop rl
+if want rl; then start rl; for c in $CONNS; do row "mod-ratelimit, SQLite" 3692 "$c"; done; stop rl; fi
 
 config tk 3693 '"mod-ticket"' "[storage]
 path = \"$W/tk.db\"" "$TICKET"
-start tk; tickets sqlite3 "$W/tk.db"; for c in $CONNS; do row "mod-ticket, SQLite" 3693 "$c"; done; stop tk
+if want tk; then start tk; tickets sqlite3 "$W/tk.db"; for c in $CONNS; do row "mod-ticket, SQLite" 3693 "$c"; done; stop tk; fi
 
 if mariadb-admin ping >/dev/null 2>&1; then
     DB=vlvbench_$$
@@ -89,11 +91,11 @@ if mariadb-admin ping >/dev/null 2>&1; then
 backend = \"mysql\"
 url = \"mysql://root@127.0.0.1:3306/$DB\"
 pool_size = 64" "$RATELIMIT"
-    start rlm; for c in $CONNS; do row "mod-ratelimit, MariaDB" 3694 "$c"; done; stop rlm
+    if want rlm; then start rlm; for c in $CONNS; do row "mod-ratelimit, MariaDB" 3694 "$c"; done; stop rlm; fi
     config tkm 3695 '"mod-ticket"' "[storage]
 backend = \"mysql\"
 url = \"mysql://root@127.0.0.1:3306/$DB\"
 pool_size = 64" "$TICKET"
-    start tkm; tickets mariadb -uroot "$DB"; for c in $CONNS; do row "mod-ticket, MariaDB" 3695 "$c"; done; stop tkm
+    if want tkm; then start tkm; tickets mariadb -uroot "$DB"; for c in $CONNS; do row "mod-ticket, MariaDB" 3695 "$c"; done; stop tkm; fi
     mariadb -uroot -e "DROP DATABASE $DB"
 fi

@@ -1,5 +1,5 @@
 /*
- * valvula/module.h - the valvulad module ABI, version 0.2.
+ * valvula/module.h - the valvulad module ABI, version 0.3.
  *
  * A valvulad module is a shared object that exports ONE constant data symbol,
  * `vlv_module_v1`, of type `vlv_module_def`. valvulad checks that definition
@@ -43,7 +43,7 @@ extern "C" {
 
 /* ABI version this header describes. */
 #define VLV_ABI_MAJOR 0
-#define VLV_ABI_MINOR 2
+#define VLV_ABI_MINOR 3
 
 /* First field of vlv_module_def: the bytes "VLVM" read as a little-endian
  * uint32. Guards against loading a library that merely has the symbol. */
@@ -340,7 +340,27 @@ typedef struct vlv_host_api {
 
     /* Forgets every window of `key` (an administrator's reset). */
     int32_t (*reset)(vlv_module_ctx *ctx, vlv_str key);
+
+    /* ---- ABI 0.3. Check with VLV_HAS(host, vlv_host_api, consume_once).
+     *
+     * consume(), at most once per `token` (1-512 bytes, per module; e.g.
+     * Postfix's queue id with the stage and recipient). When this module
+     * already had a consumption admitted under `token` in the last
+     * VLV_ONCE_KEEP_SECONDS, nothing is charged again: *repeated = 1,
+     * *admitted = 1 and states show the current counts. Otherwise as
+     * consume(), *repeated = 0; an admitted charge records the token in the
+     * same transaction, so a crash never keeps one without the other, and a
+     * refused one records nothing (a retry is judged again). For requests
+     * Postfix re-sends after its policy timeout. repeated may be NULL. */
+    int32_t (*consume_once)(vlv_module_ctx *ctx, vlv_str key, vlv_str token,
+                            int64_t amount, const vlv_window *windows, size_t n,
+                            vlv_window_state *states, uint32_t *admitted,
+                            uint32_t *repeated);
 } vlv_host_api;
+
+/* How long consume_once() remembers a token (two days: longer than any
+ * policy timeout and retry of one SMTP session). */
+#define VLV_ONCE_KEEP_SECONDS 172800
 
 /* True when the struct pointed to by p (of type T) has field f. */
 #define VLV_HAS(p, T, f) \

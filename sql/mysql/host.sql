@@ -18,3 +18,10 @@ CREATE TABLE IF NOT EXISTS vlv_slide (
     PRIMARY KEY (ns, ckey, win, bucket),
     KEY vlv_slide_expires (expires)
 ) ENGINE = InnoDB;
+CREATE TABLE IF NOT EXISTS vlv_once (
+    ns    VARBINARY(64)  NOT NULL,
+    token VARBINARY(512) NOT NULL,
+    at    BIGINT         NOT NULL,
+    PRIMARY KEY (ns, token),
+    KEY vlv_once_at (at)
+) ENGINE = InnoDB;

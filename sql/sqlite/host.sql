@@ -20,3 +20,12 @@ CREATE TABLE IF NOT EXISTS vlv_slide (
     PRIMARY KEY (ns, ckey, win, bucket)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vlv_slide_expires ON vlv_slide (expires);
+-- Tokens of consume_once: a consumption admitted under (ns, token) is not charged
+-- again; forgotten after two days.
+CREATE TABLE IF NOT EXISTS vlv_once (
+    ns    TEXT    NOT NULL,
+    token TEXT    NOT NULL,
+    at    INTEGER NOT NULL,
+    PRIMARY KEY (ns, token)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vlv_once_at ON vlv_once (at);

@@ -444,3 +444,90 @@ fn sixty_four_threads_on_one_key_admit_exactly_the_limit() {
         }
     });
 }
+
+#[test]
+fn consume_once_charges_a_token_once_and_forgets_refusals() {
+    both(|b| {
+        let s = &b.store;
+        let ws = [w(WindowKind::Day, 3)];
+        let c = s.consume_once("m", "k", "msg1", 2, &ws, T0).unwrap();
+        assert!(c.admitted && !c.repeated, "{}: {c:?}", b.label);
+        assert_eq!(used(&c), [2]);
+        // Postfix re-sends the same request: admitted, not charged again.
+        let c = s.consume_once("m", "k", "msg1", 2, &ws, T0 + 5).unwrap();
+        assert!(c.admitted && c.repeated, "{}: {c:?}", b.label);
+        assert_eq!(used(&c), [2], "{}", b.label);
+        // Another message is charged; a refused one records nothing...
+        let c = s.consume_once("m", "k", "msg2", 2, &ws, T0).unwrap();
+        assert!(!c.admitted && !c.repeated, "{}: {c:?}", b.label);
+        // ... so when it fits later, it is charged.
+        let c = s.consume_once("m", "k", "msg2", 1, &ws, T0).unwrap();
+        assert!(c.admitted && !c.repeated, "{}: {c:?}", b.label);
+        assert_eq!(used(&c), [3]);
+        // Tokens are per namespace; plain consume ignores them.
+        let c = s.consume_once("other", "k", "msg1", 1, &ws, T0).unwrap();
+        assert!(c.admitted && !c.repeated, "{}: {c:?}", b.label);
+        // Expired after two days by the housekeeping.
+        s.maintain(T0 + 3 * 86_400).unwrap();
+        let c = s.consume_once("m", "k", "msg1", 0, &ws, T0).unwrap();
+        assert!(!c.repeated, "{}", b.label);
+        let c = s
+            .consume_once("m", "k2", "msg1", 1, &ws, T0 + 3 * 86_400)
+            .unwrap();
+        assert!(c.admitted && !c.repeated, "{}: token kept: {c:?}", b.label);
+        assert!(matches!(
+            s.consume_once("m", "k", "", 1, &ws, T0),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.consume_once("m", "k", &"t".repeat(513), 1, &ws, T0),
+            Err(StoreError::Invalid(_))
+        ));
+    });
+}
+
+/// The same message sent from many connections at once (and, on MariaDB, through two
+/// daemons' stores on one database) is charged exactly once per token.
+#[test]
+fn consume_once_is_exact_under_concurrency_and_across_daemons() {
+    both(|b| {
+        let second = (b.label == "mysql").then(|| {
+            let cfg = StorageConfig {
+                backend: Backend::Mysql {
+                    url: b._db.as_ref().unwrap().url(),
+                    password: None,
+                    pool_size: 16,
+                },
+                zone: Zone::parse("UTC").unwrap(),
+            };
+            Store::open(&cfg, b._rt.handle().clone()).unwrap()
+        });
+        let ws = [w(WindowKind::Day, -1), w(WindowKind::Sliding(600), -1)];
+        let repeats = Arc::new(AtomicI64::new(0));
+        std::thread::scope(|scope| {
+            for t in 0..32 {
+                let s = if t % 2 == 1 && second.is_some() {
+                    second.as_ref().unwrap()
+                } else {
+                    &b.store
+                };
+                let repeats = repeats.clone();
+                scope.spawn(move || {
+                    // 20 messages, each sent by every thread.
+                    for m in 0..20 {
+                        let c = s
+                            .consume_once("m", "sender", &format!("Q{m}"), 1, &ws, T0)
+                            .unwrap();
+                        assert!(c.admitted);
+                        if c.repeated {
+                            repeats.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        let p = b.store.peek("m", "sender", 0, &ws, T0).unwrap();
+        assert_eq!(used(&p), [20, 20], "{}", b.label);
+        assert_eq!(repeats.load(Ordering::SeqCst), 32 * 20 - 20, "{}", b.label);
+    });
+}

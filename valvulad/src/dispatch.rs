@@ -87,18 +87,18 @@ type Job = Box<dyn FnOnce() + Send>;
 /// pins one of these threads for good, and must neither starve other modules nor keep
 /// the runtime from shutting down.
 struct Pool {
-    jobs: crossbeam_channel::Sender<Job>,
+    jobs: Arc<crate::sync::Queue<Job>>,
 }
 
 impl Pool {
     fn new(module: &str, threads: usize) -> Pool {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let jobs = crate::sync::Queue::<Job>::new();
         for i in 0..threads {
-            let rx = rx.clone();
+            let rx = jobs.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vlv-{module}-{i}"))
                 .spawn(move || {
-                    while let Ok(job) = rx.recv() {
+                    while let Some(job) = rx.pop() {
                         job();
                     }
                 });
@@ -106,7 +106,14 @@ impl Pool {
                 tracing::error!(module, "cannot start a worker thread: {e}");
             }
         }
-        Pool { jobs: tx }
+        Pool { jobs }
+    }
+}
+
+impl Drop for Pool {
+    /// Idle workers end once the queue is drained; a hung one ends with the process.
+    fn drop(&mut self) {
+        self.jobs.close();
     }
 }
 
@@ -245,7 +252,7 @@ impl Dispatcher {
             let _permit = permit;
             let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
         });
-        if self.pool.jobs.send(job).is_err() {
+        if self.pool.jobs.push(job).is_err() {
             return Err(HandlerError::Other("module worker threads are gone".into()));
         }
         match tokio::time::timeout_at(deadline, rx).await {

@@ -17,4 +17,5 @@ pub mod privileges;
 pub mod process;
 pub mod server;
 pub mod store;
+mod sync;
 pub mod valvula_conf;

@@ -11,7 +11,8 @@ use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 
 pub const VLV_ABI_MAJOR: u16 = 0;
-pub const VLV_ABI_MINOR: u16 = 2;
+pub const VLV_ABI_MINOR: u16 = 3;
+pub const VLV_ONCE_KEEP_SECONDS: i64 = 172_800;
 pub const VLV_MODULE_MAGIC: u32 = 0x4D56_4C56;
 /// `VLV_MODULE_SYMBOL`, NUL-terminated for dlsym.
 pub const VLV_MODULE_SYMBOL: &[u8] = b"vlv_module_v1\0";
@@ -224,7 +225,21 @@ pub struct vlv_host_api {
     pub consume: Option<ConsumeFn>,
     pub peek: Option<ConsumeFn>,
     pub reset: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, key: vlv_str) -> i32>,
+    // ABI 0.3.
+    pub consume_once: Option<ConsumeOnceFn>,
 }
+
+pub type ConsumeOnceFn = unsafe extern "C" fn(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    token: vlv_str,
+    amount: i64,
+    windows: *const vlv_window,
+    n: usize,
+    states: *mut vlv_window_state,
+    admitted: *mut u32,
+    repeated: *mut u32,
+) -> i32;
 
 /// Signature shared by `consume` and `peek`.
 pub type ConsumeFn = unsafe extern "C" fn(
@@ -273,8 +288,8 @@ unsafe impl Sync for vlv_host_api {}
 unsafe impl Send for vlv_host_api {}
 
 /// Bytes of `vlv_module_def` a module built for ABI 0.`minor` must provide: the end of
-/// the last field that minor defines. Minors 0 to 2 share one layout (0.2 only added
-/// host services).
+/// the last field that minor defines. Minors 0 to 3 share one layout (0.2 and 0.3 only
+/// added host services).
 pub const fn module_def_min_size(minor: u16) -> usize {
     let _ = minor;
     offset_of!(vlv_module_def, tick) + size_of::<usize>()
@@ -306,7 +321,8 @@ const _: () = {
     assert!(offset_of!(vlv_host_api, consume) == 128);
     assert!(offset_of!(vlv_host_api, peek) == 136);
     assert!(offset_of!(vlv_host_api, reset) == 144);
-    assert!(size_of::<vlv_host_api>() == 152);
+    assert!(offset_of!(vlv_host_api, consume_once) == 152);
+    assert!(size_of::<vlv_host_api>() == 160);
 
     assert!(size_of::<vlv_value>() == 40);
     assert!(offset_of!(vlv_value, i) == 8);

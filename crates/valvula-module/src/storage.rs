@@ -144,6 +144,8 @@ pub struct WindowState {
 pub struct Consumption {
     pub admitted: bool,
     pub windows: Vec<WindowState>,
+    /// [`Host::consume_once`] found its token already charged: nothing was charged.
+    pub repeated: bool,
 }
 
 /// The ABI form of a parameter; it borrows the text or bytes of `v`.
@@ -339,27 +341,62 @@ impl Host {
         key: &str,
         amount: i64,
         windows: &[Window],
-        peek: bool,
+        how: Charge<'_>,
     ) -> Result<Consumption, StorageError> {
         let api = storage_api(self.api())?;
-        let f = if peek { api.peek } else { api.consume }.ok_or(StorageError::NotSupported)?;
         let ws: Vec<vlv_window> = windows.iter().map(raw_window).collect();
         let mut states = vec![vlv_window_state::default(); ws.len()];
         let mut admitted = 0u32;
-        // SAFETY: the windows and the states array (n entries) are ours for the call.
-        status(unsafe {
-            f(
-                self.ctx(),
-                vlv_str::from_str(key),
-                amount,
-                ws.as_ptr(),
-                ws.len(),
-                states.as_mut_ptr(),
-                &mut admitted,
-            )
-        })?;
+        let mut repeated = 0u32;
+        let code = match how {
+            Charge::Consume | Charge::Peek => {
+                let f = if matches!(how, Charge::Peek) {
+                    api.peek
+                } else {
+                    api.consume
+                }
+                .ok_or(StorageError::NotSupported)?;
+                // SAFETY: the windows and the states array (n entries) are ours for the call.
+                unsafe {
+                    f(
+                        self.ctx(),
+                        vlv_str::from_str(key),
+                        amount,
+                        ws.as_ptr(),
+                        ws.len(),
+                        states.as_mut_ptr(),
+                        &mut admitted,
+                    )
+                }
+            }
+            Charge::Once(token) => {
+                let end =
+                    std::mem::offset_of!(vlv_host_api, consume_once) + std::mem::size_of::<usize>();
+                if (api.struct_size as usize) < end {
+                    return Err(StorageError::NotSupported);
+                }
+                let f = api.consume_once.ok_or(StorageError::NotSupported)?;
+                // SAFETY: as above; the token is borrowed for the call, the host table
+                // was checked to have the field.
+                unsafe {
+                    f(
+                        self.ctx(),
+                        vlv_str::from_str(key),
+                        vlv_str::from_str(token),
+                        amount,
+                        ws.as_ptr(),
+                        ws.len(),
+                        states.as_mut_ptr(),
+                        &mut admitted,
+                        &mut repeated,
+                    )
+                }
+            }
+        };
+        status(code)?;
         Ok(Consumption {
             admitted: admitted != 0,
+            repeated: repeated != 0,
             windows: states
                 .iter()
                 .map(|s| WindowState {
@@ -379,7 +416,21 @@ impl Host {
         amount: i64,
         windows: &[Window],
     ) -> Result<Consumption, StorageError> {
-        self.charge(key, amount, windows, false)
+        self.charge(key, amount, windows, Charge::Consume)
+    }
+
+    /// [`Host::consume`], at most once per `token` (e.g. Postfix's queue id with the
+    /// stage): when a consumption under `token` was admitted in the last two days,
+    /// nothing is charged and the answer is admitted with `repeated` set. The token is
+    /// recorded in the charge's own transaction. Needs a daemon of ABI 0.3.
+    pub fn consume_once(
+        &self,
+        key: &str,
+        token: &str,
+        amount: i64,
+        windows: &[Window],
+    ) -> Result<Consumption, StorageError> {
+        self.charge(key, amount, windows, Charge::Once(token))
     }
 
     /// What [`Host::consume`] would answer, without charging.
@@ -389,7 +440,7 @@ impl Host {
         amount: i64,
         windows: &[Window],
     ) -> Result<Consumption, StorageError> {
-        self.charge(key, amount, windows, true)
+        self.charge(key, amount, windows, Charge::Peek)
     }
 
     /// Forgets every window of `key`.
@@ -400,6 +451,13 @@ impl Host {
         // SAFETY: the key is borrowed for the call.
         status(unsafe { f(self.ctx(), vlv_str::from_str(key)) })
     }
+}
+
+#[derive(Clone, Copy)]
+enum Charge<'a> {
+    Consume,
+    Peek,
+    Once(&'a str),
 }
 
 /// One column of [`Host::ensure_table`]: its name and SQL type for each dialect.

@@ -187,28 +187,34 @@ impl RateLimit {
                 soft: None,
             });
         }
-        // One charge per message (and recipient, for per-RCPT counting) and stage.
-        let instance = req.instance();
+        // One charge per message (and recipient, for per-RCPT counting) and stage: the
+        // host records the token with the charge, in one transaction.
         let rcpt = if state == "RCPT" {
             req.recipient().unwrap_or("")
         } else {
             ""
         };
-        let claimed = match instance {
-            Some(i) => {
-                if !tables::claim(&self.host, &p.name, &ident, i, state, rcpt, now)? {
-                    tracing::info!(policy = %p.name, identity = %ident, instance = i, state, "already charged for this message; not charged again");
-                    return Ok(none);
-                }
-                true
-            }
-            None => false,
+        let token = req
+            .instance()
+            .map(|i| {
+                format!(
+                    "{}\x1f{i}\x1f{state}\x1f{}",
+                    p.name,
+                    rcpt.to_ascii_lowercase()
+                )
+            })
+            // A token beyond the host's limit (a hostile recipient of 500 bytes) is
+            // charged every time rather than risk two recipients sharing one.
+            .filter(|t| t.len() <= 512);
+        let c = match &token {
+            Some(t) => self.host.consume_once(&key, t, n, &windows)?,
+            None => self.host.consume(&key, n, &windows)?,
         };
-        let c = self.host.consume(&key, n, &windows)?;
+        if c.repeated {
+            tracing::info!(policy = %p.name, identity = %ident, instance = req.instance().unwrap_or(""), state, "already charged for this message; not charged again");
+            return Ok(none);
+        }
         if !c.admitted {
-            if claimed {
-                tables::unclaim(&self.host, &p.name, instance.unwrap_or(""), state, rcpt)?;
-            }
             if s.count_refused {
                 let unlimited: Vec<Window> = windows
                     .iter()

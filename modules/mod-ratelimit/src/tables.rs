@@ -32,15 +32,6 @@ pub fn ensure(host: &Host) -> Result<(), Error> {
     )?;
     host.exec(
         &format!(
-            "CREATE TABLE IF NOT EXISTS ratelimit_seen ({id}, policy VARCHAR(64) NOT NULL, \
-             identity {text} NOT NULL, instance VARCHAR(128) NOT NULL, state VARCHAR(32) NOT NULL, \
-             recipient {text} NOT NULL, at BIGINT NOT NULL, \
-             UNIQUE (policy, instance, state, recipient))"
-        ),
-        &[],
-    )?;
-    host.exec(
-        &format!(
             "CREATE TABLE IF NOT EXISTS ratelimit_accounting ({id}, policy VARCHAR(64) NOT NULL, \
              identity {text} NOT NULL, period BIGINT NOT NULL, messages BIGINT NOT NULL DEFAULT 0, \
              recipients BIGINT NOT NULL DEFAULT 0, bytes BIGINT NOT NULL DEFAULT 0, \
@@ -160,42 +151,6 @@ pub fn effective_rule(
     Ok(rule)
 }
 
-/// Records that this message (and recipient) was charged at this stage. False when it
-/// already was.
-pub fn claim(
-    host: &Host,
-    policy: &str,
-    ident: &str,
-    instance: &str,
-    state: &str,
-    rcpt: &str,
-    now: i64,
-) -> Result<bool, Error> {
-    let e = host.exec(
-        &format!(
-            "{} INTO ratelimit_seen (policy, identity, instance, state, recipient, at) VALUES (?, ?, ?, ?, ?, ?)",
-            ignore(host)
-        ),
-        &[policy.into(), ident.into(), instance.into(), state.into(), rcpt.into(), now.into()],
-    )?;
-    Ok(e.affected == 1)
-}
-
-/// Forgets a claim whose charge was refused, so a retry is judged again.
-pub fn unclaim(
-    host: &Host,
-    policy: &str,
-    instance: &str,
-    state: &str,
-    rcpt: &str,
-) -> Result<(), Error> {
-    host.exec(
-        "DELETE FROM ratelimit_seen WHERE policy = ? AND instance = ? AND state = ? AND recipient = ?",
-        &[policy.into(), instance.into(), state.into(), rcpt.into()],
-    )?;
-    Ok(())
-}
-
 /// Adds one admitted request to the identity's accounting row of the period.
 pub fn account(
     host: &Host,
@@ -248,10 +203,6 @@ fn day_of_month(t: i64) -> i64 {
 
 /// Hourly housekeeping: charge records older than a day, accounting past retention.
 pub fn expire(host: &Host, s: &Settings, now: i64) -> Result<(), Error> {
-    host.exec(
-        "DELETE FROM ratelimit_seen WHERE at < ?",
-        &[(now - 86_400).into()],
-    )?;
     if s.accounting_retention_days > 0 {
         host.exec(
             "DELETE FROM ratelimit_accounting WHERE period < ?",

@@ -406,6 +406,7 @@ static HOST_API: vlv_host_api = vlv_host_api {
     consume: Some(host_consume),
     peek: Some(host_peek),
     reset: Some(host_reset),
+    consume_once: Some(host_consume_once),
 };
 
 /// A checked module definition, not yet initialised.

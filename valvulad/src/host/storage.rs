@@ -28,7 +28,7 @@ fn store_status(ctx: &ModuleCtx, e: &StoreError) -> i32 {
             tracing::warn!(module = %ctx.name, "invalid storage call: {m}");
             abi::VLV_E_INVALID
         }
-        StoreError::Sql(m) => {
+        StoreError::Sql(m) | StoreError::Conflict(m) => {
             tracing::warn!(module = %ctx.name, "SQL failed: {m}");
             abi::VLV_E_FAILED
         }
@@ -295,6 +295,14 @@ fn windows_of(windows: *const vlv_window, n: usize) -> Result<Vec<Window>, Store
         .collect()
 }
 
+/// What the module asked: a charge, a charge under a token, or a peek.
+#[derive(Clone, Copy)]
+enum Charge {
+    Consume,
+    Once(vlv_str),
+    Peek,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn consume_or_peek(
     ctx: *mut vlv_module_ctx,
@@ -304,22 +312,30 @@ fn consume_or_peek(
     n: usize,
     states: *mut vlv_window_state,
     admitted: *mut u32,
-    peek: bool,
+    repeated: *mut u32,
+    charge: Charge,
 ) -> i32 {
     with_store(ctx, |m, store| {
         let key = std::str::from_utf8(bytes_of(key))
             .map_err(|_| StoreError::Invalid("key is not UTF-8".into()))?;
         let ws = windows_of(windows, n)?;
         let t = now();
-        let c = if peek {
-            store.peek(&m.name, key, amount, &ws, t)?
-        } else {
-            store.consume(&m.name, key, amount, &ws, t)?
+        let c = match charge {
+            Charge::Peek => store.peek(&m.name, key, amount, &ws, t)?,
+            Charge::Consume => store.consume(&m.name, key, amount, &ws, t)?,
+            Charge::Once(token) => {
+                let token = std::str::from_utf8(bytes_of(token))
+                    .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
+                store.consume_once(&m.name, key, token, amount, &ws, t)?
+            }
         };
         // SAFETY: optional out pointers of the module; `states` is an array of n.
         unsafe {
             if let Some(a) = admitted.as_mut() {
                 *a = u32::from(c.admitted);
+            }
+            if let Some(r) = repeated.as_mut() {
+                *r = u32::from(c.repeated);
             }
             if !states.is_null() {
                 for (i, s) in c.windows.iter().enumerate() {
@@ -346,7 +362,42 @@ pub(super) unsafe extern "C" fn host_consume(
     states: *mut vlv_window_state,
     admitted: *mut u32,
 ) -> i32 {
-    consume_or_peek(ctx, key, amount, windows, n, states, admitted, false)
+    consume_or_peek(
+        ctx,
+        key,
+        amount,
+        windows,
+        n,
+        states,
+        admitted,
+        std::ptr::null_mut(),
+        Charge::Consume,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe extern "C" fn host_consume_once(
+    ctx: *mut vlv_module_ctx,
+    key: vlv_str,
+    token: vlv_str,
+    amount: i64,
+    windows: *const vlv_window,
+    n: usize,
+    states: *mut vlv_window_state,
+    admitted: *mut u32,
+    repeated: *mut u32,
+) -> i32 {
+    consume_or_peek(
+        ctx,
+        key,
+        amount,
+        windows,
+        n,
+        states,
+        admitted,
+        repeated,
+        Charge::Once(token),
+    )
 }
 
 pub(super) unsafe extern "C" fn host_peek(
@@ -358,7 +409,17 @@ pub(super) unsafe extern "C" fn host_peek(
     states: *mut vlv_window_state,
     admitted: *mut u32,
 ) -> i32 {
-    consume_or_peek(ctx, key, amount, windows, n, states, admitted, true)
+    consume_or_peek(
+        ctx,
+        key,
+        amount,
+        windows,
+        n,
+        states,
+        admitted,
+        std::ptr::null_mut(),
+        Charge::Peek,
+    )
 }
 
 pub(super) unsafe extern "C" fn host_reset(ctx: *mut vlv_module_ctx, key: vlv_str) -> i32 {

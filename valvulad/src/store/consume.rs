@@ -1,12 +1,19 @@
-//! The consumption algorithm, written once for both backends against [`Tx`]: the
-//! statements of one transaction, in the order that keeps it exact.
+//! The consumption algorithm, written once for both backends against [`Tx`]: many
+//! consumptions in one transaction, in a constant number of statements.
 //!
 //! Calendar window: one row per (namespace, key, window) holding the current period and
-//! its count; the charge is a conditional UPDATE that also rolls the period over, so a
-//! reset can never be undone by a concurrent charge. Sliding window: a head row in the
-//! same table serialises charges of that key and window (row lock), the buckets live in
-//! `vlv_slide`. Windows are handled in a fixed order so two transactions on one key
-//! always lock in the same order (no deadlock between them).
+//! its count. Sliding window: a head row in the same table, the buckets in `vlv_slide`.
+//!
+//! A batch first locks every counter row it may charge (on MySQL an upsert that changes
+//! nothing but takes the row's exclusive lock, rows in one global order so two batches,
+//! of this daemon or another, never deadlock; on SQLite the writer already holds the
+//! database's write lock), then reads them, decides every consumption in arrival order
+//! here, and writes the changed rows back in one statement. Nobody else can change a
+//! locked row between the read and the write, so the decisions are exactly those of
+//! running the consumptions one after another, and a batch of 200 costs the database
+//! four statements and one commit instead of 200 transactions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::window::{self, Consumption, Window, WindowKind, WindowState, Zone};
 use super::{Dialect, Result, Value};
@@ -20,6 +27,8 @@ pub struct Request {
     pub now: i64,
     pub peek: bool,
     pub zone: Zone,
+    /// `consume_once`: the token that makes a repeated charge a no-op.
+    pub once: Option<String>,
 }
 
 /// The statements a backend runs inside its transaction.
@@ -28,6 +37,15 @@ pub(crate) trait Tx {
     async fn exec(&mut self, sql: &str, params: Vec<Value>) -> Result<u64>;
     /// Runs a query, returns its rows.
     async fn rows(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>>;
+    /// [`Tx::exec`] for the batch statements, whose text changes with the batch size (a
+    /// backend may send them without preparing).
+    async fn exec_bulk(&mut self, sql: &str, params: Vec<Value>) -> Result<u64> {
+        self.exec(sql, params).await
+    }
+    /// [`Tx::rows`] for the batch statements.
+    async fn rows_bulk(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>> {
+        self.rows(sql, params).await
+    }
 }
 
 fn int(v: &Value) -> i64 {
@@ -39,80 +57,329 @@ fn int(v: &Value) -> i64 {
     }
 }
 
-/// Whether the transaction must be rolled back: a refusal or a peek.
-pub(crate) fn keeps_nothing(req: &Request, c: &Consumption) -> bool {
-    req.peek || !c.admitted
+/// Rows per statement: keeps every statement well under both backends' limits on
+/// placeholders (SQLite 32766) and packet size.
+const CHUNK: usize = 500;
+
+type RowKey = (String, String, String);
+
+/// `(?, ?, ?, ...)` repeated `n` times, each with `width` placeholders and `tail` after.
+fn tuples(n: usize, width: usize, tail: &str) -> String {
+    let one = format!("({}{tail})", vec!["?"; width].join(", "));
+    vec![one; n].join(", ")
 }
 
-/// Runs one consumption (or peek) inside an open transaction. The caller commits when
-/// the result is admitted and not a peek, and rolls back otherwise.
-pub(crate) async fn run<T: Tx>(tx: &mut T, dialect: Dialect, req: &Request) -> Result<Consumption> {
-    let ns = || Value::Text(req.ns.clone());
-    let key = || Value::Text(req.key.clone());
+fn text(v: &str) -> Value {
+    Value::Text(v.to_owned())
+}
+
+/// Decides and applies a batch of consumptions (and peeks) inside an open transaction,
+/// as if they had run one after another in the given order. The caller commits.
+pub(crate) async fn run_batch<T: Tx>(
+    tx: &mut T,
+    dialect: Dialect,
+    reqs: &[Request],
+) -> Result<Vec<Consumption>> {
+    // Every counter row the batch reads, and those it may change (to lock first).
+    let mut rows: BTreeSet<RowKey> = BTreeSet::new();
+    let mut lock: BTreeSet<RowKey> = BTreeSet::new();
+    let mut sliding = false;
+    for r in reqs {
+        let charges = !(r.peek || r.amount == 0);
+        for w in &r.windows {
+            let k = (r.ns.clone(), r.key.clone(), w.kind.id());
+            if charges {
+                lock.insert(k.clone());
+            }
+            rows.insert(k);
+            sliding |= matches!(w.kind, WindowKind::Sliding(_));
+        }
+    }
+    if dialect == Dialect::Mysql && !lock.is_empty() {
+        // Creates missing rows and takes the exclusive lock of existing ones, in primary
+        // key order; `used = used` changes nothing.
+        let lock: Vec<&RowKey> = lock.iter().collect();
+        for part in lock.chunks(CHUNK) {
+            let params = part
+                .iter()
+                .flat_map(|(n, k, w)| [text(n), text(k), text(w)])
+                .collect();
+            tx.exec_bulk(
+                &format!(
+                    "INSERT INTO vlv_counter (ns, ckey, win, period, used) VALUES {} \
+                     ON DUPLICATE KEY UPDATE used = used",
+                    tuples(part.len(), 3, ", 0, 0")
+                ),
+                params,
+            )
+            .await?;
+        }
+    }
+
+    // (ns, key) pairs grouped by namespace, for `ns = ? AND ckey IN (...)` lookups.
+    let mut keys: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (n, k, _) in &rows {
+        keys.entry(n).or_default().insert(k);
+    }
+    let mut counters: HashMap<RowKey, (i64, i64)> = HashMap::new();
+    let mut slides: HashMap<RowKey, BTreeMap<i64, i64>> = HashMap::new();
+    for (ns, ks) in &keys {
+        let ks: Vec<&str> = ks.iter().copied().collect();
+        for part in ks.chunks(CHUNK) {
+            let mut params = vec![text(ns)];
+            params.extend(part.iter().map(|k| text(k)));
+            let marks = vec!["?"; part.len()].join(", ");
+            for row in tx
+                .rows_bulk(
+                    &format!(
+                        "SELECT ckey, win, period, used FROM vlv_counter WHERE ns = ? AND ckey IN ({marks})"
+                    ),
+                    params.clone(),
+                )
+                .await?
+            {
+                let k = (ns.to_string(), string(&row[0]), string(&row[1]));
+                counters.insert(k, (int(&row[2]), int(&row[3])));
+            }
+            if sliding {
+                for row in tx
+                    .rows_bulk(
+                        &format!(
+                            "SELECT ckey, win, bucket, used FROM vlv_slide WHERE ns = ? AND ckey IN ({marks}) AND used > 0"
+                        ),
+                        params,
+                    )
+                    .await?
+                {
+                    let k = (ns.to_string(), string(&row[0]), string(&row[1]));
+                    slides
+                        .entry(k)
+                        .or_default()
+                        .insert(int(&row[2]), int(&row[3]));
+                }
+            }
+        }
+    }
+
+    // consume_once tokens already charged (per namespace).
+    let mut tokens: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for r in reqs {
+        if let Some(t) = &r.once
+            && !(r.peek || r.amount == 0)
+        {
+            tokens.entry(&r.ns).or_default().insert(t);
+        }
+    }
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    for (ns, ts) in &tokens {
+        let ts: Vec<&str> = ts.iter().copied().collect();
+        for part in ts.chunks(CHUNK) {
+            let mut params = vec![text(ns)];
+            params.extend(part.iter().map(|t| text(t)));
+            let marks = vec!["?"; part.len()].join(", ");
+            for row in tx
+                .rows_bulk(
+                    &format!("SELECT token FROM vlv_once WHERE ns = ? AND token IN ({marks})"),
+                    params,
+                )
+                .await?
+            {
+                seen.insert((ns.to_string(), string(&row[0])));
+            }
+        }
+    }
+
+    let mut dirty: BTreeSet<RowKey> = BTreeSet::new();
+    // Changed buckets, with their expiry.
+    let mut dirty_buckets: BTreeMap<(RowKey, i64), i64> = BTreeMap::new();
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut new_tokens: Vec<(String, String, i64)> = Vec::new();
+    for r in reqs {
+        let once = r.once.as_ref().filter(|_| !(r.peek || r.amount == 0));
+        let c = match once {
+            Some(t) if seen.contains(&(r.ns.clone(), t.clone())) => {
+                // Charged before: report the counts as they are, charge nothing.
+                let look = Request {
+                    peek: true,
+                    amount: 0,
+                    ..r.clone()
+                };
+                let c = decide(
+                    &look,
+                    &mut counters,
+                    &mut slides,
+                    &mut dirty,
+                    &mut dirty_buckets,
+                );
+                Consumption {
+                    admitted: true,
+                    repeated: true,
+                    ..c
+                }
+            }
+            _ => {
+                let c = decide(
+                    r,
+                    &mut counters,
+                    &mut slides,
+                    &mut dirty,
+                    &mut dirty_buckets,
+                );
+                if let Some(t) = once
+                    && c.admitted
+                {
+                    seen.insert((r.ns.clone(), t.clone()));
+                    new_tokens.push((r.ns.clone(), t.clone(), r.now));
+                }
+                c
+            }
+        };
+        out.push(c);
+    }
+    for part in new_tokens.chunks(CHUNK) {
+        let params = part
+            .iter()
+            .flat_map(|(n, t, at)| [text(n), text(t), Value::Int(*at)])
+            .collect();
+        let ignore = match dialect {
+            Dialect::Sqlite => "INSERT OR IGNORE",
+            Dialect::Mysql => "INSERT IGNORE",
+        };
+        let n = tx
+            .exec_bulk(
+                &format!(
+                    "{ignore} INTO vlv_once (ns, token, at) VALUES {}",
+                    tuples(part.len(), 3, "")
+                ),
+                params,
+            )
+            .await?;
+        if n != part.len() as u64 {
+            // Another daemon charged one of these tokens since the read above: decide
+            // the batch again, now seeing it.
+            return Err(super::StoreError::Conflict(
+                "a consume_once token was charged concurrently".into(),
+            ));
+        }
+    }
+
+    // Write back what changed.
+    let dirty: Vec<RowKey> = dirty.into_iter().collect();
+    let upsert = match dialect {
+        Dialect::Mysql => "ON DUPLICATE KEY UPDATE period = VALUES(period), used = VALUES(used)",
+        Dialect::Sqlite => {
+            "ON CONFLICT (ns, ckey, win) DO UPDATE SET period = excluded.period, used = excluded.used"
+        }
+    };
+    for part in dirty.chunks(CHUNK) {
+        let mut params = Vec::with_capacity(part.len() * 5);
+        for k in part {
+            let (period, used) = counters.get(k).copied().unwrap_or((0, 0));
+            params.extend([
+                text(&k.0),
+                text(&k.1),
+                text(&k.2),
+                Value::Int(period),
+                Value::Int(used),
+            ]);
+        }
+        tx.exec_bulk(
+            &format!(
+                "INSERT INTO vlv_counter (ns, ckey, win, period, used) VALUES {} {upsert}",
+                tuples(part.len(), 5, "")
+            ),
+            params,
+        )
+        .await?;
+    }
+    let buckets: Vec<((RowKey, i64), i64)> = dirty_buckets.into_iter().collect();
+    let upsert = match dialect {
+        Dialect::Mysql => "ON DUPLICATE KEY UPDATE used = VALUES(used), expires = VALUES(expires)",
+        Dialect::Sqlite => {
+            "ON CONFLICT (ns, ckey, win, bucket) DO UPDATE SET used = excluded.used, expires = excluded.expires"
+        }
+    };
+    for part in buckets.chunks(CHUNK) {
+        let mut params = Vec::with_capacity(part.len() * 6);
+        for ((k, b), expires) in part {
+            let used = slides.get(k).and_then(|m| m.get(b)).copied().unwrap_or(0);
+            params.extend([
+                text(&k.0),
+                text(&k.1),
+                text(&k.2),
+                Value::Int(*b),
+                Value::Int(used),
+                Value::Int(*expires),
+            ]);
+        }
+        tx.exec_bulk(
+            &format!(
+                "INSERT INTO vlv_slide (ns, ckey, win, bucket, used, expires) VALUES {} {upsert}",
+                tuples(part.len(), 6, "")
+            ),
+            params,
+        )
+        .await?;
+    }
+    Ok(out)
+}
+
+fn string(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::Int(i) => i.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// One consumption against the rows as the earlier ones of the batch left them. A
+/// refused consumption changes nothing; the window states it reports are those a
+/// transaction of its own would have reported.
+fn decide(
+    req: &Request,
+    counters: &mut HashMap<RowKey, (i64, i64)>,
+    slides: &mut HashMap<RowKey, BTreeMap<i64, i64>>,
+    dirty: &mut BTreeSet<RowKey>,
+    dirty_buckets: &mut BTreeMap<(RowKey, i64), i64>,
+) -> Consumption {
     let mut order: Vec<usize> = (0..req.windows.len()).collect();
     order.sort_by_key(|&i| req.windows[i].kind);
     let mut states: Vec<Option<WindowState>> = vec![None; req.windows.len()];
     let mut charged = vec![false; req.windows.len()];
-    // A zero amount changes nothing: answer it as a peek (MySQL would report no affected
-    // row for an UPDATE that changes nothing).
+    // A zero amount changes nothing: answer it as a peek.
     let peek = req.peek || req.amount == 0;
-    let insert_ignore = match dialect {
-        Dialect::Sqlite => "INSERT OR IGNORE",
-        Dialect::Mysql => "INSERT IGNORE",
-    };
     let mut admitted = true;
+    // Changes of this consumption, undone when a later window refuses it.
+    let mut undo_counters: Vec<(RowKey, Option<(i64, i64)>)> = Vec::new();
+    let mut undo_buckets: Vec<(RowKey, i64, Option<i64>)> = Vec::new();
 
     for &i in &order {
         let w = req.windows[i];
-        let win = Value::Text(w.kind.id());
-        // The amount alone is more than the limit: no need to ask the database.
+        let k: RowKey = (req.ns.clone(), req.key.clone(), w.kind.id());
+        // The amount alone is more than the limit.
         let too_big = w.limit >= 0 && req.amount > w.limit;
         match w.kind {
             WindowKind::Sliding(_) => {
                 let (_, current, oldest) = window::sliding_span(w.kind, req.now);
-                if !peek {
-                    // Head row: its lock serialises charges of this key and window.
-                    tx.exec(
-                        &format!("{insert_ignore} INTO vlv_counter (ns, ckey, win, period, used) VALUES (?, ?, ?, 0, 0)"),
-                        vec![ns(), key(), win.clone()],
-                    )
-                    .await?;
-                    if dialect == Dialect::Mysql {
-                        tx.rows(
-                            "SELECT used FROM vlv_counter WHERE ns = ? AND ckey = ? AND win = ? FOR UPDATE",
-                            vec![ns(), key(), win.clone()],
-                        )
-                        .await?;
-                    }
-                }
-                let r = tx
-                    .rows(
-                        "SELECT COALESCE(SUM(used), 0), MIN(bucket) FROM vlv_slide \
-                         WHERE ns = ? AND ckey = ? AND win = ? AND bucket >= ? AND used > 0",
-                        vec![ns(), key(), win.clone(), Value::Int(oldest)],
-                    )
-                    .await?;
-                let sum = r.first().map_or(0, |row| int(&row[0]));
-                let first = r.first().and_then(|row| match row[1] {
-                    Value::Null => None,
-                    ref v => Some(int(v)),
-                });
+                let buckets = slides.get(&k);
+                let counted = || {
+                    buckets
+                        .into_iter()
+                        .flat_map(|m| m.range(oldest..))
+                        .filter(|(_, u)| **u > 0)
+                };
+                let sum: i64 = counted().map(|(_, u)| u).sum();
+                let first = counted().map(|(b, _)| *b).next();
                 let ok = !too_big && (w.limit < 0 || sum + req.amount <= w.limit);
                 let mut used = sum;
                 if ok && !peek && admitted {
-                    let expires = window::sliding_reset(w.kind, current);
-                    tx.exec(
-                        &format!(
-                            "{insert_ignore} INTO vlv_slide (ns, ckey, win, bucket, used, expires) VALUES (?, ?, ?, ?, 0, ?)"
-                        ),
-                        vec![ns(), key(), win.clone(), Value::Int(current), Value::Int(expires)],
-                    )
-                    .await?;
-                    tx.exec(
-                        "UPDATE vlv_slide SET used = used + ? WHERE ns = ? AND ckey = ? AND win = ? AND bucket = ?",
-                        vec![Value::Int(req.amount), ns(), key(), win.clone(), Value::Int(current)],
-                    )
-                    .await?;
+                    let m = slides.entry(k.clone()).or_default();
+                    let before = m.get(&current).copied();
+                    undo_buckets.push((k.clone(), current, before));
+                    *m.entry(current).or_insert(0) += req.amount;
+                    dirty_buckets
+                        .insert((k.clone(), current), window::sliding_reset(w.kind, current));
                     used += req.amount;
                     charged[i] = true;
                 }
@@ -127,52 +394,23 @@ pub(crate) async fn run<T: Tx>(tx: &mut T, dialect: Dialect, req: &Request) -> R
             }
             kind => {
                 let (start, end) = window::calendar_period(kind, req.zone, req.now);
+                let row = counters.get(&k).copied();
+                let current = |row: Option<(i64, i64)>| match row {
+                    Some((period, used)) if period == start => used,
+                    _ => 0,
+                };
                 let mut ok = !too_big;
                 if ok && !peek && admitted {
-                    // The charge: rolls the period over and adds, only if within the limit.
-                    let update = "UPDATE vlv_counter SET used = (CASE WHEN period = ? THEN used ELSE 0 END) + ?, period = ? \
-                                  WHERE ns = ? AND ckey = ? AND win = ? \
-                                  AND ((CASE WHEN period = ? THEN used ELSE 0 END) + ? <= ? OR ? < 0)";
-                    let params = || {
-                        vec![
-                            Value::Int(start),
-                            Value::Int(req.amount),
-                            Value::Int(start),
-                            ns(),
-                            key(),
-                            win.clone(),
-                            Value::Int(start),
-                            Value::Int(req.amount),
-                            Value::Int(w.limit),
-                            Value::Int(w.limit),
-                        ]
-                    };
-                    let mut n = tx.exec(update, params()).await?;
-                    if n == 0 {
-                        // No row yet (or over the limit): create it empty and try once more.
-                        tx.exec(
-                            &format!("{insert_ignore} INTO vlv_counter (ns, ckey, win, period, used) VALUES (?, ?, ?, ?, 0)"),
-                            vec![ns(), key(), win.clone(), Value::Int(start)],
-                        )
-                        .await?;
-                        n = tx.exec(update, params()).await?;
+                    let now_used = current(row);
+                    ok = w.limit < 0 || now_used + req.amount <= w.limit;
+                    if ok {
+                        undo_counters.push((k.clone(), row));
+                        counters.insert(k.clone(), (start, now_used + req.amount));
+                        dirty.insert(k.clone());
                     }
-                    ok = n == 1;
                     charged[i] = ok;
                 }
-                let r = tx
-                    .rows(
-                        "SELECT used, period FROM vlv_counter WHERE ns = ? AND ckey = ? AND win = ?",
-                        vec![ns(), key(), win.clone()],
-                    )
-                    .await?;
-                let used = r.first().map_or(0, |row| {
-                    if int(&row[1]) == start {
-                        int(&row[0])
-                    } else {
-                        0
-                    }
-                });
+                let used = current(counters.get(&k).copied());
                 if peek || !admitted {
                     ok = ok && (w.limit < 0 || used + req.amount <= w.limit);
                 }
@@ -181,17 +419,38 @@ pub(crate) async fn run<T: Tx>(tx: &mut T, dialect: Dialect, req: &Request) -> R
             }
         }
     }
+    if !admitted {
+        // Nothing of a refused consumption stays: restore what it changed. (A row left
+        // marked dirty is written back with its restored, unchanged value.)
+        for (k, before) in undo_counters.into_iter().rev() {
+            match before {
+                Some(v) => counters.insert(k, v),
+                None => counters.remove(&k),
+            };
+        }
+        for (k, b, before) in undo_buckets.into_iter().rev() {
+            let m = slides.entry(k).or_default();
+            match before {
+                Some(v) => m.insert(b, v),
+                None => m.remove(&b),
+            };
+        }
+    }
     let mut windows: Vec<WindowState> = states
         .into_iter()
         .map(|s| s.expect("every window visited"))
         .collect();
     if !admitted {
-        // The transaction is rolled back: report charged windows as they were before.
+        // Report charged windows as they were before.
         for ((s, w), c) in windows.iter_mut().zip(&req.windows).zip(&charged) {
             if *c {
                 *s = WindowState::new(w.limit, s.used - req.amount, s.resets_at, true);
             }
         }
     }
-    Ok(Consumption { admitted, windows })
+    Consumption {
+        admitted,
+        windows,
+        repeated: false,
+    }
 }

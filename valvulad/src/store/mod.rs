@@ -97,6 +97,10 @@ pub enum StoreError {
     /// The call itself was wrong (bad key, window, literal in SQL text).
     #[error("{0}")]
     Invalid(String),
+    /// Another transaction took what this one counted on (a `consume_once` token);
+    /// retried, like a deadlock.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -141,7 +145,8 @@ pub(crate) trait Engine: Send + Sync {
     fn query(&self, stmt: Stmt) -> Result<Rows>;
     fn consume(&self, req: consume::Request) -> Result<Consumption>;
     fn reset(&self, ns: &str, key: &str) -> Result<u64>;
-    /// Deletes sliding-window buckets that no window counts any more.
+    /// Deletes sliding-window buckets that no window counts any more, and
+    /// `consume_once` tokens older than two days.
     fn maintain(&self, now: i64) -> Result<u64>;
     fn ping(&self) -> Result<()>;
 }
@@ -303,6 +308,7 @@ impl Store {
             now,
             peek,
             zone: self.zone,
+            once: None,
         })
     }
 
@@ -317,6 +323,29 @@ impl Store {
         now: i64,
     ) -> Result<Consumption> {
         let req = self.request(ns, key, amount, windows, false, now)?;
+        self.engine.consume(req)
+    }
+
+    /// [`Store::consume`], at most once per `token`: when a consumption was admitted
+    /// under `token` (in this namespace) in the last two days, nothing is charged and
+    /// the answer is admitted and `repeated`.
+    pub fn consume_once(
+        &self,
+        ns: &str,
+        key: &str,
+        token: &str,
+        amount: i64,
+        windows: &[Window],
+        now: i64,
+    ) -> Result<Consumption> {
+        if token.is_empty() || token.len() > MAX_KEY_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "token must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+                token.len()
+            )));
+        }
+        let mut req = self.request(ns, key, amount, windows, false, now)?;
+        req.once = Some(token.to_owned());
         self.engine.consume(req)
     }
 

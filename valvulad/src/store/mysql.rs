@@ -6,8 +6,9 @@
 //! to 10 s) instead of each waiting for a connect timeout, so Postfix gets the
 //! listener's on-error answer quickly; the first call after the backoff tries again.
 
-use std::sync::Mutex;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
@@ -16,15 +17,31 @@ use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOp
 use super::consume::{self, Tx};
 use super::window::Consumption;
 use super::{Dialect, Engine, Exec, Result, Rows, Stmt, StoreError, Value};
+use crate::sync::{Answer, Promise};
 
 const HOST_SCHEMA: &str = include_str!("../../../sql/mysql/host.sql");
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadlocks and lock-wait timeouts are retried this often before giving up.
 const RETRIES: usize = 5;
 
+/// Consumption lanes: a key always goes to the same lane, so this daemon's batches
+/// never wait on each other's row locks; several lanes keep the database busy while one
+/// waits for its commit.
+const LANES: usize = 4;
+/// Consumptions one lane decides in one transaction at most.
+const MAX_BATCH: usize = 256;
+
+type Pending = (consume::Request, Promise<Result<Consumption>>);
+
 pub struct Mysql {
-    pool: Pool,
+    shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
+    lanes: Vec<tokio::sync::mpsc::UnboundedSender<Pending>>,
+}
+
+/// What the calling threads and the lane tasks share.
+struct Shared {
+    pool: Pool,
     schema_ready: AtomicBool,
     health: Mutex<Health>,
 }
@@ -42,7 +59,8 @@ fn err(e: mysql_async::Error) -> StoreError {
 }
 
 fn retryable(e: &StoreError) -> bool {
-    matches!(e, StoreError::Sql(m) if m.ends_with("(1213)") || m.ends_with("(1205)"))
+    matches!(e, StoreError::Conflict(_))
+        || matches!(e, StoreError::Sql(m) if m.ends_with("(1213)") || m.ends_with("(1205)"))
 }
 
 fn to_my(v: Value) -> mysql_async::Value {
@@ -132,6 +150,184 @@ impl Tx for MyTx<'_, '_> {
     async fn rows(&mut self, sql: &str, p: Vec<Value>) -> Result<Vec<Vec<Value>>> {
         query_rows(self.0, sql, p).await.map(|r| r.rows)
     }
+    /// Sent as text with the values written in: a statement whose text changes with the
+    /// batch size would be prepared anew (one more round trip) nearly every time.
+    async fn exec_bulk(&mut self, sql: &str, p: Vec<Value>) -> Result<u64> {
+        self.0.query_drop(inline(sql, p)?).await.map_err(err)?;
+        Ok(self.0.affected_rows())
+    }
+    async fn rows_bulk(&mut self, sql: &str, p: Vec<Value>) -> Result<Vec<Vec<Value>>> {
+        let rows: Vec<mysql_async::Row> = self.0.query(inline(sql, p)?).await.map_err(err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| r.unwrap().into_iter().map(from_my).collect())
+            .collect())
+    }
+}
+
+/// Writes the values into the host's own batch statements. Injection-proof by
+/// construction: integers as digits, every string as a hex literal (`X'...'`, only hex
+/// digits between the quotes), and the statement text itself is the host's, with no
+/// `?` inside a literal.
+fn inline(sql: &str, p: Vec<Value>) -> Result<String> {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(sql.len() + p.len() * 24);
+    let mut values = p.into_iter();
+    for (i, part) in sql.split('?').enumerate() {
+        if i > 0 {
+            match values.next() {
+                Some(Value::Int(n)) => write!(out, "{n}").expect("write to String"),
+                Some(Value::Null) => out.push_str("NULL"),
+                Some(Value::Text(t)) => hex(&mut out, t.as_bytes()),
+                Some(Value::Blob(b)) => hex(&mut out, &b),
+                Some(Value::Float(_)) | None => {
+                    return Err(StoreError::Invalid(
+                        "internal: a batch statement's values do not match its placeholders".into(),
+                    ));
+                }
+            }
+        }
+        out.push_str(part);
+    }
+    Ok(out)
+}
+
+fn hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    out.push_str("X'");
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out.push('\'');
+}
+
+fn wait<T>(rx: Answer<Result<T>>) -> Result<T> {
+    let wait = || {
+        rx.wait()
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the runtime stopped".into())))
+    };
+    // On a runtime thread (a NONBLOCKING module, or startup code in an async context)
+    // hand the thread's other work away while waiting.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::task::block_in_place(wait)
+    } else {
+        wait()
+    }
+}
+
+impl Shared {
+    /// While the database is down, fails at once until the next attempt is due.
+    fn fail_fast(&self) -> Result<()> {
+        let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = h.retry_at
+            && Instant::now() < at
+        {
+            return Err(StoreError::Unavailable(format!(
+                "database down; next attempt in {:?}",
+                at - Instant::now()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a pooled connection (creating the host tables first, once) and
+    /// records whether the database answered.
+    async fn attempt<T, F>(&self, f: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(
+            &'c mut Conn,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
+        >,
+    {
+        let schema_needed = !self.schema_ready.load(Ordering::Acquire);
+        let r = async {
+            let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!("no connection within {CONNECT_TIMEOUT:?}"))
+                })?
+                .map_err(err)?;
+            if schema_needed {
+                for stmt in schema_statements(HOST_SCHEMA) {
+                    conn.query_drop(stmt).await.map_err(err)?;
+                }
+            }
+            f(&mut conn).await
+        }
+        .await;
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match &r {
+            Err(StoreError::Unavailable(e)) => {
+                if h.retry_at.is_none() {
+                    tracing::error!(
+                        "database unavailable: {e}; requests that need it get the on-error action"
+                    );
+                }
+                h.retry_at = Some(Instant::now() + h.backoff);
+                h.backoff = (h.backoff * 2).min(Duration::from_secs(10));
+            }
+            _ => {
+                if h.retry_at.take().is_some() {
+                    tracing::info!("database reachable again");
+                }
+                h.backoff = Duration::from_millis(250);
+                if schema_needed && r.is_ok() {
+                    self.schema_ready.store(true, Ordering::Release);
+                }
+            }
+        }
+        r
+    }
+
+    /// Decides a batch of consumptions in one transaction, retrying deadlocks.
+    async fn consume_batch(&self, reqs: Arc<[consume::Request]>) -> Result<Vec<Consumption>> {
+        let mut attempt = 0;
+        loop {
+            self.fail_fast()?;
+            let reqs = reqs.clone();
+            let r = self
+                .attempt(|c| {
+                    Box::pin(async move {
+                        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
+                        let r =
+                            consume::run_batch(&mut MyTx(&mut tx), Dialect::Mysql, &reqs).await?;
+                        tx.commit().await.map_err(err)?;
+                        Ok(r)
+                    })
+                })
+                .await;
+            match r {
+                Err(e) if retryable(&e) && attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// One lane: takes every consumption waiting (up to [`MAX_BATCH`]) and decides them in
+/// one transaction, then answers each after the commit.
+async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let reqs: Arc<[consume::Request]> = batch.iter().map(|(r, _)| r.clone()).collect();
+        match shared.consume_batch(reqs).await {
+            Ok(results) => {
+                for ((_, tx), c) in batch.drain(..).zip(results) {
+                    tx.send(Ok(c));
+                }
+            }
+            Err(e) => {
+                for (_, tx) in batch.drain(..) {
+                    tx.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 impl Mysql {
@@ -165,18 +361,26 @@ impl Mysql {
         if password.is_some() {
             b = b.pass(password);
         }
-        let pool = {
-            let _guard = runtime.enter();
-            Pool::new(b)
-        };
-        Ok(Mysql {
-            pool,
-            runtime,
+        let _guard = runtime.enter();
+        let shared = Arc::new(Shared {
+            pool: Pool::new(b),
             schema_ready: AtomicBool::new(false),
             health: Mutex::new(Health {
                 retry_at: None,
                 backoff: Duration::from_millis(250),
             }),
+        });
+        let lanes = (0..LANES)
+            .map(|_| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                runtime.spawn(lane(shared.clone(), rx));
+                tx
+            })
+            .collect();
+        Ok(Mysql {
+            shared,
+            runtime: runtime.clone(),
+            lanes,
         })
     }
 
@@ -201,71 +405,13 @@ impl Mysql {
                     .into(),
             ));
         }
-        {
-            let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(at) = h.retry_at
-                && Instant::now() < at
-            {
-                return Err(StoreError::Unavailable(format!(
-                    "database down; next attempt in {:?}",
-                    at - Instant::now()
-                )));
-            }
-        }
-        let pool = self.pool.clone();
-        let schema_ready = !self.schema_ready.load(Ordering::Acquire);
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.shared.fail_fast()?;
+        let shared = self.shared.clone();
+        let (tx, rx) = crate::sync::oneshot();
         self.runtime.spawn(async move {
-            let r = async {
-                let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, pool.get_conn())
-                    .await
-                    .map_err(|_| {
-                        StoreError::Unavailable(format!("no connection within {CONNECT_TIMEOUT:?}"))
-                    })?
-                    .map_err(err)?;
-                if schema_ready {
-                    for stmt in schema_statements(HOST_SCHEMA) {
-                        conn.query_drop(stmt).await.map_err(err)?;
-                    }
-                }
-                f(&mut conn).await
-            }
-            .await;
-            let _ = tx.send(r);
+            tx.send(shared.attempt(f).await);
         });
-        let wait = || {
-            rx.recv()
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("the runtime stopped".into())))
-        };
-        // On a runtime thread (a NONBLOCKING module, or startup code in an async
-        // context) hand the thread's other work away while waiting.
-        let r = if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::task::block_in_place(wait)
-        } else {
-            wait()
-        };
-        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        match &r {
-            Err(StoreError::Unavailable(e)) => {
-                if h.retry_at.is_none() {
-                    tracing::error!(
-                        "database unavailable: {e}; requests that need it get the on-error action"
-                    );
-                }
-                h.retry_at = Some(Instant::now() + h.backoff);
-                h.backoff = (h.backoff * 2).min(Duration::from_secs(10));
-            }
-            _ => {
-                if h.retry_at.take().is_some() {
-                    tracing::info!("database reachable again");
-                }
-                h.backoff = Duration::from_millis(250);
-                if schema_ready && r.is_ok() {
-                    self.schema_ready.store(true, Ordering::Release);
-                }
-            }
-        }
-        r
+        wait(rx)
     }
 
     fn with_retries<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
@@ -327,21 +473,15 @@ impl Engine for Mysql {
     }
 
     fn consume(&self, req: consume::Request) -> Result<Consumption> {
-        self.with_retries(|| {
-            let req = req.clone();
-            self.run(move |c| {
-                Box::pin(async move {
-                    let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
-                    let r = consume::run(&mut MyTx(&mut tx), Dialect::Mysql, &req).await?;
-                    if consume::keeps_nothing(&req, &r) {
-                        tx.rollback().await.map_err(err)?;
-                    } else {
-                        tx.commit().await.map_err(err)?;
-                    }
-                    Ok(r)
-                })
-            })
-        })
+        self.shared.fail_fast()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&req.ns, &req.key).hash(&mut h);
+        let lane = &self.lanes[h.finish() as usize % self.lanes.len()];
+        let (tx, rx) = crate::sync::oneshot();
+        if lane.send((req, tx)).is_err() {
+            return Err(StoreError::Unavailable("the runtime stopped".into()));
+        }
+        wait(rx)
     }
 
     fn reset(&self, ns: &str, key: &str) -> Result<u64> {
@@ -375,7 +515,14 @@ impl Engine for Mysql {
                 c.exec_drop("DELETE FROM vlv_slide WHERE expires < ?", (now,))
                     .await
                     .map_err(err)?;
-                Ok(c.affected_rows())
+                let a = c.affected_rows();
+                c.exec_drop(
+                    "DELETE FROM vlv_once WHERE at < ?",
+                    (now - valvula_abi::VLV_ONCE_KEEP_SECONDS,),
+                )
+                .await
+                .map_err(err)?;
+                Ok(a + c.affected_rows())
             })
         })
     }

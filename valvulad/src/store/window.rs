@@ -110,6 +110,8 @@ impl WindowState {
 pub struct Consumption {
     pub admitted: bool,
     pub windows: Vec<WindowState>,
+    /// A `consume_once` whose token was already charged: nothing was charged again.
+    pub repeated: bool,
 }
 
 /// The time zone calendar windows follow.
