@@ -92,6 +92,9 @@ fn open_conn(path: &PathBuf, synchronous_full: bool) -> Result<Connection> {
     c.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
     c.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_err)?;
+    // Savepoint sub-journals and sort scratch in memory, not in temporary files.
+    c.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(sql_err)?;
     c.pragma_update(
         None,
         "synchronous",
@@ -100,6 +103,14 @@ fn open_conn(path: &PathBuf, synchronous_full: bool) -> Result<Connection> {
     .map_err(sql_err)?;
     c.set_prepared_statement_cache_capacity(64);
     Ok(c)
+}
+
+/// A statement without parameters or rows (transaction control), prepared once.
+fn step(c: &Connection, sql: &str) -> Result<()> {
+    c.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .map(|_| ())
+        .map_err(sql_err)
 }
 
 fn exec_one(c: &Connection, s: &Stmt) -> Result<Exec> {
@@ -213,7 +224,7 @@ impl Writer {
             Ok(c) => c,
             Err(e) => return answer_all(jobs, &e),
         };
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err) {
+        if let Err(e) = step(conn, "BEGIN IMMEDIATE") {
             self.failed(&e);
             return answer_all(jobs, &e);
         }
@@ -225,22 +236,25 @@ impl Writer {
             .into_iter()
             .partition(|j| matches!(j, Job::Consume(..)));
         for job in others {
-            if let Err(e) = conn.execute_batch("SAVEPOINT job").map_err(sql_err) {
+            if let Err(e) = step(conn, "SAVEPOINT job") {
                 done.push((job, Done::Failed(e)));
                 continue;
             }
             let (result, keep) = run_job(conn, &job);
             let end = if keep {
-                "RELEASE job"
+                step(conn, "RELEASE job")
             } else {
-                "ROLLBACK TO job; RELEASE job"
+                step(conn, "ROLLBACK TO job").and_then(|()| step(conn, "RELEASE job"))
             };
-            if let Err(e) = conn.execute_batch(end).map_err(sql_err) {
+            if let Err(e) = end {
                 done.push((job, Done::Failed(e)));
                 continue;
             }
             done.push((job, result));
         }
+        // Alone in the transaction, the group needs no savepoint (and its sub-journal):
+        // if it fails, the whole transaction is rolled back.
+        let alone = done.is_empty();
         if !consumes.is_empty() {
             let reqs: Vec<consume::Request> = consumes
                 .iter()
@@ -249,22 +263,31 @@ impl Writer {
                     _ => None,
                 })
                 .collect();
-            let r = conn
-                .execute_batch("SAVEPOINT consume")
-                .map_err(sql_err)
-                .and_then(|()| {
-                    ready(consume::run_batch(
-                        &mut ConnTx(conn),
-                        Dialect::Sqlite,
-                        &reqs,
-                    ))
-                });
-            let end = if r.is_ok() {
-                "RELEASE consume"
+            let r = (if alone {
+                Ok(())
             } else {
-                "ROLLBACK TO consume; RELEASE consume"
+                step(conn, "SAVEPOINT consume")
+            })
+            .and_then(|()| {
+                ready(consume::run_batch(
+                    &mut ConnTx(conn),
+                    Dialect::Sqlite,
+                    &reqs,
+                ))
+            });
+            let end = match (&r, alone) {
+                (Ok(_), true) => Ok(()),
+                (Err(e), true) => {
+                    let _ = step(conn, "ROLLBACK");
+                    self.failed(e);
+                    return answer_all(consumes, e);
+                }
+                (Ok(_), false) => step(conn, "RELEASE consume"),
+                (Err(_), false) => {
+                    step(conn, "ROLLBACK TO consume").and_then(|()| step(conn, "RELEASE consume"))
+                }
             };
-            match conn.execute_batch(end).map_err(sql_err).and(r) {
+            match end.and(r) {
                 Ok(results) => {
                     for (job, c) in consumes.into_iter().zip(results) {
                         done.push((job, Done::Consumption(c)));
@@ -277,8 +300,8 @@ impl Writer {
                 }
             }
         }
-        if let Err(e) = conn.execute_batch("COMMIT").map_err(sql_err) {
-            let _ = conn.execute_batch("ROLLBACK");
+        if let Err(e) = step(conn, "COMMIT") {
+            let _ = step(conn, "ROLLBACK");
             tracing::error!(
                 "commit failed, {} job(s) answered with an error: {e}",
                 done.len()
