@@ -53,7 +53,7 @@ start() { # name
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
-# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tk rlm tkm).
+# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tk rlm tkm exact memory).
 want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { # scenario port conns
     local j
@@ -98,4 +98,78 @@ url = \"mysql://root@127.0.0.1:3306/$DB\"
 pool_size = 64" "$TICKET"
     if want tkm; then start tkm; tickets mariadb -uroot "$DB"; for c in $CONNS; do row "mod-ticket, MariaDB" 3695 "$c"; done; stop tkm; fi
     mariadb -uroot -e "DROP DATABASE $DB"
+fi
+
+# Correctness: one identity with a limit L, hammered from many connections; exactly L of
+# the N requests must be admitted (dunno), every other one refused.
+EXACT_RL='[module.mod-ratelimit]
+accounting = false
+[[module.mod-ratelimit.policy]]
+name = "exact"
+key = "sasl_user"
+metric = "messages"
+default = { limits = [["day", 1000]] }'
+exact_row() { # scenario port conns
+    local j
+    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration 3 --warmup 0 --threads 1 --identities 1 --json)
+    python3 -c "import json,sys; d=json.loads(sys.argv[1]); a=d['actions']; n=sum(a.values()); ok=a.get('dunno',0); print('| %s | %d | 1000 | %d | %d | %s | %d |' % (sys.argv[2], d['connections'], n, ok, 'yes' if ok == 1000 else '**NO**', d['errors']))" "$j" "$1"
+}
+exact_ticket() { # sql-runner: user0 on a plan of 1000 a day
+    { echo "INSERT INTO ticket_plan (id, name, total_limit, day_limit, month_limit) VALUES (1, 'exact', -1, 1000, -1);"
+      echo "INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('user0@example.com', -1, 1);"; } | "$@"
+}
+if want exact; then
+    echo
+    echo "| correctness | connections | limit L | requests N | admitted | exactly L | errors |"
+    echo "|---|---|---|---|---|---|---|"
+    for c in 64 256; do
+        config xrl$c 3696 '"mod-ratelimit"' "[storage]
+path = \"$W/xrl$c.db\"" "$EXACT_RL"
+        start xrl$c; exact_row "mod-ratelimit, SQLite" 3696 "$c"; stop xrl$c
+        config xtk$c 3697 '"mod-ticket"' "[storage]
+path = \"$W/xtk$c.db\"" "$TICKET"
+        start xtk$c; exact_ticket sqlite3 "$W/xtk$c.db"; exact_row "mod-ticket, SQLite" 3697 "$c"; stop xtk$c
+        if mariadb-admin ping >/dev/null 2>&1; then
+            DB=vlvexact_$$_$c
+            mariadb -uroot -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
+            config xrlm$c 3698 '"mod-ratelimit"' "[storage]
+backend = \"mysql\"
+url = \"mysql://root@127.0.0.1:3306/$DB\"
+pool_size = 64" "$EXACT_RL"
+            start xrlm$c; exact_row "mod-ratelimit, MariaDB" 3698 "$c"; stop xrlm$c
+            mariadb -uroot -e "DROP DATABASE $DB; CREATE DATABASE $DB"
+            config xtkm$c 3699 '"mod-ticket"' "[storage]
+backend = \"mysql\"
+url = \"mysql://root@127.0.0.1:3306/$DB\"
+pool_size = 64" "$TICKET"
+            start xtkm$c; exact_ticket mariadb -uroot "$DB"; exact_row "mod-ticket, MariaDB" 3699 "$c"; stop xtkm$c
+            mariadb -uroot -e "DROP DATABASE $DB"
+        fi
+    done
+fi
+
+# Memory: resident set of valvulad (mod-ratelimit on SQLite) idle, holding 10,000 idle
+# connections, and after charging 1,000,000 distinct identities.
+rss() { awk '/^VmRSS/ {printf "%.1f MB", $2/1024}' "/proc/$(pgrep -f "$W/$1.toml" | head -1)/status"; }
+hwm() { awk '/^VmHWM/ {printf "%.1f MB", $2/1024}' "/proc/$(pgrep -f "$W/$1.toml" | head -1)/status"; }
+if want memory; then
+    ulimit -n 65536
+    config mem 3700 '"mod-ratelimit"' "[storage]
+path = \"$W/mem.db\"" "$RATELIMIT"
+    sed -i 's/^max_connections = .*/max_connections = 20000/' "$W/mem.toml"
+    start mem
+    echo
+    echo "| memory (valvulad, mod-ratelimit on SQLite) | resident | detail |"
+    echo "|---|---|---|"
+    echo "| started, idle | $(rss mem) | |"
+    taskset -c 1 "$B" hold --target 127.0.0.1:3700 --connections 10000 --seconds 8 > "$W/hold.json" 2>/dev/null &
+    sleep 6
+    held=$(rss mem)
+    wait
+    echo "| 10,000 idle connections open | $held | $(cat "$W/hold.json") |"
+    taskset -c 1 "$B" run --target 127.0.0.1:3700 --connections 64 --requests 15625 --warmup 0 --threads 1 \
+        --identities 1000000 --sequential --json > "$W/million.json"
+    rows=$(sqlite3 "$W/mem.db" "SELECT COUNT(DISTINCT ckey) FROM vlv_counter WHERE ns = 'mod-ratelimit'")
+    echo "| after 1,000,000 identities charged | $(rss mem) (peak $(hwm mem)) | $rows identities stored; $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('%.0f requests/s, errors %d' % (d['requests_per_second'], d['errors']))" "$W/million.json") |"
+    stop mem
 fi

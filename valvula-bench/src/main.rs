@@ -35,6 +35,16 @@ struct Cli {
 enum Cmd {
     /// Send load to a policy server.
     Run(RunArgs),
+    /// Open idle connections, hold them, then check each still gets an answer.
+    Hold {
+        #[arg(long, default_value = "127.0.0.1:3579")]
+        target: String,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Seconds to hold them idle.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// The ceiling: parse each request and answer dunno.
     ServeDunno {
         #[arg(long, default_value = "127.0.0.1:3580")]
@@ -77,6 +87,10 @@ struct RunArgs {
     /// Zipf exponent for choosing identities (0: uniform).
     #[arg(long, default_value_t = 0.0)]
     zipf: f64,
+    /// Take identities in turn (0, 1, 2, ...) instead of at random: N requests charge
+    /// N distinct identities (with --identities N).
+    #[arg(long)]
+    sequential: bool,
     /// Recipients per message (recipient_count at DATA and END-OF-MESSAGE).
     #[arg(long, default_value_t = 1)]
     rcpts: u32,
@@ -109,12 +123,18 @@ impl Rng {
 struct Chooser {
     n: usize,
     cdf: Option<Vec<f64>>,
+    /// `--sequential`: the next identity to hand out.
+    turn: Option<std::sync::atomic::AtomicUsize>,
 }
 
 impl Chooser {
     fn new(n: usize, s: f64) -> Chooser {
         if s <= 0.0 {
-            return Chooser { n, cdf: None };
+            return Chooser {
+                n,
+                cdf: None,
+                turn: None,
+            };
         }
         let mut acc = 0.0;
         let mut cdf: Vec<f64> = (1..=n)
@@ -126,9 +146,23 @@ impl Chooser {
         for c in &mut cdf {
             *c /= acc;
         }
-        Chooser { n, cdf: Some(cdf) }
+        Chooser {
+            n,
+            cdf: Some(cdf),
+            turn: None,
+        }
+    }
+    fn sequential(n: usize) -> Chooser {
+        Chooser {
+            n,
+            cdf: None,
+            turn: Some(std::sync::atomic::AtomicUsize::new(0)),
+        }
     }
     fn pick(&self, r: &mut Rng) -> usize {
+        if let Some(t) = &self.turn {
+            return t.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.n;
+        }
         match &self.cdf {
             None => (r.next() % self.n as u64) as usize,
             Some(cdf) => {
@@ -230,7 +264,8 @@ async fn connection(
         let s = stream.as_mut().expect("connected");
         buf.clear();
         buf.extend_from_slice(&templates[chooser.pick(&mut rng)]);
-        buf.extend_from_slice(format!("b{conn}.{n}\n\n").as_bytes());
+        // Unique across runs too: a daemon charges a re-sent instance only once.
+        buf.extend_from_slice(format!("b{}.{conn}.{n}\n\n", run_id()).as_bytes());
         n += 1;
         let sent = Instant::now();
         let ok = async {
@@ -272,6 +307,52 @@ async fn connection(
     t
 }
 
+/// This run's part of every `instance` value.
+fn run_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    })
+}
+
+/// Opens `n` connections and sends nothing for `seconds`; then one request on each.
+/// Prints how many were opened and how many answered afterwards.
+async fn hold(target: String, n: usize, seconds: f64) -> anyhow::Result<()> {
+    let mut open = Vec::with_capacity(n);
+    let mut refused = 0usize;
+    for _ in 0..n {
+        match TcpStream::connect(&target).await {
+            Ok(s) => open.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    eprintln!("holding {} idle connections ({refused} refused)", open.len());
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let request = template(Stage::Data, 0, 1);
+    let mut answered = 0usize;
+    for s in &mut open {
+        let mut buf = request.clone();
+        buf.extend_from_slice(format!("h{}\n\n", run_id()).as_bytes());
+        let mut reply = [0u8; 256];
+        let ok = tokio::time::timeout(Duration::from_secs(5), async {
+            s.write_all(&buf).await?;
+            let n = s.read(&mut reply).await?;
+            Ok::<bool, std::io::Error>(n > 0 && reply.starts_with(b"action="))
+        })
+        .await;
+        if matches!(ok, Ok(Ok(true))) {
+            answered += 1;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"opened": open.len(), "refused": refused, "answered_after_hold": answered})
+    );
+    Ok(())
+}
+
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -286,7 +367,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|i| template(args.stage, i, args.rcpts))
             .collect(),
     );
-    let chooser = Arc::new(Chooser::new(args.identities.max(1), args.zipf));
+    let chooser = Arc::new(if args.sequential {
+        Chooser::sequential(args.identities.max(1))
+    } else {
+        Chooser::new(args.identities.max(1), args.zipf)
+    });
     let args = Arc::new(args);
     let start = Instant::now();
     let tasks: Vec<_> = (0..args.connections)
@@ -322,7 +407,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.json {
         let v = serde_json::json!({
             "target": args.target, "connections": args.connections, "stage": format!("{:?}", args.stage).to_lowercase(),
-            "new_connection": args.new_connection, "identities": args.identities, "zipf": args.zipf,
+            "new_connection": args.new_connection, "identities": args.identities, "zipf": args.zipf, "sequential": args.sequential,
             "requests": count, "seconds": elapsed, "requests_per_second": rps,
             "latency_ms": {"p50": p(50.0), "p90": p(90.0), "p99": p(99.0), "p99_9": p(99.9), "max": l.last().copied().unwrap_or(0) as f64 / 1000.0},
             "actions": all.actions, "errors": all.errors,
@@ -387,6 +472,7 @@ fn main() -> anyhow::Result<()> {
     let threads = match &cli.command {
         Cmd::Run(a) => a.threads,
         Cmd::ServeDunno { threads, .. } => *threads,
+        Cmd::Hold { .. } => 1,
     };
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
@@ -397,6 +483,11 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Cmd::Run(a) => run(a).await,
             Cmd::ServeDunno { listen, .. } => serve_dunno(listen).await,
+            Cmd::Hold {
+                target,
+                connections,
+                seconds,
+            } => hold(target, connections, seconds).await,
         }
     })
 }
