@@ -5,6 +5,7 @@ mod counting;
 mod ctl;
 mod dropin;
 mod fakes;
+mod hostile;
 mod install;
 mod maincf;
 mod postfix;

@@ -31,6 +31,14 @@ impl Client {
         }
     }
 
+    /// A client on a connection opened elsewhere.
+    pub fn from_stream(stream: TcpStream) -> Client {
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("send");
     }

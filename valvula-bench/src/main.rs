@@ -328,7 +328,10 @@ async fn hold(target: String, n: usize, seconds: f64) -> anyhow::Result<()> {
             Err(_) => refused += 1,
         }
     }
-    eprintln!("holding {} idle connections ({refused} refused)", open.len());
+    eprintln!(
+        "holding {} idle connections ({refused} refused)",
+        open.len()
+    );
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     let request = template(Stage::Data, 0, 1);
     let mut answered = 0usize;

@@ -227,6 +227,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(p) if !args.check => Some(valvulad::process::PidFile::create(p, args.skip_pid_check)?),
         _ => None,
     };
+    let files = valvulad::process::raise_open_files();
+    tracing::debug!(limit = files, "open files");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("valvulad")

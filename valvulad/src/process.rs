@@ -102,6 +102,24 @@ pub fn detach(args: &[String]) -> anyhow::Result<u32> {
 }
 
 /// In a detached child: a session of its own, away from the terminal.
+/// Raises the soft limit on open files to the hard limit: every Postfix smtpd process
+/// holds a connection, and the usual soft limit of 1024 is far below a busy server's
+/// (10,000 connections are tested). Returns the limit now in force.
+pub fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
+
 pub fn become_detached() {
     let _ = nix::unistd::setsid();
 }

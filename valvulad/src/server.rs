@@ -652,8 +652,14 @@ where
     let mut decoder = Decoder::new(limits.codec);
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(256);
+    let mut request_deadline: Option<tokio::time::Instant> = None;
     loop {
-        match decoder.decode(&mut buf) {
+        let decoded = decoder.decode(&mut buf);
+        if matches!(decoded, Ok(Some(_))) {
+            // The next request gets its own request_timeout.
+            request_deadline = None;
+        }
+        match decoded {
             Err(e) => {
                 let rt = shared.runtime.load();
                 shared.malformed.fetch_add(1, Ordering::Relaxed);
@@ -693,6 +699,16 @@ where
             Ok(None) => {}
         }
         let partial = decoder.in_progress(&buf);
+        // A request must be complete within request_timeout of its first byte, however
+        // it trickles in: a timeout per read would let one byte every few seconds hold
+        // the connection for ever (slowloris).
+        let deadline = if partial {
+            *request_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + limits.request_timeout)
+        } else {
+            request_deadline = None;
+            tokio::time::Instant::now() + limits.idle_timeout
+        };
         let wait = if partial {
             limits.request_timeout
         } else {
@@ -701,7 +717,7 @@ where
         let read = tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !partial => return,
-            r = tokio::time::timeout(wait, stream.read_buf(&mut buf)) => r,
+            r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
         };
         match read {
             Ok(Ok(0)) => {

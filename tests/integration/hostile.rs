@@ -1,0 +1,248 @@
+//! Hostile clients against a real valvulad process: idle hordes, slow senders, partial
+//! requests, oversized lines and requests, binary garbage, NUL bytes, invalid UTF-8,
+//! 10,000 attributes and a flood beyond the connection cap, all at once, while a
+//! well-behaved client keeps asking. It must get every answer, right and in time; the
+//! daemon's memory must stay bounded.
+//!
+//! `VALVULA_LONG=1` runs the long variant (10,000 idle connections, one byte per second
+//! for a minute) for the figures in RELIABILITY.md.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use valvula_tests::client::{Answer, Client, postfix_request};
+use valvula_tests::daemon::Proc;
+use valvula_tests::module_path;
+
+fn long() -> bool {
+    std::env::var_os("VALVULA_LONG").is_some()
+}
+
+fn config(cap: usize) -> String {
+    format!(
+        "[server]\nmodule_dirs = [{:?}]\n\
+         [limits]\nmax_line_bytes = 4096\nmax_request_bytes = 65536\nmax_attributes = 1000\n\
+         request_timeout = \"5s\"\n\
+         [log]\nlevel = \"warn,valvulad=info\"\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n\
+         max_connections = {cap}\n",
+        module_path("mod_test")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    )
+}
+
+/// Resident memory of a process, in MB.
+fn rss_mb(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Latencies (ms) of `n` requests of a well-behaved client, each checked.
+async fn good_client(addr: &str, n: usize) -> Vec<f64> {
+    let mut c = Client::connect(addr).await;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let req = postfix_request(&[("x_test_action", "ok"), ("x_test_text", &format!("n{i}"))]);
+        let t = Instant::now();
+        let r = c.ask(&req).await;
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(r, format!("action=ok n{i}\n\n"), "answer {i} was wrong");
+    }
+    out
+}
+
+fn p99(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * 0.99) as usize]
+}
+
+async fn open(addr: &str) -> Option<TcpStream> {
+    TcpStream::connect(addr).await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_do_not_stop_or_slow_the_others() {
+    let (idle, slow_secs, byte_every) = if long() {
+        (10_000, 60, Duration::from_secs(1))
+    } else {
+        (2_000, 6, Duration::from_millis(200))
+    };
+    let cap = idle + 500;
+    let p = Proc::start(&config(cap), &[]);
+    let addr = p.addrs()[0].clone();
+    let pid = p.child.id();
+    let mut base = good_client(&addr, 300).await;
+    let base_p99 = p99(&mut base);
+    let rss_before = rss_mb(pid);
+
+    let mut attackers = tokio::task::JoinSet::new();
+    // Idle hordes: connect and say nothing.
+    let mut held = Vec::new();
+    for _ in 0..idle {
+        if let Some(s) = open(&addr).await {
+            held.push(s);
+        }
+    }
+    let held_count = held.len();
+    // Slow senders: a valid request, one byte at a time.
+    for _ in 0..20 {
+        let addr = addr.clone();
+        attackers.spawn(async move {
+            let Some(mut s) = open(&addr).await else {
+                return;
+            };
+            for b in postfix_request(&[]) {
+                if s.write_all(&[b]).await.is_err() {
+                    return; // request_timeout closed it: expected
+                }
+                tokio::time::sleep(byte_every).await;
+            }
+        });
+    }
+    // Partial requests, then silence.
+    for _ in 0..20 {
+        let addr = addr.clone();
+        attackers.spawn(async move {
+            let Some(mut s) = open(&addr).await else {
+                return;
+            };
+            let _ = s
+                .write_all(b"request=smtpd_access_policy\nprotocol_state=RC")
+                .await;
+            tokio::time::sleep(Duration::from_secs(slow_secs)).await;
+        });
+    }
+    // Oversized lines and requests, garbage, NUL bytes, invalid UTF-8, 10,000 attributes.
+    let mut nasty: Vec<Vec<u8>> = vec![
+        vec![b'a'; 1 << 20],
+        [
+            b"request=smtpd_access_policy\n".as_slice(),
+            &vec![b'x'; 100_000],
+        ]
+        .concat(),
+        (0..5000)
+            .flat_map(|i| format!("x_pad{i}={}\n", "y".repeat(30)).into_bytes())
+            .collect(),
+        (0..10_000)
+            .flat_map(|i| format!("a{i}=b\n").into_bytes())
+            .chain(*b"\n")
+            .collect(),
+        b"request=smtpd_access_policy\nsender=a\0b@example.com\n\n".to_vec(),
+        b"request=smtpd_access_policy\nsender=\xff\xfe\xc3\x28@example.com\n\n".to_vec(),
+        b"\0\0\0\0\n\n".to_vec(),
+        b"no equals sign here\n\n".to_vec(),
+    ];
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    nasty.push(
+        (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect(),
+    );
+    let tried = nasty.len();
+    for bytes in nasty {
+        let addr = addr.clone();
+        attackers.spawn(async move {
+            for _ in 0..5 {
+                let Some(mut s) = open(&addr).await else {
+                    return;
+                };
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+            }
+        });
+    }
+    // A flood beyond the cap: refused at once, nobody else harmed.
+    let flood = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut extra = Vec::new();
+            for _ in 0..1000 {
+                if let Some(s) = open(&addr).await {
+                    extra.push(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            extra.len()
+        })
+    };
+
+    // Meanwhile, the well-behaved client.
+    let t = Instant::now();
+    let mut during = good_client(&addr, 1000).await;
+    let during_p99 = p99(&mut during);
+    let during_max = during.iter().copied().fold(0.0, f64::max);
+    let rss_during = rss_mb(pid);
+    let flooded = flood.await.unwrap();
+    while attackers.join_next().await.is_some() {}
+    eprintln!(
+        "RELIABILITY: idle connections held {held_count}, hostile inputs {tried} kinds x5, \
+         flood {flooded} connects beyond {cap}; good client p99 {base_p99:.2} ms before, \
+         {during_p99:.2} ms during (max {during_max:.1} ms, {:.1} s); rss {rss_before:.1} MB \
+         before, {rss_during:.1} MB during",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        held_count, idle,
+        "the daemon refused idle connections under its cap"
+    );
+    // Postfix's own policy timeout is 100 s; an answer within 2 s is no harm to SMTP.
+    assert!(during_max < 2000.0, "a good request waited {during_max} ms");
+    assert!(rss_during < 200.0, "resident memory {rss_during} MB");
+    // The idle connections are still served.
+    let mut c = Client::from_stream(held.pop().unwrap());
+    let r = c.ask(&postfix_request(&[("x_test_action", "dunno")])).await;
+    assert_eq!(
+        r, "action=dunno\n\n",
+        "an idle connection was not served after the attack"
+    );
+    assert!(
+        matches!(c.answer(Duration::from_millis(50)).await, Answer::Silence),
+        "one reply per request"
+    );
+    assert!(
+        p.count_log("connection cap") > 0,
+        "the flood beyond the cap was not logged:\n{}",
+        p.log()
+    );
+}
+
+/// A request that trickles in (one byte every 200 ms, each read well inside the timeout)
+/// is still cut at request_timeout from its first byte: no slowloris.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_request_is_cut_at_request_timeout() {
+    let cfg = config(100).replace("request_timeout = \"5s\"", "request_timeout = \"1s\"");
+    let p = Proc::start(&cfg, &[]);
+    let addr = p.addrs()[0].clone();
+    let mut s = open(&addr).await.unwrap();
+    let t = Instant::now();
+    let mut sent = 0;
+    for b in postfix_request(&[]) {
+        if s.write_all(&[b]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if t.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "still open after {:?} and {sent} bytes",
+        t.elapsed()
+    );
+    assert!(p.wait_for_log("request not completed in time", Duration::from_secs(5)));
+}
