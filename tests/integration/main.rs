@@ -5,6 +5,7 @@ mod counting;
 mod ctl;
 mod dropin;
 mod fakes;
+mod faults;
 mod hostile;
 mod install;
 mod maincf;
