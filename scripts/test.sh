@@ -12,3 +12,5 @@ cargo build --workspace --all-targets --locked
 # The Debian package of this build, for the package test (releases: scripts/build-deb.sh).
 cargo deb -p valvulad --no-build --profile dev -o target/debian/ >/dev/null 2>&1
 cargo nextest run --workspace --locked --no-fail-fast "$@"
+# A short bounded fuzz run of every target from the seed corpus (longer: scripts/fuzz.sh N).
+scripts/fuzz.sh "${FUZZ_SECONDS:-15}"

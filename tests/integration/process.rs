@@ -560,3 +560,50 @@ fn is_local_destination_asks_postfix() {
         assert_eq!((c, out.trim()), (code, says), "{what}");
     }
 }
+
+/// The admin socket answers root and the daemon's user only: even with the socket file
+/// opened to everyone, a client running as `nobody` is refused by its peer credentials.
+#[test]
+fn admin_socket_refuses_other_users() {
+    let p = Proc::start(&base("", ""), &[]);
+    let sock = p.dir.path().join("admin.sock");
+    let ask = |as_nobody: bool| {
+        let script = format!(
+            "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); \
+             s.sendall(b'status\\n'); print(s.recv(65536).decode() or 'CLOSED')",
+            sock.display().to_string()
+        );
+        let mut cmd = if as_nobody {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ]);
+            c
+        } else {
+            let mut c = std::process::Command::new("/usr/bin/python3");
+            c.arg("-c");
+            c
+        };
+        let out = cmd.arg(&script).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(ask(false).contains("listeners"), "root was not answered");
+    // The file itself is 0600: nobody cannot even connect.
+    std::fs::set_permissions(p.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let r = ask(true);
+    assert!(r.contains("PermissionError"), "socket open to others: {r}");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let r = ask(true);
+    let refused = r.contains("CLOSED") || r.contains("ConnectionResetError");
+    assert!(refused && !r.contains("listeners"), "{r}");
+    assert!(
+        p.wait_for_log("admin socket: refused", Duration::from_secs(5)),
+        "{}",
+        p.log()
+    );
+}

@@ -506,10 +506,9 @@ fn consume_once_is_exact_under_concurrency_and_across_daemons() {
         let repeats = Arc::new(AtomicI64::new(0));
         std::thread::scope(|scope| {
             for t in 0..32 {
-                let s = if t % 2 == 1 && second.is_some() {
-                    second.as_ref().unwrap()
-                } else {
-                    &b.store
+                let s = match &second {
+                    Some(other) if t % 2 == 1 => other,
+                    _ => &b.store,
                 };
                 let repeats = repeats.clone();
                 scope.spawn(move || {

@@ -33,6 +33,9 @@ pub struct Translated {
     pub warnings: Vec<String>,
 }
 
+const MAX_INCLUDE_BYTES: u64 = 1 << 20;
+const MAX_EXPANDED_BYTES: usize = 4 << 20;
+
 /// Expands `<include src="file"/>` and `<include dir="path"/>` into the elements they
 /// name, recursively, as valvula does (files that fail to parse are skipped).
 fn expand(
@@ -60,9 +63,9 @@ fn expand(
             })?;
         let tag = &rest[i..end];
         let attr = |name: &str| {
-            let k = tag.find(&format!("{name}="))?;
-            let q = tag[k + name.len() + 1..].chars().next()?;
-            let v = &tag[k + name.len() + 2..];
+            let k = tag.find(&format!("{name}="))? + name.len() + 1;
+            let q = tag[k..].chars().next()?;
+            let v = &tag[k + q.len_utf8()..];
             Some(v[..v.find(q)?].to_owned())
         };
         let base = file.parent().unwrap_or(Path::new("."));
@@ -81,6 +84,18 @@ fn expand(
             );
         }
         for f in files {
+            // Only regular files, and not huge ones: `<include src="/dev/zero"/>` must
+            // not read for ever.
+            let regular = std::fs::metadata(&f)
+                .map(|m| m.is_file() && m.len() <= MAX_INCLUDE_BYTES)
+                .unwrap_or(false);
+            if !regular {
+                warnings.push(format!(
+                    "<include> {}: not a regular file of at most {MAX_INCLUDE_BYTES} bytes; skipped",
+                    f.display()
+                ));
+                continue;
+            }
             match std::fs::read_to_string(&f) {
                 Ok(t) => {
                     let body = t.trim_start();
@@ -89,6 +104,15 @@ fn expand(
                         None => body,
                     };
                     out.push_str(&expand(body, &f, depth + 1, warnings)?);
+                    // A file that includes itself several times doubles at each level.
+                    if out.len() > MAX_EXPANDED_BYTES {
+                        return Err(XmlError::Invalid {
+                            file: file.to_owned(),
+                            what: format!(
+                                "<include>s expand to more than {MAX_EXPANDED_BYTES} bytes"
+                            ),
+                        });
+                    }
                 }
                 Err(e) => warnings.push(format!("<include> {}: {e}; skipped", f.display())),
             }
