@@ -356,6 +356,19 @@ typedef struct vlv_host_api {
                             int64_t amount, const vlv_window *windows, size_t n,
                             vlv_window_state *states, uint32_t *admitted,
                             uint32_t *repeated);
+
+    /* sql_exec() of one INSERT, UPDATE, DELETE or REPLACE, at most once per
+     * `token` (per module; the same store as consume_once()'s tokens). When a
+     * run under `token` changed rows in the last VLV_ONCE_KEEP_SECONDS, the
+     * statement is not run again: *repeated = 1, *affected = 0. Otherwise it
+     * runs, *repeated = 0, and the token is kept in the same transaction only
+     * if it changed rows (a refused conditional UPDATE may be tried again).
+     * Concurrent calls with one token, from any daemon on the database, run
+     * the statement once. affected, last_insert_id, repeated may be NULL. */
+    int32_t (*sql_exec_once)(vlv_module_ctx *ctx, vlv_str token, vlv_str sql,
+                             const vlv_value *params, size_t n_params,
+                             uint64_t *affected, int64_t *last_insert_id,
+                             uint32_t *repeated);
 } vlv_host_api;
 
 /* How long consume_once() remembers a token (two days: longer than any

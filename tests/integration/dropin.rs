@@ -96,16 +96,19 @@ async fn valvula_example_config_and_database_work_unchanged() {
         p.log()
     );
     let mut c = Client::connect(&format!("127.0.0.1:{port}")).await;
-    let req = postfix_request(&[
-        ("sasl_username", "francis@aspl.es"),
-        ("protocol_state", "DATA"),
-        ("recipient_count", "1"),
-    ]);
-    for _ in 0..3 {
-        assert_eq!(c.ask(&req).await, "action=dunno\n\n");
+    let req = |n: usize| {
+        postfix_request(&[
+            ("sasl_username", "francis@aspl.es"),
+            ("protocol_state", "DATA"),
+            ("recipient_count", "1"),
+            ("instance", &format!("msg{n}")),
+        ])
+    };
+    for n in 0..3 {
+        assert_eq!(c.ask(&req(n)).await, "action=dunno\n\n");
     }
     assert_eq!(
-        c.ask(&req).await,
+        c.ask(&req(3)).await,
         "action=reject Rejecting operation because day limit reached (3)\n\n"
     );
     assert_eq!(

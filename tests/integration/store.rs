@@ -530,3 +530,92 @@ fn consume_once_is_exact_under_concurrency_and_across_daemons() {
         assert_eq!(repeats.load(Ordering::SeqCst), 32 * 20 - 20, "{}", b.label);
     });
 }
+
+/// exec_once: a conditional write runs once per token; a refused one (no row changed)
+/// keeps no token; concurrent callers with one token, through two daemons' stores on
+/// MariaDB, run it once.
+#[test]
+fn exec_once_runs_a_write_once_per_token() {
+    both(|b| {
+        let s = &b.store;
+        s.exec(Stmt::new(
+            "CREATE TABLE quota (id INTEGER PRIMARY KEY, used INTEGER NOT NULL)",
+            vec![],
+        ))
+        .unwrap();
+        s.exec(Stmt::new(
+            "INSERT INTO quota (id, used) VALUES (?, ?)",
+            vec![1.into(), 0.into()],
+        ))
+        .unwrap();
+        let charge = |limit: i64| {
+            Stmt::new(
+                "UPDATE quota SET used = used + 1 WHERE id = ? AND used + 1 <= ?",
+                vec![1.into(), limit.into()],
+            )
+        };
+        let once = |token: &str, limit: i64| s.exec_once("m", token, charge(limit), T0).unwrap();
+        assert_eq!(once("q1", 2).map(|e| e.affected), Some(1), "{}", b.label);
+        assert_eq!(once("q1", 2), None, "{}: a re-send ran again", b.label);
+        assert_eq!(once("q2", 2).map(|e| e.affected), Some(1));
+        // Refused by its condition: runs, changes nothing, keeps no token...
+        assert_eq!(once("q3", 2).map(|e| e.affected), Some(0), "{}", b.label);
+        // ... so with room again, the same request is charged.
+        assert_eq!(once("q3", 3).map(|e| e.affected), Some(1), "{}", b.label);
+        let used = s
+            .query(Stmt::new(
+                "SELECT used FROM quota WHERE id = ?",
+                vec![1.into()],
+            ))
+            .unwrap();
+        assert_eq!(used.rows[0][0], Value::Int(3), "{}", b.label);
+        assert!(matches!(
+            s.exec_once("m", "t", Stmt::new("SELECT 1", vec![]), T0),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.exec_once("m", "", charge(9), T0),
+            Err(StoreError::Invalid(_))
+        ));
+
+        // Many callers, ten tokens each sent by all of them.
+        let second = match &b._db {
+            Some(db) => Some(
+                Store::open(
+                    &StorageConfig {
+                        backend: Backend::Mysql {
+                            url: db.url(),
+                            password: None,
+                            pool_size: 8,
+                        },
+                        zone: Zone::parse("UTC").unwrap(),
+                    },
+                    b._rt.handle().clone(),
+                )
+                .unwrap(),
+            ),
+            None => None,
+        };
+        std::thread::scope(|scope| {
+            for t in 0..24 {
+                let st = match &second {
+                    Some(other) if t % 2 == 1 => other,
+                    _ => &b.store,
+                };
+                scope.spawn(move || {
+                    for m in 0..10 {
+                        st.exec_once("m", &format!("msg{m}"), charge(1_000), T0)
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let used = s
+            .query(Stmt::new(
+                "SELECT used FROM quota WHERE id = ?",
+                vec![1.into()],
+            ))
+            .unwrap();
+        assert_eq!(used.rows[0][0], Value::Int(13), "{}", b.label);
+    });
+}

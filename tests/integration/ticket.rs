@@ -205,18 +205,28 @@ fn existing_valvula_database_and_operator_sql() {
     );
     let addr = p.addrs()[0].clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ask = |user: &str| {
+    let sent = std::cell::Cell::new(0);
+    let ask_as = |user: &str, instance: &str| {
         let req = valvula_tests::client::postfix_request(&[
             ("sasl_username", user),
             ("protocol_state", "DATA"),
             ("recipient_count", "1"),
+            ("instance", instance),
         ]);
         let addr = addr.clone();
         rt.block_on(async move { Client::connect(&addr).await.ask(&req).await })
     };
+    // Each message its own Postfix instance.
+    let ask = |user: &str| {
+        sent.set(sent.get() + 1);
+        ask_as(user, &format!("m{}", sent.get()))
+    };
     for _ in 0..3 {
         assert_eq!(ask("user@example.com"), "action=dunno\n\n");
     }
+    // Postfix re-sends message 2's request after its policy timeout: answered as
+    // before, not charged again (valvula charged it twice).
+    assert_eq!(ask_as("user@example.com", "m2"), "action=dunno\n\n");
     assert_eq!(
         ask("user@example.com"),
         "action=reject Rejecting operation because day limit reached (3)\n\n"
@@ -248,12 +258,16 @@ async fn sixty_four_connections_and_two_daemons_admit_exactly_the_plan() {
     let Raw::Mysql(db) = &raw else { unreachable!() };
     db.sql("INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('busy@example.com', -1, 1)");
     let addrs = [a.addrs()[0].clone(), b.addrs()[0].clone()];
-    let req = valvula_tests::client::postfix_request(&[("sasl_username", "busy@example.com")]);
     let admitted = hammer(
         &addrs,
         64,
         4,
-        move |_, _| req.clone(),
+        move |i, j| {
+            valvula_tests::client::postfix_request(&[
+                ("sasl_username", "busy@example.com"),
+                ("instance", &format!("c{i}.{j}")),
+            ])
+        },
         "action=dunno\n\n",
         "action=reject Rejecting operation because day limit reached (150)\n\n",
     )

@@ -227,6 +227,18 @@ pub struct vlv_host_api {
     pub reset: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, key: vlv_str) -> i32>,
     // ABI 0.3.
     pub consume_once: Option<ConsumeOnceFn>,
+    pub sql_exec_once: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            token: vlv_str,
+            sql: vlv_str,
+            params: *const vlv_value,
+            n_params: usize,
+            affected: *mut u64,
+            last_insert_id: *mut i64,
+            repeated: *mut u32,
+        ) -> i32,
+    >,
 }
 
 pub type ConsumeOnceFn = unsafe extern "C" fn(
@@ -322,7 +334,8 @@ const _: () = {
     assert!(offset_of!(vlv_host_api, peek) == 136);
     assert!(offset_of!(vlv_host_api, reset) == 144);
     assert!(offset_of!(vlv_host_api, consume_once) == 152);
-    assert!(size_of::<vlv_host_api>() == 160);
+    assert!(offset_of!(vlv_host_api, sql_exec_once) == 160);
+    assert!(size_of::<vlv_host_api>() == 168);
 
     assert!(size_of::<vlv_value>() == 40);
     assert!(offset_of!(vlv_value, i) == 8);

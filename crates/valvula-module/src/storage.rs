@@ -262,6 +262,42 @@ impl Host {
         Ok(e)
     }
 
+    /// [`Host::exec`] of one INSERT, UPDATE, DELETE or REPLACE at most once per `token`
+    /// (e.g. Postfix's `instance` with the stage): `None` when a run under `token`
+    /// changed rows in the last two days, so nothing ran. The token is kept, in the
+    /// statement's own transaction, only when it changed rows. Needs a daemon of ABI 0.3.
+    pub fn exec_once(
+        &self,
+        token: &str,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<Option<Exec>, StorageError> {
+        let api = storage_api(self.api())?;
+        let end = std::mem::offset_of!(vlv_host_api, sql_exec_once) + std::mem::size_of::<usize>();
+        if (api.struct_size as usize) < end {
+            return Err(StorageError::NotSupported);
+        }
+        let f = api.sql_exec_once.ok_or(StorageError::NotSupported)?;
+        let raws: Vec<vlv_value> = params.iter().map(raw).collect();
+        let mut e = Exec::default();
+        let mut repeated = 0u32;
+        // SAFETY: every pointer is to memory we own for the duration of the call; the
+        // host table was checked to have the field.
+        status(unsafe {
+            f(
+                self.ctx(),
+                vlv_str::from_str(token),
+                vlv_str::from_str(sql),
+                raws.as_ptr(),
+                raws.len(),
+                &mut e.affected,
+                &mut e.last_insert_id,
+                &mut repeated,
+            )
+        })?;
+        Ok((repeated == 0).then_some(e))
+    }
+
     /// Runs every statement in one transaction; returns the rows each changed.
     pub fn batch(&self, stmts: &[(&str, &[Value])]) -> Result<Vec<u64>, StorageError> {
         let f = storage_api(self.api())?

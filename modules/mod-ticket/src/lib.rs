@@ -142,6 +142,15 @@ fn units(req: &Request<'_>) -> i64 {
         .unwrap_or(1)
 }
 
+/// What a charge did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Charged {
+    Now,
+    Refused,
+    /// Charged by an earlier run of the same request (Postfix re-sent it).
+    Before,
+}
+
 impl Ticket {
     /// The exact match on one column (case-insensitive on both backends, as valvula's
     /// MySQL collation makes it).
@@ -245,33 +254,50 @@ impl Ticket {
     }
 
     /// Adds `n` to the three counters if, in the database at that moment, every limit
-    /// still admits it. One statement: exact under any concurrency.
-    fn charge(&self, id: i64, n: i64, (total, day, month): (i64, i64, i64)) -> Result<bool, Error> {
-        let e = self.host.exec(
-            "UPDATE domain_ticket SET total_used = COALESCE(total_used, 0) + ?, \
+    /// still admits it. One statement: exact under any concurrency. With a token (the
+    /// request's `instance`, stage and recipient) the host runs it at most once, so a
+    /// request Postfix re-sends after its policy timeout is not charged again.
+    fn charge(
+        &self,
+        id: i64,
+        n: i64,
+        (total, day, month): (i64, i64, i64),
+        token: Option<&str>,
+    ) -> Result<Charged, Error> {
+        let sql = "UPDATE domain_ticket SET total_used = COALESCE(total_used, 0) + ?, \
              current_day_usage = COALESCE(current_day_usage, 0) + ?, \
              current_month_usage = COALESCE(current_month_usage, 0) + ? \
              WHERE id = ? \
              AND (? <= 0 OR COALESCE(total_used, 0) + ? <= ?) \
              AND (? <= 0 OR COALESCE(current_day_usage, 0) + ? <= ?) \
-             AND (? <= 0 OR COALESCE(current_month_usage, 0) + ? <= ?)",
-            &[
-                n.into(),
-                n.into(),
-                n.into(),
-                id.into(),
-                total.into(),
-                n.into(),
-                total.into(),
-                day.into(),
-                n.into(),
-                day.into(),
-                month.into(),
-                n.into(),
-                month.into(),
-            ],
-        )?;
-        Ok(e.affected == 1)
+             AND (? <= 0 OR COALESCE(current_month_usage, 0) + ? <= ?)";
+        let params = [
+            n.into(),
+            n.into(),
+            n.into(),
+            id.into(),
+            total.into(),
+            n.into(),
+            total.into(),
+            day.into(),
+            n.into(),
+            day.into(),
+            month.into(),
+            n.into(),
+            month.into(),
+        ];
+        let e = match token {
+            Some(t) => match self.host.exec_once(t, sql, &params)? {
+                Some(e) => e,
+                None => return Ok(Charged::Before),
+            },
+            None => self.host.exec(sql, &params)?,
+        };
+        Ok(if e.affected == 1 {
+            Charged::Now
+        } else {
+            Charged::Refused
+        })
     }
 
     fn reload_row(&self, id: i64) -> Result<Option<Row>, Error> {
@@ -445,7 +471,30 @@ impl Module for Ticket {
             decision_log(user, domain, Some(row), Some(limits), n, &v, false);
             return Ok(v);
         }
-        if self.charge(row.id, n, limits)? {
+        let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
+        let rcpt = if state == "RCPT" {
+            req.recipient().unwrap_or("").to_ascii_lowercase()
+        } else {
+            String::new()
+        };
+        // A token beyond the host's limit (a hostile recipient) is charged every time.
+        let token = req
+            .instance()
+            .map(|i| format!("ticket\x1f{i}\x1f{state}\x1f{rcpt}"))
+            .filter(|t| t.len() <= 512);
+        let charged = self.charge(row.id, n, limits, token.as_deref())?;
+        if charged == Charged::Before {
+            tracing::info!(
+                ticket = row.id,
+                instance = req.instance().unwrap_or(""),
+                state,
+                "already charged for this request; not charged again"
+            );
+            let v = self.dunno_or_filter(row)?;
+            decision_log(user, domain, Some(row), Some(limits), 0, &v, false);
+            return Ok(v);
+        }
+        if charged == Charged::Now {
             let charged = Row {
                 total: row.total + n,
                 day: row.day + n,

@@ -407,6 +407,7 @@ static HOST_API: vlv_host_api = vlv_host_api {
     peek: Some(host_peek),
     reset: Some(host_reset),
     consume_once: Some(host_consume_once),
+    sql_exec_once: Some(host_sql_exec_once),
 };
 
 /// A checked module definition, not yet initialised.

@@ -125,6 +125,38 @@ pub(super) unsafe extern "C" fn host_sql_exec(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe extern "C" fn host_sql_exec_once(
+    ctx: *mut vlv_module_ctx,
+    token: vlv_str,
+    sql: vlv_str,
+    params: *const vlv_value,
+    n_params: usize,
+    affected: *mut u64,
+    last_insert_id: *mut i64,
+    repeated: *mut u32,
+) -> i32 {
+    with_store(ctx, |m, store| {
+        let token = std::str::from_utf8(bytes_of(token))
+            .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
+        let stmt = Stmt::new(sql_text(sql)?, values_of(params, n_params)?);
+        let r = store.exec_once(&m.name, token, stmt, now())?;
+        // SAFETY: optional out pointers of the module, checked for NULL.
+        unsafe {
+            if let Some(a) = affected.as_mut() {
+                *a = r.map_or(0, |e| e.affected);
+            }
+            if let Some(l) = last_insert_id.as_mut() {
+                *l = r.map_or(0, |e| e.last_insert_id);
+            }
+            if let Some(x) = repeated.as_mut() {
+                *x = u32::from(r.is_none());
+            }
+        }
+        Ok(())
+    })
+}
+
 pub(super) unsafe extern "C" fn host_sql_batch(
     ctx: *mut vlv_module_ctx,
     stmts: *const vlv_stmt,

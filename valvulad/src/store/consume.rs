@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::window::{self, Consumption, Window, WindowKind, WindowState, Zone};
-use super::{Dialect, Result, Value};
+use super::{Dialect, Exec, Result, Value};
 
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -33,14 +33,14 @@ pub struct Request {
 
 /// The statements a backend runs inside its transaction.
 pub(crate) trait Tx {
-    /// Runs a statement, returns the affected rows.
-    async fn exec(&mut self, sql: &str, params: Vec<Value>) -> Result<u64>;
+    /// Runs a statement: the rows it changed and the id an INSERT generated.
+    async fn exec(&mut self, sql: &str, params: Vec<Value>) -> Result<Exec>;
     /// Runs a query, returns its rows.
     async fn rows(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>>;
     /// [`Tx::exec`] for the batch statements, whose text changes with the batch size (a
     /// backend may send them without preparing).
     async fn exec_bulk(&mut self, sql: &str, params: Vec<Value>) -> Result<u64> {
-        self.exec(sql, params).await
+        self.exec(sql, params).await.map(|e| e.affected)
     }
     /// [`Tx::rows`] for the batch statements.
     async fn rows_bulk(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>> {
@@ -55,6 +55,57 @@ fn int(v: &Value) -> i64 {
         Value::Text(s) => s.parse().unwrap_or(0),
         _ => 0,
     }
+}
+
+/// Runs `stmt` at most once per `token` (in namespace `ns`), inside an open
+/// transaction: the token is inserted first (on MySQL a concurrent transaction holding
+/// the same token makes this one wait for its outcome), the statement runs only when the
+/// token is new, and the token is taken back when the statement changed nothing (a
+/// refused conditional update may be tried again). `None`: done before under `token`.
+pub(crate) async fn exec_once<T: Tx>(
+    tx: &mut T,
+    dialect: Dialect,
+    ns: &str,
+    token: &str,
+    now: i64,
+    stmt: &super::Stmt,
+) -> Result<Option<Exec>> {
+    let ignore = match dialect {
+        Dialect::Sqlite => "INSERT OR IGNORE",
+        Dialect::Mysql => "INSERT IGNORE",
+    };
+    let fresh = tx
+        .exec(
+            &format!("{ignore} INTO vlv_once (ns, token, at) VALUES (?, ?, ?)"),
+            vec![text(ns), text(token), Value::Int(now)],
+        )
+        .await?
+        .affected
+        == 1;
+    if !fresh {
+        return Ok(None);
+    }
+    let e = match tx.exec(&stmt.sql, stmt.params.clone()).await {
+        Ok(e) => e,
+        Err(err) => {
+            // MySQL undid the failed statement only: take the token back too.
+            let _ = tx
+                .exec(
+                    "DELETE FROM vlv_once WHERE ns = ? AND token = ?",
+                    vec![text(ns), text(token)],
+                )
+                .await;
+            return Err(err);
+        }
+    };
+    if e.affected == 0 {
+        tx.exec(
+            "DELETE FROM vlv_once WHERE ns = ? AND token = ?",
+            vec![text(ns), text(token)],
+        )
+        .await?;
+    }
+    Ok(Some(e))
 }
 
 /// Rows per statement: keeps every statement well under both backends' limits on

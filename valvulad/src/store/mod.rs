@@ -144,6 +144,8 @@ pub(crate) trait Engine: Send + Sync {
     fn batch(&self, stmts: Vec<Stmt>) -> Result<Vec<Exec>>;
     fn query(&self, stmt: Stmt) -> Result<Rows>;
     fn consume(&self, req: consume::Request) -> Result<Consumption>;
+    /// `exec` at most once per token; `None` when done before under it.
+    fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>>;
     fn reset(&self, ns: &str, key: &str) -> Result<u64>;
     /// Deletes sliding-window buckets that no window counts any more, and
     /// `consume_once` tokens older than two days.
@@ -246,6 +248,41 @@ impl Store {
             return Ok(Vec::new());
         }
         self.engine.batch(stmts)
+    }
+
+    /// Runs a write (INSERT, UPDATE, DELETE or REPLACE) at most once per `token` in
+    /// namespace `ns`: `None` when a run under `token` changed rows in the last two
+    /// days. The token is kept, in the statement's transaction, only when the statement
+    /// changed rows, so a refused conditional update can be tried again. For requests
+    /// Postfix re-sends after its policy timeout.
+    pub fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>> {
+        check_sql(&stmt.sql)?;
+        if ns.is_empty() || ns.len() > MAX_NAMESPACE_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "namespace must be 1 to {MAX_NAMESPACE_BYTES} bytes"
+            )));
+        }
+        if token.is_empty() || token.len() > MAX_KEY_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "token must be 1 to {MAX_KEY_BYTES} bytes, got {}",
+                token.len()
+            )));
+        }
+        let head = stmt
+            .sql
+            .trim_start()
+            .get(..7)
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        if !["INSERT", "UPDATE", "DELETE", "REPLACE"]
+            .iter()
+            .any(|k| head.starts_with(k))
+        {
+            return Err(StoreError::Invalid(
+                "exec_once takes an INSERT, UPDATE, DELETE or REPLACE statement".into(),
+            ));
+        }
+        self.engine.exec_once(ns, token, stmt, now)
     }
 
     pub fn query(&self, stmt: Stmt) -> Result<Rows> {

@@ -31,12 +31,10 @@ const LANES: usize = 4;
 /// Consumptions one lane decides in one transaction at most.
 const MAX_BATCH: usize = 256;
 
-type Pending = (consume::Request, Promise<Result<Consumption>>);
-
 pub struct Mysql {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
-    lanes: Vec<tokio::sync::mpsc::UnboundedSender<Pending>>,
+    lanes: Vec<tokio::sync::mpsc::UnboundedSender<Work>>,
 }
 
 /// What the calling threads and the lane tasks share.
@@ -143,9 +141,12 @@ async fn query_rows<Q: Queryable>(q: &mut Q, sql: &str, p: Vec<Value>) -> Result
 struct MyTx<'a, 'c>(&'a mut mysql_async::Transaction<'c>);
 
 impl Tx for MyTx<'_, '_> {
-    async fn exec(&mut self, sql: &str, p: Vec<Value>) -> Result<u64> {
+    async fn exec(&mut self, sql: &str, p: Vec<Value>) -> Result<Exec> {
         self.0.exec_drop(sql, params(p)).await.map_err(err)?;
-        Ok(self.0.affected_rows())
+        Ok(Exec {
+            affected: self.0.affected_rows(),
+            last_insert_id: self.0.last_insert_id().unwrap_or(0) as i64,
+        })
     }
     async fn rows(&mut self, sql: &str, p: Vec<Value>) -> Result<Vec<Vec<Value>>> {
         query_rows(self.0, sql, p).await.map(|r| r.rows)
@@ -281,20 +282,59 @@ impl Shared {
         r
     }
 
-    /// Decides a batch of consumptions in one transaction, retrying deadlocks.
-    async fn consume_batch(&self, reqs: Arc<[consume::Request]>) -> Result<Vec<Consumption>> {
+    /// Runs a batch of writes and consumptions in one transaction, retrying the whole
+    /// batch on deadlock (InnoDB rolled all of it back). A write's own failure (a
+    /// constraint, say) undoes only that statement, as MySQL does, and is its answer.
+    async fn run_lane_batch(&self, batch: Arc<LaneBatch>) -> Result<LaneResults> {
         let mut attempt = 0;
         loop {
             self.fail_fast()?;
-            let reqs = reqs.clone();
+            let batch = batch.clone();
             let r = self
                 .attempt(|c| {
                     Box::pin(async move {
                         let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
-                        let r =
-                            consume::run_batch(&mut MyTx(&mut tx), Dialect::Mysql, &reqs).await?;
+                        let mut writes = Vec::with_capacity(batch.writes.len());
+                        for w in &batch.writes {
+                            let r = match w {
+                                Write::Exec(stmt) => MyTx(&mut tx)
+                                    .exec(&stmt.sql, stmt.params.clone())
+                                    .await
+                                    .map(Some),
+                                Write::Once {
+                                    ns,
+                                    token,
+                                    now,
+                                    stmt,
+                                } => {
+                                    consume::exec_once(
+                                        &mut MyTx(&mut tx),
+                                        Dialect::Mysql,
+                                        ns,
+                                        token,
+                                        *now,
+                                        stmt,
+                                    )
+                                    .await
+                                }
+                            };
+                            match r {
+                                Err(e)
+                                    if retryable(&e) || matches!(e, StoreError::Unavailable(_)) =>
+                                {
+                                    return Err(e);
+                                }
+                                r => writes.push(r),
+                            }
+                        }
+                        let consumed = if batch.consumes.is_empty() {
+                            Vec::new()
+                        } else {
+                            consume::run_batch(&mut MyTx(&mut tx), Dialect::Mysql, &batch.consumes)
+                                .await?
+                        };
                         tx.commit().await.map_err(err)?;
-                        Ok(r)
+                        Ok(LaneResults { writes, consumed })
                     })
                 })
                 .await;
@@ -309,25 +349,95 @@ impl Shared {
     }
 }
 
-/// One lane: takes every consumption waiting (up to [`MAX_BATCH`]) and decides them in
-/// one transaction, then answers each after the commit.
-async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+/// A module write that a lane may group with others into one transaction.
+#[derive(Clone, Debug)]
+enum Write {
+    Exec(Stmt),
+    Once {
+        ns: String,
+        token: String,
+        now: i64,
+        stmt: Stmt,
+    },
+}
+
+/// Work sent to a lane, with where its answer goes.
+enum Work {
+    Consume(consume::Request, Promise<Result<Consumption>>),
+    Write(Write, Promise<Result<Option<Exec>>>),
+}
+
+/// What one lane transaction runs: writes first (in arrival order), then the
+/// consumptions as one batch.
+struct LaneBatch {
+    writes: Vec<Write>,
+    consumes: Vec<consume::Request>,
+}
+
+struct LaneResults {
+    writes: Vec<Result<Option<Exec>>>,
+    consumed: Vec<Consumption>,
+}
+
+/// One lane: takes everything waiting (up to [`MAX_BATCH`]) into one transaction, then
+/// answers each after the commit. Jobs of one batch come from different callers (each
+/// waits for its own answer), so running writes before consumptions reorders nothing
+/// that anyone could observe.
+async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Work>) {
+    let mut batch: Vec<Work> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let reqs: Arc<[consume::Request]> = batch.iter().map(|(r, _)| r.clone()).collect();
-        match shared.consume_batch(reqs).await {
-            Ok(results) => {
-                for ((_, tx), c) in batch.drain(..).zip(results) {
+        let mut writes = Vec::new();
+        let mut write_tx = Vec::new();
+        let mut consumes = Vec::new();
+        let mut consume_tx = Vec::new();
+        for w in batch.drain(..) {
+            match w {
+                Work::Write(w, tx) => {
+                    writes.push(w);
+                    write_tx.push(tx);
+                }
+                Work::Consume(r, tx) => {
+                    consumes.push(r);
+                    consume_tx.push(tx);
+                }
+            }
+        }
+        match shared
+            .run_lane_batch(Arc::new(LaneBatch { writes, consumes }))
+            .await
+        {
+            Ok(r) => {
+                for (tx, w) in write_tx.into_iter().zip(r.writes) {
+                    tx.send(w);
+                }
+                for (tx, c) in consume_tx.into_iter().zip(r.consumed) {
                     tx.send(Ok(c));
                 }
             }
             Err(e) => {
-                for (_, tx) in batch.drain(..) {
+                for tx in write_tx {
+                    tx.send(Err(e.clone()));
+                }
+                for tx in consume_tx {
                     tx.send(Err(e.clone()));
                 }
             }
         }
     }
+}
+
+/// Whether a statement may share a lane's transaction: plain DML only. DDL commits
+/// implicitly in MySQL, which would break the batch's all-or-nothing retry.
+fn groupable(sql: &str) -> bool {
+    let head: String = sql
+        .trim_start()
+        .chars()
+        .take(8)
+        .collect::<String>()
+        .to_ascii_uppercase();
+    ["INSERT", "UPDATE", "DELETE", "REPLACE"]
+        .iter()
+        .any(|k| head.starts_with(k))
 }
 
 impl Mysql {
@@ -428,8 +538,33 @@ impl Mysql {
     }
 }
 
+impl Mysql {
+    fn lane_for(&self, h: impl Hash) -> &tokio::sync::mpsc::UnboundedSender<Work> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        h.hash(&mut hasher);
+        &self.lanes[hasher.finish() as usize % self.lanes.len()]
+    }
+
+    /// Sends a write to a lane (the same statement and values always to the same one,
+    /// so this daemon's writes to one row never wait on each other's locks).
+    fn write(&self, w: Write) -> Result<Option<Exec>> {
+        self.shared.fail_fast()?;
+        let key = match &w {
+            Write::Exec(s) | Write::Once { stmt: s, .. } => format!("{}{:?}", s.sql, s.params),
+        };
+        let (tx, rx) = crate::sync::oneshot();
+        if self.lane_for(key).send(Work::Write(w, tx)).is_err() {
+            return Err(StoreError::Unavailable("the runtime stopped".into()));
+        }
+        wait(rx)
+    }
+}
+
 impl Engine for Mysql {
     fn exec(&self, stmt: Stmt) -> Result<Exec> {
+        if groupable(&stmt.sql) {
+            return self.write(Write::Exec(stmt)).map(|e| e.unwrap_or_default());
+        }
         self.with_retries(|| {
             let s = stmt.clone();
             self.run(move |c| {
@@ -441,6 +576,15 @@ impl Engine for Mysql {
                     })
                 })
             })
+        })
+    }
+
+    fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>> {
+        self.write(Write::Once {
+            ns: ns.to_owned(),
+            token: token.to_owned(),
+            now,
+            stmt,
         })
     }
 
@@ -474,11 +618,12 @@ impl Engine for Mysql {
 
     fn consume(&self, req: consume::Request) -> Result<Consumption> {
         self.shared.fail_fast()?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&req.ns, &req.key).hash(&mut h);
-        let lane = &self.lanes[h.finish() as usize % self.lanes.len()];
         let (tx, rx) = crate::sync::oneshot();
-        if lane.send((req, tx)).is_err() {
+        if self
+            .lane_for((&req.ns, &req.key))
+            .send(Work::Consume(req, tx))
+            .is_err()
+        {
             return Err(StoreError::Unavailable("the runtime stopped".into()));
         }
         wait(rx)

@@ -28,6 +28,7 @@ enum Job {
     Exec(Stmt, Reply<Exec>),
     Batch(Vec<Stmt>, Reply<Vec<Exec>>),
     Consume(consume::Request, Reply<Consumption>),
+    Once(String, String, i64, Stmt, Reply<Option<Exec>>),
     Reset(String, String, Reply<u64>),
     Maintain(i64, Reply<u64>),
     Ping(Reply<()>),
@@ -153,8 +154,8 @@ fn query_one(c: &Connection, s: &Stmt) -> Result<Rows> {
 struct ConnTx<'a>(&'a Connection);
 
 impl Tx for ConnTx<'_> {
-    async fn exec(&mut self, sql: &str, params: Vec<Value>) -> Result<u64> {
-        exec_one(self.0, &Stmt::new(sql, params)).map(|e| e.affected)
+    async fn exec(&mut self, sql: &str, params: Vec<Value>) -> Result<Exec> {
+        exec_one(self.0, &Stmt::new(sql, params))
     }
     async fn rows(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>> {
         query_one(self.0, &Stmt::new(sql, params)).map(|r| r.rows)
@@ -323,6 +324,7 @@ enum Done {
     Exec(Exec),
     Batch(Vec<Exec>),
     Consumption(Consumption),
+    Once(Option<Exec>),
     Count(u64),
     Unit,
     Failed(StoreError),
@@ -340,6 +342,15 @@ fn run_job(c: &Connection, job: &Job) -> (Done, bool) {
         Job::Consume(..) => Err(StoreError::Sql(
             "internal: consumptions run as one group".into(),
         )),
+        Job::Once(ns, token, now, stmt, _) => ready(consume::exec_once(
+            &mut ConnTx(c),
+            Dialect::Sqlite,
+            ns,
+            token,
+            *now,
+            stmt,
+        ))
+        .map(Done::Once),
         Job::Reset(ns, key, _) => (|| {
             let a = c
                 .execute(
@@ -388,6 +399,7 @@ fn answer(job: Job, d: Done) {
         (Job::Exec(_, tx), Done::Exec(x)) => send(tx, Ok(x)),
         (Job::Batch(_, tx), Done::Batch(x)) => send(tx, Ok(x)),
         (Job::Consume(_, tx), Done::Consumption(x)) => send(tx, Ok(x)),
+        (Job::Once(.., tx), Done::Once(x)) => send(tx, Ok(x)),
         (Job::Reset(.., tx), Done::Count(x)) | (Job::Maintain(_, tx), Done::Count(x)) => {
             send(tx, Ok(x))
         }
@@ -402,6 +414,7 @@ fn answer_err(job: Job, e: &StoreError) {
         Job::Exec(_, tx) => tx.send(Err(e)),
         Job::Batch(_, tx) => tx.send(Err(e)),
         Job::Consume(_, tx) => tx.send(Err(e)),
+        Job::Once(.., tx) => tx.send(Err(e)),
         Job::Reset(.., tx) | Job::Maintain(_, tx) => tx.send(Err(e)),
         Job::Ping(tx) => tx.send(Err(e)),
     }
@@ -484,6 +497,9 @@ impl Engine for Sqlite {
     }
     fn consume(&self, req: consume::Request) -> Result<Consumption> {
         self.call(|tx| Job::Consume(req, tx))
+    }
+    fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>> {
+        self.call(|tx| Job::Once(ns.to_owned(), token.to_owned(), now, stmt, tx))
     }
     fn reset(&self, ns: &str, key: &str) -> Result<u64> {
         self.call(|tx| Job::Reset(ns.to_owned(), key.to_owned(), tx))
