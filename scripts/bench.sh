@@ -53,11 +53,11 @@ start() { # name
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
-# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tk rlm tkm exact memory).
+# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tk newconn rlm tkm exact memory).
 want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
-row() { # scenario port conns
+row() { # scenario port conns [extra bench options]
     local j
-    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --json)
+    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --json "${@:4}")
     python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('| %s | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %s | %d |' % (sys.argv[2], d['connections'], d['requests_per_second'], d['latency_ms']['p50'], d['latency_ms']['p99'], d['latency_ms']['p99_9'], d['latency_ms']['max'], ' '.join('%s=%d' % kv for kv in d['actions'].items()), d['errors']))" "$j" "$1"
 }
 tickets() { # sql-runner: 1000 users on one plan
@@ -83,6 +83,13 @@ if want rl; then start rl; for c in $CONNS; do row "mod-ratelimit, SQLite" 3692 
 config tk 3693 '"mod-ticket"' "[storage]
 path = \"$W/tk.db\"" "$TICKET"
 if want tk; then start tk; tickets sqlite3 "$W/tk.db"; for c in $CONNS; do row "mod-ticket, SQLite" 3693 "$c"; done; stop tk; fi
+# One connection per request (a Postfix without policy connection caching), 64 at once.
+if want newconn; then
+    start rl; row "mod-ratelimit, SQLite, new connection per request" 3692 64 --new-connection; stop rl
+    start tk
+    [ "$(sqlite3 "$W/tk.db" "SELECT COUNT(*) FROM domain_ticket")" -gt 0 ] || tickets sqlite3 "$W/tk.db"
+    row "mod-ticket, SQLite, new connection per request" 3693 64 --new-connection; stop tk
+fi
 
 if mariadb-admin ping >/dev/null 2>&1; then
     DB=vlvbench_$$

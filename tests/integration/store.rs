@@ -579,23 +579,20 @@ fn exec_once_runs_a_write_once_per_token() {
         ));
 
         // Many callers, ten tokens each sent by all of them.
-        let second = match &b._db {
-            Some(db) => Some(
-                Store::open(
-                    &StorageConfig {
-                        backend: Backend::Mysql {
-                            url: db.url(),
-                            password: None,
-                            pool_size: 8,
-                        },
-                        zone: Zone::parse("UTC").unwrap(),
+        let second = b._db.as_ref().map(|db| {
+            Store::open(
+                &StorageConfig {
+                    backend: Backend::Mysql {
+                        url: db.url(),
+                        password: None,
+                        pool_size: 8,
                     },
-                    b._rt.handle().clone(),
-                )
-                .unwrap(),
-            ),
-            None => None,
-        };
+                    zone: Zone::parse("UTC").unwrap(),
+                },
+                b._rt.handle().clone(),
+            )
+            .unwrap()
+        });
         std::thread::scope(|scope| {
             for t in 0..24 {
                 let st = match &second {

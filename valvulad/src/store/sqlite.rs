@@ -237,6 +237,14 @@ impl Writer {
             .into_iter()
             .partition(|j| matches!(j, Job::Consume(..)));
         for job in others {
+            // One statement is atomic by itself in SQLite (a failing one is undone
+            // alone, the transaction goes on), and exec_once takes its token back when
+            // its statement fails: only multi-statement jobs need a savepoint.
+            if !matches!(job, Job::Batch(..) | Job::Reset(..)) {
+                let (result, _) = run_job(conn, &job);
+                done.push((job, result));
+                continue;
+            }
             if let Err(e) = step(conn, "SAVEPOINT job") {
                 done.push((job, Done::Failed(e)));
                 continue;
