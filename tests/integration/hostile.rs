@@ -246,3 +246,45 @@ async fn a_trickling_request_is_cut_at_request_timeout() {
     );
     assert!(p.wait_for_log("request not completed in time", Duration::from_secs(5)));
 }
+
+/// A module that leaks memory on every call (2 MiB x 50), one that returns an invalid
+/// reply, one that panics and one that fails, interleaved with good requests: the
+/// daemon answers every good request and stays up; the leak shows in its memory, which
+/// is the operator's to see (modules share the daemon's process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_module_calls_leave_the_daemon_serving() {
+    let cfg = config(100).replace(
+        "modules = [\"mod-test\"]\n",
+        "modules = [\"mod-test\"]\non_error = \"defer\"\non_error_text = \"4.3.0 try later\"\n",
+    );
+    let p = Proc::start(&cfg, &[]);
+    let addr = p.addrs()[0].clone();
+    let before = rss_mb(p.child.id());
+    let mut c = Client::connect(&addr).await;
+    for i in 0..50 {
+        let bad = match i % 4 {
+            0 => ("x_test_leak_mb", "2"),
+            1 => ("x_test_invalid", "1"),
+            2 => ("x_test_panic", "1"),
+            _ => ("x_test_error", "1"),
+        };
+        let r = c
+            .ask(&postfix_request(&[bad, ("x_test_action", "ok")]))
+            .await;
+        if bad.0 == "x_test_leak_mb" {
+            assert_eq!(r, "action=ok\n\n", "call {i}");
+        } else {
+            assert_eq!(r, "action=defer 4.3.0 try later\n\n", "call {i}: {bad:?}");
+        }
+        let r = c.ask(&postfix_request(&[("x_test_action", "dunno")])).await;
+        assert_eq!(r, "action=dunno\n\n", "good request after call {i}");
+    }
+    let after = rss_mb(p.child.id());
+    assert!(
+        after - before > 15.0,
+        "the leak did not show: {before} -> {after} MB"
+    );
+    eprintln!(
+        "RELIABILITY: misbehaving module: 50 bad calls, 50 good answered; rss {before:.1} -> {after:.1} MB"
+    );
+}

@@ -7,6 +7,7 @@
 //! never sends, so tests can make a module misbehave on purpose:
 //! `x_test_action`/`x_test_text` (answer this), `x_test_panic=1`, `x_test_error=1`,
 //! `x_test_sleep_ms=N`, `x_test_invalid=1` (a reply text with a newline),
+//! `x_test_leak_mb=N` (leaks N MiB, at most 256, per call),
 //! `x_test_config=KEY` (answer `info` with the current config value, to observe reloads),
 //! `x_test_ticks=1` (answer `info` with the ticks received: count, last kinds, last time),
 //! `x_test_consume=KEY` with `x_test_limit` (default 10), `x_test_amount` (default 1) and
@@ -86,6 +87,13 @@ impl Module for TestModule {
         }
         if req.get("x_test_panic") == Some("1") {
             panic!("x_test_panic asked for a panic");
+        }
+        if let Some(mb) = req
+            .get("x_test_leak_mb")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            // A module that leaks: touched pages, never freed.
+            std::mem::forget(vec![0x5au8; mb.min(256) << 20]);
         }
         if req.get("x_test_error") == Some("1") {
             return Err("x_test_error asked for an error".into());
