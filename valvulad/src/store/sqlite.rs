@@ -236,7 +236,17 @@ impl Writer {
         let (consumes, others): (Vec<Job>, Vec<Job>) = jobs
             .into_iter()
             .partition(|j| matches!(j, Job::Consume(..)));
+        // Some errors (a full disk, an I/O error) make SQLite roll back the whole
+        // transaction; what ran after that would autocommit on its own while the batch
+        // is answered as failed. Stop at that point: the COMMIT then fails and every
+        // job of the batch gets the error.
+        let lost =
+            || StoreError::Unavailable("SQLite rolled the transaction back after an error".into());
         for job in others {
+            if conn.is_autocommit() {
+                done.push((job, Done::Failed(lost())));
+                continue;
+            }
             // One statement is atomic by itself in SQLite (a failing one is undone
             // alone, the transaction goes on), and exec_once takes its token back when
             // its statement fails: only multi-statement jobs need a savepoint.
@@ -264,6 +274,17 @@ impl Writer {
         // Alone in the transaction, the group needs no savepoint (and its sub-journal):
         // if it fails, the whole transaction is rolled back.
         let alone = done.is_empty();
+        if !consumes.is_empty() && conn.is_autocommit() {
+            for job in consumes {
+                answer_err(job, &lost());
+            }
+            let _ = step(conn, "ROLLBACK");
+            for (job, _) in done {
+                answer_err(job, &lost());
+            }
+            self.failed(&lost());
+            return;
+        }
         if !consumes.is_empty() {
             let reqs: Vec<consume::Request> = consumes
                 .iter()
