@@ -68,6 +68,16 @@ unsafe extern "C" fn init<M: Module>(
     let host = Host::new(api, ctx);
     let r = catch_unwind(AssertUnwindSafe(|| {
         crate::log_bridge::install(host);
+        // This module's own panic hook (a cdylib has its own std): the place goes to the
+        // daemon's log, the message follows from the trampoline that caught it. The
+        // default hook would print to stderr and, with RUST_BACKTRACE set, capture and
+        // symbolize a backtrace per panic (about 100 MB of debug info, measured).
+        std::panic::set_hook(Box::new(move |info| {
+            let at = info
+                .location()
+                .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+            host.log(LogLevel::Error, &format!("panic{at}"));
+        }));
         M::init(host)
     }));
     match r {
