@@ -216,13 +216,18 @@ fn raw_window(w: &Window) -> vlv_window {
     }
 }
 
-/// Whether the host's table reaches the storage functions (ABI 0.2).
-fn storage_api(api: &vlv_host_api) -> Result<&vlv_host_api, StorageError> {
-    let end = std::mem::offset_of!(vlv_host_api, reset) + std::mem::size_of::<usize>();
-    if (api.struct_size as usize) < end {
+/// The host's table when it reaches the function pointer at `offset` (an older daemon's
+/// table is shorter), e.g. `offset_of!(vlv_host_api, reset)`.
+fn reaching(api: &vlv_host_api, offset: usize) -> Result<&vlv_host_api, StorageError> {
+    if (api.struct_size as usize) < offset + std::mem::size_of::<usize>() {
         return Err(StorageError::NotSupported);
     }
     Ok(api)
+}
+
+/// Whether the host's table reaches the storage functions (ABI 0.2).
+fn storage_api(api: &vlv_host_api) -> Result<&vlv_host_api, StorageError> {
+    reaching(api, std::mem::offset_of!(vlv_host_api, reset))
 }
 
 impl Host {
@@ -272,11 +277,10 @@ impl Host {
         sql: &str,
         params: &[Value],
     ) -> Result<Option<Exec>, StorageError> {
-        let api = storage_api(self.api())?;
-        let end = std::mem::offset_of!(vlv_host_api, sql_exec_once) + std::mem::size_of::<usize>();
-        if (api.struct_size as usize) < end {
-            return Err(StorageError::NotSupported);
-        }
+        let api = reaching(
+            self.api(),
+            std::mem::offset_of!(vlv_host_api, sql_exec_once),
+        )?;
         let f = api.sql_exec_once.ok_or(StorageError::NotSupported)?;
         let raws: Vec<vlv_value> = params.iter().map(raw).collect();
         let mut e = Exec::default();
@@ -406,11 +410,7 @@ impl Host {
                 }
             }
             Charge::Once(token) => {
-                let end =
-                    std::mem::offset_of!(vlv_host_api, consume_once) + std::mem::size_of::<usize>();
-                if (api.struct_size as usize) < end {
-                    return Err(StorageError::NotSupported);
-                }
+                let api = reaching(api, std::mem::offset_of!(vlv_host_api, consume_once))?;
                 let f = api.consume_once.ok_or(StorageError::NotSupported)?;
                 // SAFETY: as above; the token is borrowed for the call, the host table
                 // was checked to have the field.

@@ -189,24 +189,7 @@ impl RateLimit {
         }
         // One charge per message (and recipient, for per-RCPT counting) and stage: the
         // host records the token with the charge, in one transaction.
-        let rcpt = if state == "RCPT" {
-            req.recipient().unwrap_or("")
-        } else {
-            ""
-        };
-        let token = req
-            .instance()
-            .map(|i| {
-                format!(
-                    "{}\x1f{i}\x1f{state}\x1f{}",
-                    p.name,
-                    rcpt.to_ascii_lowercase()
-                )
-            })
-            // A token beyond the host's limit (a hostile recipient of 500 bytes) is
-            // charged every time rather than risk two recipients sharing one.
-            .filter(|t| t.len() <= 512);
-        let c = match &token {
+        let c = match &req.once_token(&p.name) {
             Some(t) => self.host.consume_once(&key, t, n, &windows)?,
             None => self.host.consume(&key, n, &windows)?,
         };

@@ -471,23 +471,12 @@ impl Module for Ticket {
             decision_log(user, domain, Some(row), Some(limits), n, &v, false);
             return Ok(v);
         }
-        let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
-        let rcpt = if state == "RCPT" {
-            req.recipient().unwrap_or("").to_ascii_lowercase()
-        } else {
-            String::new()
-        };
-        // A token beyond the host's limit (a hostile recipient) is charged every time.
-        let token = req
-            .instance()
-            .map(|i| format!("ticket\x1f{i}\x1f{state}\x1f{rcpt}"))
-            .filter(|t| t.len() <= 512);
-        let charged = self.charge(row.id, n, limits, token.as_deref())?;
+        let charged = self.charge(row.id, n, limits, req.once_token("ticket").as_deref())?;
         if charged == Charged::Before {
             tracing::info!(
                 ticket = row.id,
                 instance = req.instance().unwrap_or(""),
-                state,
+                state = req.protocol_state().unwrap_or(""),
                 "already charged for this request; not charged again"
             );
             let v = self.dunno_or_filter(row)?;

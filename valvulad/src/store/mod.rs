@@ -187,6 +187,26 @@ fn check_sql(sql: &str) -> Result<()> {
     Ok(())
 }
 
+/// A namespace, key or token: 1 to `max` bytes.
+fn sized(what: &str, v: &str, max: usize) -> Result<()> {
+    if v.is_empty() || v.len() > max {
+        return Err(StoreError::Invalid(format!(
+            "{what} must be 1 to {max} bytes, got {}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a statement is plain DML (INSERT, UPDATE, DELETE, REPLACE): the writes
+/// `exec_once` takes, and the only ones MySQL lanes may group (DDL commits implicitly).
+pub(crate) fn is_dml(sql: &str) -> bool {
+    let head: String = sql.trim_start().chars().take(7).collect();
+    ["INSERT", "UPDATE", "DELETE", "REPLACE"]
+        .iter()
+        .any(|k| head.to_ascii_uppercase().starts_with(k))
+}
+
 impl Store {
     /// Opens the configured backend. Never fails because the database is down: the
     /// backends connect lazily and retry with backoff; see [`Store::ping`].
@@ -257,27 +277,9 @@ impl Store {
     /// Postfix re-sends after its policy timeout.
     pub fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>> {
         check_sql(&stmt.sql)?;
-        if ns.is_empty() || ns.len() > MAX_NAMESPACE_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "namespace must be 1 to {MAX_NAMESPACE_BYTES} bytes"
-            )));
-        }
-        if token.is_empty() || token.len() > MAX_KEY_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "token must be 1 to {MAX_KEY_BYTES} bytes, got {}",
-                token.len()
-            )));
-        }
-        let head = stmt
-            .sql
-            .trim_start()
-            .get(..7)
-            .unwrap_or("")
-            .to_ascii_uppercase();
-        if !["INSERT", "UPDATE", "DELETE", "REPLACE"]
-            .iter()
-            .any(|k| head.starts_with(k))
-        {
+        sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
+        sized("token", token, MAX_KEY_BYTES)?;
+        if !is_dml(&stmt.sql) {
             return Err(StoreError::Invalid(
                 "exec_once takes an INSERT, UPDATE, DELETE or REPLACE statement".into(),
             ));
@@ -300,17 +302,8 @@ impl Store {
         peek: bool,
         now: i64,
     ) -> Result<consume::Request> {
-        if ns.is_empty() || ns.len() > MAX_NAMESPACE_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "namespace must be 1 to {MAX_NAMESPACE_BYTES} bytes"
-            )));
-        }
-        if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "key must be 1 to {MAX_KEY_BYTES} bytes, got {}",
-                key.len()
-            )));
-        }
+        sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
+        sized("key", key, MAX_KEY_BYTES)?;
         if amount < 0 {
             return Err(StoreError::Invalid(format!(
                 "amount {amount} is negative; counters are never credited"
@@ -375,12 +368,7 @@ impl Store {
         windows: &[Window],
         now: i64,
     ) -> Result<Consumption> {
-        if token.is_empty() || token.len() > MAX_KEY_BYTES {
-            return Err(StoreError::Invalid(format!(
-                "token must be 1 to {MAX_KEY_BYTES} bytes, got {}",
-                token.len()
-            )));
-        }
+        sized("token", token, MAX_KEY_BYTES)?;
         let mut req = self.request(ns, key, amount, windows, false, now)?;
         req.once = Some(token.to_owned());
         self.engine.consume(req)

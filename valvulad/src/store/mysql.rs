@@ -203,6 +203,12 @@ fn hex(out: &mut String, bytes: &[u8]) {
     out.push('\'');
 }
 
+fn hash_of(h: impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    h.hash(&mut hasher);
+    hasher.finish()
+}
+
 fn wait<T>(rx: Answer<Result<T>>) -> Result<T> {
     let wait = || {
         rx.wait()
@@ -426,20 +432,6 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
     }
 }
 
-/// Whether a statement may share a lane's transaction: plain DML only. DDL commits
-/// implicitly in MySQL, which would break the batch's all-or-nothing retry.
-fn groupable(sql: &str) -> bool {
-    let head: String = sql
-        .trim_start()
-        .chars()
-        .take(8)
-        .collect::<String>()
-        .to_ascii_uppercase();
-    ["INSERT", "UPDATE", "DELETE", "REPLACE"]
-        .iter()
-        .any(|k| head.starts_with(k))
-}
-
 impl Mysql {
     pub fn open(
         url: &str,
@@ -539,30 +531,31 @@ impl Mysql {
 }
 
 impl Mysql {
-    fn lane_for(&self, h: impl Hash) -> &tokio::sync::mpsc::UnboundedSender<Work> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        h.hash(&mut hasher);
-        &self.lanes[hasher.finish() as usize % self.lanes.len()]
-    }
-
-    /// Sends a write to a lane (the same statement and values always to the same one,
-    /// so this daemon's writes to one row never wait on each other's locks).
-    fn write(&self, w: Write) -> Result<Option<Exec>> {
+    /// Hands work to the lane the hash `h` of its key picks (one key always to one
+    /// lane, so this daemon's transactions on one row never wait on each other's locks)
+    /// and waits for the answer, sent after the lane's commit.
+    fn submit<T>(&self, h: u64, work: impl FnOnce(Promise<Result<T>>) -> Work) -> Result<T> {
         self.shared.fail_fast()?;
-        let key = match &w {
-            Write::Exec(s) | Write::Once { stmt: s, .. } => format!("{}{:?}", s.sql, s.params),
-        };
+        let lane = &self.lanes[h as usize % self.lanes.len()];
         let (tx, rx) = crate::sync::oneshot();
-        if self.lane_for(key).send(Work::Write(w, tx)).is_err() {
+        if lane.send(work(tx)).is_err() {
             return Err(StoreError::Unavailable("the runtime stopped".into()));
         }
         wait(rx)
+    }
+
+    /// A write goes to the lane of its statement and values.
+    fn write(&self, w: Write) -> Result<Option<Exec>> {
+        let key = match &w {
+            Write::Exec(s) | Write::Once { stmt: s, .. } => format!("{}{:?}", s.sql, s.params),
+        };
+        self.submit(hash_of(key), |tx| Work::Write(w, tx))
     }
 }
 
 impl Engine for Mysql {
     fn exec(&self, stmt: Stmt) -> Result<Exec> {
-        if groupable(&stmt.sql) {
+        if super::is_dml(&stmt.sql) {
             return self.write(Write::Exec(stmt)).map(|e| e.unwrap_or_default());
         }
         self.with_retries(|| {
@@ -617,16 +610,7 @@ impl Engine for Mysql {
     }
 
     fn consume(&self, req: consume::Request) -> Result<Consumption> {
-        self.shared.fail_fast()?;
-        let (tx, rx) = crate::sync::oneshot();
-        if self
-            .lane_for((&req.ns, &req.key))
-            .send(Work::Consume(req, tx))
-            .is_err()
-        {
-            return Err(StoreError::Unavailable("the runtime stopped".into()));
-        }
-        wait(rx)
+        self.submit(hash_of((&req.ns, &req.key)), |tx| Work::Consume(req, tx))
     }
 
     fn reset(&self, ns: &str, key: &str) -> Result<u64> {
