@@ -1,5 +1,5 @@
 /*
- * valvula/module.h - the valvulad module ABI, version 0.3.
+ * valvula/module.h - the valvulad module ABI, version 0.4.
  *
  * A valvulad module is a shared object that exports ONE constant data symbol,
  * `vlv_module_v1`, of type `vlv_module_def`. valvulad checks that definition
@@ -43,7 +43,7 @@ extern "C" {
 
 /* ABI version this header describes. */
 #define VLV_ABI_MAJOR 0
-#define VLV_ABI_MINOR 3
+#define VLV_ABI_MINOR 4
 
 /* First field of vlv_module_def: the bytes "VLVM" read as a little-endian
  * uint32. Guards against loading a library that merely has the symbol. */
@@ -208,6 +208,17 @@ typedef struct vlv_window_state {
     uint32_t reserved;
 } vlv_window_state;
 
+/* One key of consume_all() (ABI 0.4). */
+typedef struct vlv_charge {
+    vlv_str key;               /* as consume()'s key */
+    int64_t amount;            /* >= 0 */
+    const vlv_window *windows; /* n_windows entries, as consume()'s windows */
+    size_t n_windows;          /* 1-16 */
+    vlv_window_state *states;  /* out (may be NULL): n_windows entries */
+    uint32_t admitted;         /* out: 1 if this key alone admits its amount */
+    uint32_t reserved;         /* 0 */
+} vlv_charge;
+
 /* ---------------------------------------------------------------------------
  * Opaque handles
  * ------------------------------------------------------------------------- */
@@ -343,7 +354,7 @@ typedef struct vlv_host_api {
 
     /* ---- ABI 0.3. Check with VLV_HAS(host, vlv_host_api, consume_once).
      *
-     * consume(), at most once per `token` (1-512 bytes, per module; e.g.
+     * consume(), at most once per `token` (any length, as keys; per module; e.g.
      * Postfix's queue id with the stage and recipient). When this module
      * already had a consumption admitted under `token` in the last
      * VLV_ONCE_KEEP_SECONDS, nothing is charged again: *repeated = 1,
@@ -369,11 +380,38 @@ typedef struct vlv_host_api {
                              const vlv_value *params, size_t n_params,
                              uint64_t *affected, int64_t *last_insert_id,
                              uint32_t *repeated);
+
+    /* ---- ABI 0.4. Check with VLV_HAS(host, vlv_host_api, time_zone).
+     *
+     * Charges n keys (1-16, all different) together: if every key admits its
+     * amount in every window, all are charged in one transaction; otherwise
+     * nothing is charged at all (*admitted = 0). For a request that several
+     * policies count (a user's limit and its domain's): a refusal by one must
+     * not use up the others' quota. Each charges[i].admitted and .states tell
+     * that key's windows: after an admitted call, the counts with the charge;
+     * after a refused one, the counts as they are, and whether that key alone
+     * would have admitted its amount (the first 0 is the refusing key).
+     * token: as consume_once() (len 0: no token): when this module already had
+     * a call admitted under `token` in the last VLV_ONCE_KEEP_SECONDS, nothing
+     * is charged, *repeated = 1, *admitted = 1 and states show the counts.
+     * admitted and repeated may be NULL. THREADS: any thread but the event
+     * loop's (as every storage call). */
+    int32_t (*consume_all)(vlv_module_ctx *ctx, vlv_str token, vlv_charge *charges,
+                           size_t n, uint32_t *admitted, uint32_t *repeated);
+
+    /* The IANA name of the time zone calendar windows follow ([storage]
+     * time_zone, with "local" resolved to the system's zone name when the
+     * configuration was read), e.g. "Europe/Madrid". *name: static, valid until
+     * the daemon exits. Returns VLV_OK, or VLV_E_UNAVAILABLE without storage. */
+    int32_t (*time_zone)(vlv_module_ctx *ctx, vlv_str *name);
 } vlv_host_api;
 
-/* How long consume_once() remembers a token (two days: longer than any
- * policy timeout and retry of one SMTP session). */
-#define VLV_ONCE_KEEP_SECONDS 172800
+/* How long consume_once(), consume_all() and sql_exec_once() remember a token:
+ * one hour, far longer than Postfix takes to re-send a request it got no answer
+ * to (2 x smtpd_policy_service_timeout + 1 s: 201 s with the defaults). Tokens
+ * are kept per request, so a longer time only makes the database grow (ABI 0.3
+ * kept them two days). */
+#define VLV_ONCE_KEEP_SECONDS 3600
 
 /* True when the struct pointed to by p (of type T) has field f. */
 #define VLV_HAS(p, T, f) \

@@ -9,6 +9,8 @@ CREATE TABLE IF NOT EXISTS vlv_counter (
     used   INTEGER NOT NULL,
     PRIMARY KEY (ns, ckey, win)
 ) WITHOUT ROWID;
+-- Rows of past periods count as 0; maintenance deletes them in small batches.
+CREATE INDEX IF NOT EXISTS vlv_counter_expiry ON vlv_counter (win, period);
 -- Buckets of sliding windows; expires = when no window counts the bucket any more.
 CREATE TABLE IF NOT EXISTS vlv_slide (
     ns      TEXT    NOT NULL,
@@ -29,3 +31,9 @@ CREATE TABLE IF NOT EXISTS vlv_once (
     PRIMARY KEY (ns, token)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vlv_once_at ON vlv_once (at);
+-- Settings every daemon on the database must share: `time_zone`, the zone of calendar
+-- windows, recorded by the first daemon; a daemon configured otherwise refuses to count.
+CREATE TABLE IF NOT EXISTS vlv_meta (
+    name  TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;

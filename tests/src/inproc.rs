@@ -207,10 +207,25 @@ pub fn attrs(tokens: &str) -> Vec<(String, Option<String>)> {
                 let (k, v) = t
                     .split_once('=')
                     .unwrap_or_else(|| panic!("bad attribute {t}"));
-                (k.to_owned(), Some(v.to_owned()))
+                (k.to_owned(), Some(long(v)))
             }
         })
         .collect()
+}
+
+/// `{long:N:C}` in a value: the character C N times (hostile lengths in test data).
+fn long(v: &str) -> String {
+    let mut out = String::new();
+    let mut rest = v;
+    while let Some(i) = rest.find("{long:") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').expect("unclosed {long:") + i;
+        let (n, c) = rest[i + 6..end].split_once(':').expect("{long:N:C}");
+        out.push_str(&c.repeat(n.parse().expect("{long:N:C}: N")));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `{now}`, `{now+N}`, `{now-N}` in test data → numbers.

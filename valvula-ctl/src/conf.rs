@@ -238,7 +238,8 @@ pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> an
             password: (!pass.is_empty()).then(|| pass.to_owned()),
             pool_size: 2,
         },
-        zone: valvulad::store::Zone::Local,
+        zone: valvulad::store::Zone::local().unwrap_or_default(),
+        timeout: valvulad::store::DEFAULT_TIMEOUT,
     };
     crate::admin::with_store(&storage, |s| s.ping().map_err(anyhow::Error::from)).with_context(
         || format!("ERROR: credentials provided aren't working for {url}; previous values kept"),

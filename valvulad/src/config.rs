@@ -383,6 +383,18 @@ impl Walker {
                 format!("expected [[listener]] tables, found {}", v.type_str()),
             ),
         }
+        let mut storage = storage;
+        if storage.timeout.is_zero() {
+            storage.timeout = crate::store::DEFAULT_TIMEOUT.min(server.module_timeout / 2);
+        } else if storage.timeout >= server.module_timeout {
+            self.err(
+                "storage.timeout",
+                format!(
+                    "{:?} must be shorter than server.module_timeout ({:?}): a stalled database must fail a call before the module's time is up",
+                    storage.timeout, server.module_timeout
+                ),
+            );
+        }
         let mut seen = BTreeMap::new();
         for (i, l) in listeners.iter().enumerate() {
             // Port 0 means "any free port", so several such listeners do not collide.
@@ -445,15 +457,20 @@ impl Walker {
                 "password_file",
                 "pool_size",
                 "time_zone",
+                "timeout",
             ],
         );
-        let zone = match self.string(t, p, "time_zone") {
-            None => Zone::Local,
-            Some(z) => Zone::parse(&z).unwrap_or_else(|e| {
-                self.err("storage.time_zone", e);
-                Zone::Local
-            }),
-        };
+        // "local" becomes the system's zone name here, once: what daemons sharing a
+        // database compare is a name, never "whatever this machine says".
+        let zone_name = self
+            .string(t, p, "time_zone")
+            .unwrap_or_else(|| "local".to_owned());
+        let zone = Zone::parse(&zone_name).unwrap_or_else(|e| {
+            self.err("storage.time_zone", e);
+            Zone::UTC
+        });
+        // Unset: DEFAULT_TIMEOUT, shortened to half the module timeout by root().
+        let timeout = self.duration(t, p, "timeout").unwrap_or(Duration::ZERO);
         let backend = match self.string(t, p, "backend").as_deref() {
             None | Some("sqlite") => {
                 let path = self
@@ -532,7 +549,11 @@ impl Walker {
                 }
             }
         };
-        StorageConfig { backend, zone }
+        StorageConfig {
+            backend,
+            zone,
+            timeout,
+        }
     }
 
     fn server(&mut self, t: &Table) -> ServerConfig {

@@ -23,10 +23,75 @@ pub enum HandlerError {
     Panicked(String),
     #[error("module did not answer within {0:?}")]
     Timeout(Duration),
+    /// Every worker thread of the module was busy for the whole timeout: load, not a
+    /// fault of this call (the calls that hold the workers are judged on their own).
+    #[error("no free worker thread for the module within {0:?}")]
+    Busy(Duration),
     #[error("module is quarantined after repeated failures")]
     Quarantined,
+    /// A service the module needs (the database) is unavailable: an outage, not a fault
+    /// of the module, so it never counts towards quarantine.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl HandlerError {
+    /// Whether the failure is the module's own (it panicked, erred, hung, answered
+    /// nonsense): only those count towards quarantine. An outage of the database it
+    /// needs, or a pool busy with other calls, says nothing about the module.
+    pub fn is_module_fault(&self) -> bool {
+        !matches!(
+            self,
+            HandlerError::Unavailable(_) | HandlerError::Busy(_) | HandlerError::Quarantined
+        )
+    }
+}
+
+/// What the host knows about the module call running on a worker thread: whether the
+/// module is inside a storage call now, and whether one of its storage calls found the
+/// database unavailable.
+#[derive(Default, Debug)]
+pub struct CallWatch {
+    in_storage: AtomicU32,
+    outage: AtomicBool,
+}
+
+thread_local! {
+    static WATCH: std::cell::RefCell<Option<Arc<CallWatch>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (a module call) with `w` watching it on this thread.
+fn watched<R>(w: &Arc<CallWatch>, f: impl FnOnce() -> R) -> R {
+    let before = WATCH.with(|c| c.replace(Some(w.clone())));
+    let r = f();
+    WATCH.with(|c| *c.borrow_mut() = before);
+    r
+}
+
+/// Runs `f` (a storage call made by the module call running on this thread) marked as
+/// waiting on the database.
+pub(crate) fn in_storage<R>(f: impl FnOnce() -> R) -> R {
+    let w = WATCH.with(|c| c.borrow().clone());
+    if let Some(w) = &w {
+        w.in_storage.fetch_add(1, Ordering::AcqRel);
+    }
+    let r = f();
+    if let Some(w) = &w {
+        w.in_storage.fetch_sub(1, Ordering::AcqRel);
+    }
+    r
+}
+
+/// A storage call of the module call running on this thread found the database
+/// unavailable.
+pub(crate) fn note_storage_outage() {
+    WATCH.with(|c| {
+        if let Some(w) = &*c.borrow() {
+            w.outage.store(true, Ordering::Release);
+        }
+    });
 }
 
 /// A policy module as the server sees it.
@@ -73,6 +138,8 @@ pub struct ModuleStats {
     pub answers: AtomicU64,
     pub failures: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Calls that failed because the database was unavailable (never quarantined).
+    pub unavailable: AtomicU64,
     pub total_us: AtomicU64,
     pub max_us: AtomicU64,
     /// `u64::MAX` until the first call.
@@ -124,6 +191,7 @@ impl Default for ModuleStats {
             answers: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
             total_us: AtomicU64::new(0),
             max_us: AtomicU64::new(0),
             min_us: AtomicU64::new(u64::MAX),
@@ -146,6 +214,8 @@ pub struct Dispatcher {
     epoch: Instant,
     closed: AtomicBool,
     pub stats: ModuleStats,
+    /// Failure lines of this module's calls, at most one a second.
+    pub failure_log: crate::logging::RateLog,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -173,6 +243,7 @@ impl Dispatcher {
             epoch: Instant::now(),
             closed: AtomicBool::new(false),
             stats: ModuleStats::default(),
+            failure_log: crate::logging::RateLog::default(),
         })
     }
 
@@ -234,33 +305,55 @@ impl Dispatcher {
     }
 
     /// Runs `f` on the module's pool under `timeout` (waiting for a free worker counts),
-    /// with panics caught.
+    /// with panics caught and the call watched (see [`CallWatch`]).
     async fn on_pool<T: Send + 'static>(
         &self,
         timeout: Duration,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, HandlerError> {
+    ) -> (Result<T, HandlerError>, Arc<CallWatch>) {
+        let watch = Arc::new(CallWatch::default());
         let deadline = tokio::time::Instant::now() + timeout;
         let permit =
             match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(HandlerError::Other("module is closed".into())),
-                Err(_) => return Err(HandlerError::Timeout(timeout)),
+                Ok(Err(_)) => return (Err(HandlerError::Other("module is closed".into())), watch),
+                Err(_) => return (Err(HandlerError::Busy(timeout)), watch),
             };
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let w = watch.clone();
         let job: Job = Box::new(move || {
             let _permit = permit;
-            let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(|| watched(&w, f))));
         });
         if self.pool.jobs.push(job).is_err() {
-            return Err(HandlerError::Other("module worker threads are gone".into()));
+            return (
+                Err(HandlerError::Other("module worker threads are gone".into())),
+                watch,
+            );
         }
-        match tokio::time::timeout_at(deadline, rx).await {
+        let r = match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) if watch.in_storage.load(Ordering::Acquire) > 0 => {
+                // Stuck waiting on the database (a commit whose outcome is awaited),
+                // not in the module's own code.
+                Err(HandlerError::Unavailable(format!(
+                    "module still waiting on the database after {timeout:?}"
+                )))
+            }
             Err(_) => Err(HandlerError::Timeout(timeout)),
             Ok(Err(_)) => Err(HandlerError::Other("module worker thread died".into())),
             Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
             Ok(Ok(Ok(r))) => Ok(r),
-        }
+        };
+        (r, watch)
+    }
+
+    /// [`Dispatcher::on_pool`] for hooks whose watch is not needed.
+    async fn on_pool_plain<T: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HandlerError> {
+        self.on_pool(timeout, f).await.0
     }
 
     async fn call_blocking(
@@ -270,7 +363,18 @@ impl Dispatcher {
     ) -> Result<Option<Reply>, HandlerError> {
         let handler = self.handler.clone();
         let req = req.clone();
-        self.on_pool(timeout, move || handler.handle(&req)).await?
+        let (r, watch) = self.on_pool(timeout, move || handler.handle(&req)).await;
+        let r = r.and_then(|r| r);
+        if watch.outage.load(Ordering::Acquire) {
+            // Whatever the module made of it, the database was away during the call.
+            return r.map_err(|e| match e {
+                HandlerError::Status(_) | HandlerError::Timeout(_) | HandlerError::Other(_) => {
+                    HandlerError::Unavailable(format!("{e} (the database was unavailable)"))
+                }
+                e => e,
+            });
+        }
+        r
     }
 
     fn account(&self, result: &Result<Option<Reply>, HandlerError>, s: DispatchSettings) {
@@ -283,8 +387,14 @@ impl Dispatcher {
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                if matches!(e, HandlerError::Timeout(_)) {
+                if matches!(e, HandlerError::Timeout(_) | HandlerError::Busy(_)) {
                     self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                if matches!(e, HandlerError::Unavailable(_)) {
+                    self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                }
+                if !e.is_module_fault() {
+                    return;
                 }
                 let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= s.quarantine_after {
@@ -306,7 +416,7 @@ impl Dispatcher {
     /// Runs `reconf` on the module's pool under the module timeout.
     pub async fn reconf(&self, section: toml::Table) -> Result<(), HandlerError> {
         let h = self.handler.clone();
-        self.on_pool(self.settings().timeout, move || h.reconf(&section))
+        self.on_pool_plain(self.settings().timeout, move || h.reconf(&section))
             .await?
     }
 
@@ -314,7 +424,10 @@ impl Dispatcher {
     pub async fn tick(&self, kinds: u32, now: i64) {
         let h = self.handler.clone();
         let timeout = self.settings().timeout;
-        if let Err(e) = self.on_pool(timeout, move || h.tick(kinds, now)).await {
+        if let Err(e) = self
+            .on_pool_plain(timeout, move || h.tick(kinds, now))
+            .await
+        {
             tracing::error!(module = self.name(), "tick failed: {e}");
         }
     }

@@ -519,7 +519,13 @@ impl Daemon {
 }
 
 async fn run_ticks(state: &Mutex<State>, before: i64, after: i64) {
-    let kinds = tick_kinds(before, after);
+    let zone = state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .config
+        .storage
+        .zone;
+    let kinds = tick_kinds(zone, before, after);
     if kinds == 0 {
         return;
     }
@@ -532,27 +538,22 @@ async fn run_ticks(state: &Mutex<State>, before: i64, after: i64) {
     }
 }
 
-/// The `VLV_TICK_*` boundaries crossed between two host times (local time zone).
-pub fn tick_kinds(before: i64, after: i64) -> u32 {
-    use chrono::{Datelike, Local, TimeZone, Timelike};
-    let (Some(a), Some(b)) = (
-        Local.timestamp_opt(before, 0).single(),
-        Local.timestamp_opt(after, 0).single(),
-    ) else {
-        return 0;
-    };
+/// The `VLV_TICK_*` boundaries crossed between two host times, in the zone of calendar
+/// windows (`[storage] time_zone`), so modules see a day end when the counters do.
+pub fn tick_kinds(zone: crate::store::Zone, before: i64, after: i64) -> u32 {
+    use crate::store::window::Period;
     let mut k = 0;
     if before.div_euclid(60) != after.div_euclid(60) {
         k |= valvula_abi::VLV_TICK_MINUTE;
     }
-    if (a.date_naive(), a.hour()) != (b.date_naive(), b.hour()) {
-        k |= valvula_abi::VLV_TICK_HOUR;
-    }
-    if a.date_naive() != b.date_naive() {
-        k |= valvula_abi::VLV_TICK_DAY;
-    }
-    if (a.year(), a.month()) != (b.year(), b.month()) {
-        k |= valvula_abi::VLV_TICK_MONTH;
+    for (period, bit) in [
+        (Period::Hour, valvula_abi::VLV_TICK_HOUR),
+        (Period::Day, valvula_abi::VLV_TICK_DAY),
+        (Period::Month, valvula_abi::VLV_TICK_MONTH),
+    ] {
+        if zone.period(period, before).0 != zone.period(period, after).0 {
+            k |= bit;
+        }
     }
     k
 }
@@ -759,12 +760,16 @@ async fn run_chain(rt: &ListenerRuntime, req: Request) -> Option<Reply> {
                 break;
             }
             Err(e) => {
-                tracing::error!(
-                    listener = %rt.config.name,
-                    module = m.name(),
-                    queue_id = req.get("queue_id").unwrap_or(""),
-                    "module failed, answering the listener's on-error action: {e}"
-                );
+                // Once a second per module at most: an outage fails every request.
+                if let Some(more) = m.failure_log.allow() {
+                    tracing::error!(
+                        listener = %rt.config.name,
+                        module = m.name(),
+                        queue_id = req.get("queue_id").unwrap_or(""),
+                        failed_since_last_line = more,
+                        "module failed, answering the listener's on-error action: {e}"
+                    );
+                }
                 decided = (rt.on_error_reply(), m.name());
                 break;
             }
@@ -924,10 +929,18 @@ mod tests {
     fn tick_boundaries() {
         let t = 1_700_000_000 - 1_700_000_000 % 86_400; // a UTC midnight
         // In any time zone, one second across a minute boundary is a minute tick.
-        assert_ne!(tick_kinds(t + 59, t + 60) & valvula_abi::VLV_TICK_MINUTE, 0);
-        assert_eq!(tick_kinds(t + 10, t + 20), 0);
+        let utc = crate::store::Zone::UTC;
+        assert_ne!(
+            tick_kinds(utc, t + 59, t + 60) & valvula_abi::VLV_TICK_MINUTE,
+            0
+        );
+        assert_eq!(tick_kinds(utc, t + 10, t + 20), 0);
         // 40 days apart: a new month whatever the zone.
-        let k = tick_kinds(t, t + 40 * 86_400);
+        let k = tick_kinds(utc, t, t + 40 * 86_400);
         assert_eq!(k, 0xF);
+        // A UTC midnight is no day boundary in Tokyo (09:00 there).
+        let tokyo = crate::store::Zone::parse("Asia/Tokyo").unwrap();
+        assert_eq!(tick_kinds(tokyo, t - 1, t) & valvula_abi::VLV_TICK_DAY, 0);
+        assert_ne!(tick_kinds(utc, t - 1, t) & valvula_abi::VLV_TICK_DAY, 0);
     }
 }

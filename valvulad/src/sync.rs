@@ -84,9 +84,20 @@ impl<T> Queue<T> {
     }
 }
 
+enum SlotState<T> {
+    /// Not yet taken up by the producer: the waiter may still give up.
+    Pending,
+    /// The producer has started on it (e.g. it is in a running transaction): the
+    /// waiter must wait for the outcome, since giving up could not undo it.
+    Claimed,
+    /// The waiter gave up before the producer started; the producer must skip it.
+    Cancelled,
+    /// Answered; `None` when the promise was dropped unanswered.
+    Done(Option<T>),
+}
+
 struct Slot<T> {
-    /// `None` until answered; `Some(None)` when the promise was dropped unanswered.
-    value: Mutex<Option<Option<T>>>,
+    state: Mutex<SlotState<T>>,
     ready: Condvar,
 }
 
@@ -99,7 +110,7 @@ pub struct Answer<T>(Arc<Slot<T>>);
 /// A hand-off of exactly one value.
 pub fn oneshot<T>() -> (Promise<T>, Answer<T>) {
     let slot = Arc::new(Slot {
-        value: Mutex::new(None),
+        state: Mutex::new(SlotState::Pending),
         ready: Condvar::new(),
     });
     (Promise(Some(slot.clone())), Answer(slot))
@@ -108,13 +119,34 @@ pub fn oneshot<T>() -> (Promise<T>, Answer<T>) {
 impl<T> Promise<T> {
     fn fill(&mut self, value: Option<T>) {
         if let Some(slot) = self.0.take() {
-            *lock(&slot.value) = Some(value);
-            slot.ready.notify_one();
+            let mut st = lock(&slot.state);
+            if !matches!(*st, SlotState::Cancelled) {
+                *st = SlotState::Done(value);
+            }
+            drop(st);
+            slot.ready.notify_all();
         }
     }
 
     pub fn send(mut self, value: T) {
         self.fill(Some(value));
+    }
+
+    /// The producer starts on this job: from now on the waiter waits for its outcome.
+    /// False when the waiter already gave up (the job must not run).
+    pub fn claim(&self) -> bool {
+        let Some(slot) = &self.0 else {
+            return false;
+        };
+        let mut st = lock(&slot.state);
+        match *st {
+            SlotState::Pending => {
+                *st = SlotState::Claimed;
+                true
+            }
+            SlotState::Claimed => true,
+            SlotState::Cancelled | SlotState::Done(_) => false,
+        }
     }
 }
 
@@ -126,15 +158,62 @@ impl<T> Drop for Promise<T> {
     }
 }
 
+/// How [`Answer::wait_until`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Waited<T> {
+    Value(T),
+    /// The sender went away without answering.
+    Dropped,
+    /// The deadline passed before the producer started; the job will not run.
+    GaveUp,
+}
+
 impl<T> Answer<T> {
     /// The value, or `None` when the sender went away without answering.
     pub fn wait(self) -> Option<T> {
-        let mut v = lock(&self.0.value);
+        let mut st = lock(&self.0.state);
         loop {
-            if let Some(value) = v.take() {
-                return value;
+            if matches!(*st, SlotState::Done(_))
+                && let SlotState::Done(v) = std::mem::replace(&mut *st, SlotState::Cancelled)
+            {
+                return v;
             }
-            v = self.0.ready.wait(v).unwrap_or_else(|e| e.into_inner());
+            st = self.0.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits for the value until `deadline`. If the producer has not started on the job
+    /// by then, the job is cancelled ([`Waited::GaveUp`]: it will never run). If it has
+    /// started, the outcome is waited for past the deadline, because a job that may
+    /// already have taken effect must not be reported as failed.
+    pub fn wait_until(self, deadline: std::time::Instant) -> Waited<T> {
+        let mut st = lock(&self.0.state);
+        loop {
+            match &*st {
+                SlotState::Done(_) => {
+                    let SlotState::Done(v) = std::mem::replace(&mut *st, SlotState::Cancelled)
+                    else {
+                        unreachable!("matched Done")
+                    };
+                    return v.map_or(Waited::Dropped, Waited::Value);
+                }
+                SlotState::Pending => {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        *st = SlotState::Cancelled;
+                        return Waited::GaveUp;
+                    }
+                    st = self
+                        .0
+                        .ready
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                SlotState::Claimed | SlotState::Cancelled => {
+                    st = self.0.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            }
         }
     }
 }
@@ -181,6 +260,29 @@ mod tests {
         assert_eq!(q.pop_many(3), Some(vec![3, 4]));
         q.close();
         assert_eq!(q.pop_many(3), None);
+    }
+
+    #[test]
+    fn a_waiter_gives_up_only_before_the_job_is_claimed() {
+        use std::time::{Duration, Instant};
+        // Unclaimed at the deadline: cancelled, and the producer learns it must skip.
+        let (p, a) = oneshot::<i32>();
+        let w =
+            std::thread::spawn(move || a.wait_until(Instant::now() + Duration::from_millis(20)));
+        assert_eq!(w.join().unwrap(), Waited::GaveUp);
+        assert!(!p.claim(), "a cancelled job was claimed");
+        p.send(1);
+        // Claimed before the deadline: the waiter waits for the outcome past it.
+        let (p, a) = oneshot::<i32>();
+        assert!(p.claim());
+        let w = std::thread::spawn(move || a.wait_until(Instant::now() + Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(30));
+        p.send(7);
+        assert_eq!(w.join().unwrap(), Waited::Value(7));
+        let (p, a) = oneshot::<i32>();
+        assert!(p.claim());
+        drop(p);
+        assert_eq!(a.wait_until(Instant::now()), Waited::Dropped);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 
 pub const VLV_ABI_MAJOR: u16 = 0;
-pub const VLV_ABI_MINOR: u16 = 3;
-pub const VLV_ONCE_KEEP_SECONDS: i64 = 172_800;
+pub const VLV_ABI_MINOR: u16 = 4;
+pub const VLV_ONCE_KEEP_SECONDS: i64 = 3_600;
 pub const VLV_MODULE_MAGIC: u32 = 0x4D56_4C56;
 /// `VLV_MODULE_SYMBOL`, NUL-terminated for dlsym.
 pub const VLV_MODULE_SYMBOL: &[u8] = b"vlv_module_v1\0";
@@ -132,6 +132,18 @@ pub struct vlv_window_state {
     pub reserved: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vlv_charge {
+    pub key: vlv_str,
+    pub amount: i64,
+    pub windows: *const vlv_window,
+    pub n_windows: usize,
+    pub states: *mut vlv_window_state,
+    pub admitted: u32,
+    pub reserved: u32,
+}
+
 /// Opaque: a query result owned by the host.
 #[repr(C)]
 pub struct vlv_rows {
@@ -239,6 +251,19 @@ pub struct vlv_host_api {
             repeated: *mut u32,
         ) -> i32,
     >,
+    // ABI 0.4.
+    pub consume_all: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            token: vlv_str,
+            charges: *mut vlv_charge,
+            n: usize,
+            admitted: *mut u32,
+            repeated: *mut u32,
+        ) -> i32,
+    >,
+    pub time_zone:
+        Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, name: *mut vlv_str) -> i32>,
 }
 
 pub type ConsumeOnceFn = unsafe extern "C" fn(
@@ -300,7 +325,7 @@ unsafe impl Sync for vlv_host_api {}
 unsafe impl Send for vlv_host_api {}
 
 /// Bytes of `vlv_module_def` a module built for ABI 0.`minor` must provide: the end of
-/// the last field that minor defines. Minors 0 to 3 share one layout (0.2 and 0.3 only
+/// the last field that minor defines. Minors 0 to 4 share one layout (0.2 to 0.4 only
 /// added host services).
 pub const fn module_def_min_size(minor: u16) -> usize {
     let _ = minor;
@@ -335,7 +360,15 @@ const _: () = {
     assert!(offset_of!(vlv_host_api, reset) == 144);
     assert!(offset_of!(vlv_host_api, consume_once) == 152);
     assert!(offset_of!(vlv_host_api, sql_exec_once) == 160);
-    assert!(size_of::<vlv_host_api>() == 168);
+    assert!(offset_of!(vlv_host_api, consume_all) == 168);
+    assert!(offset_of!(vlv_host_api, time_zone) == 176);
+    assert!(size_of::<vlv_host_api>() == 184);
+    assert!(size_of::<vlv_charge>() == 56);
+    assert!(offset_of!(vlv_charge, amount) == 16);
+    assert!(offset_of!(vlv_charge, windows) == 24);
+    assert!(offset_of!(vlv_charge, n_windows) == 32);
+    assert!(offset_of!(vlv_charge, states) == 40);
+    assert!(offset_of!(vlv_charge, admitted) == 48);
 
     assert!(size_of::<vlv_value>() == 40);
     assert!(offset_of!(vlv_value, i) == 8);

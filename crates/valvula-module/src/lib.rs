@@ -23,6 +23,7 @@
 //! panic (a panic becomes an error status, which the daemon answers with the listener's
 //! on-error action) and route `tracing` events to the daemon's log.
 
+mod bounded;
 mod host;
 mod log_bridge;
 mod request;
@@ -30,10 +31,12 @@ mod storage;
 #[doc(hidden)]
 pub mod trampolines;
 
+pub use bounded::bounded;
 pub use host::{Host, LogLevel};
 pub use request::Request;
 pub use storage::{
-    Column, Consumption, Dialect, Exec, Rows, StorageError, Value, Window, WindowKind, WindowState,
+    Charge, Column, Consumption, Consumptions, Dialect, Exec, Rows, StorageError, Value, Window,
+    WindowKind, WindowState,
 };
 pub use valvula_abi as abi;
 pub use valvula_policy::Action;

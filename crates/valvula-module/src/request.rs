@@ -86,9 +86,8 @@ impl<'a> Request<'a> {
     /// makes a charge once per message, stage and (at RCPT) recipient: Postfix's
     /// `instance` names the message, and a request it re-sends after its policy timeout
     /// carries the same values. `scope` keeps charges of one module apart (a policy
-    /// name). `None` without an instance, or when the token would pass the host's 512
-    /// bytes (a hostile recipient): such a request is charged every time rather than
-    /// risk two recipients sharing a token.
+    /// name). `None` without an instance. A token of any length works: the host stores
+    /// a long one as a prefix and a digest of the whole.
     pub fn once_token(&self, scope: &str) -> Option<String> {
         let instance = self.instance()?;
         let state = self.protocol_state().unwrap_or("").to_ascii_uppercase();
@@ -97,7 +96,7 @@ impl<'a> Request<'a> {
         } else {
             String::new()
         };
-        Some(format!("{scope}\x1f{instance}\x1f{state}\x1f{rcpt}")).filter(|t| t.len() <= 512)
+        Some(format!("{scope}\x1f{instance}\x1f{state}\x1f{rcpt}"))
     }
     /// `recipient_count` as Postfix sends it; absent or not a number reads as 0.
     pub fn recipient_count(&self) -> u64 {

@@ -6,7 +6,9 @@
 use std::fmt;
 
 use crate::Host;
-use crate::abi::{self, vlv_host_api, vlv_stmt, vlv_str, vlv_value, vlv_window, vlv_window_state};
+use crate::abi::{
+    self, vlv_charge, vlv_host_api, vlv_stmt, vlv_str, vlv_value, vlv_window, vlv_window_state,
+};
 
 /// A parameter or a result cell. `Null` and `Text("")` are different values.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,7 +78,8 @@ pub enum StorageError {
     Invalid,
     /// The statement failed.
     Failed,
-    /// The daemon is older than ABI 0.2.
+    /// The daemon is too old for the call (older than ABI 0.2, or than the minor that
+    /// added it).
     NotSupported,
 }
 
@@ -86,7 +89,9 @@ impl fmt::Display for StorageError {
             StorageError::Unavailable => "database unavailable",
             StorageError::Invalid => "invalid storage call (see the daemon's log)",
             StorageError::Failed => "SQL statement failed (see the daemon's log)",
-            StorageError::NotSupported => "the daemon has no storage services (ABI < 0.2)",
+            StorageError::NotSupported => {
+                "the daemon does not offer this storage service (its ABI is too old)"
+            }
         })
     }
 }
@@ -138,6 +143,26 @@ pub struct WindowState {
     pub remaining: i64,
     pub resets_at: i64,
     pub admitted: bool,
+}
+
+/// One key of [`Host::consume_all`].
+#[derive(Clone, Copy, Debug)]
+pub struct Charge<'a> {
+    pub key: &'a str,
+    pub amount: i64,
+    pub windows: &'a [Window],
+}
+
+/// What [`Host::consume_all`] did: admitted only if every key was admitted, and then
+/// every key was charged; otherwise nothing was. `charges[i]` tells key `i`'s windows
+/// (for a refused call: the counts as they are, and whether that key alone would have
+/// been admitted, so the first not admitted is the refusing one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Consumptions {
+    pub admitted: bool,
+    /// The token was already charged: nothing was charged again.
+    pub repeated: bool,
+    pub charges: Vec<Consumption>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -381,7 +406,7 @@ impl Host {
         key: &str,
         amount: i64,
         windows: &[Window],
-        how: Charge<'_>,
+        how: How<'_>,
     ) -> Result<Consumption, StorageError> {
         let api = storage_api(self.api())?;
         let ws: Vec<vlv_window> = windows.iter().map(raw_window).collect();
@@ -389,8 +414,8 @@ impl Host {
         let mut admitted = 0u32;
         let mut repeated = 0u32;
         let code = match how {
-            Charge::Consume | Charge::Peek => {
-                let f = if matches!(how, Charge::Peek) {
+            How::Consume | How::Peek => {
+                let f = if matches!(how, How::Peek) {
                     api.peek
                 } else {
                     api.consume
@@ -409,7 +434,7 @@ impl Host {
                     )
                 }
             }
-            Charge::Once(token) => {
+            How::Once(token) => {
                 let api = reaching(api, std::mem::offset_of!(vlv_host_api, consume_once))?;
                 let f = api.consume_once.ok_or(StorageError::NotSupported)?;
                 // SAFETY: as above; the token is borrowed for the call, the host table
@@ -452,7 +477,7 @@ impl Host {
         amount: i64,
         windows: &[Window],
     ) -> Result<Consumption, StorageError> {
-        self.charge(key, amount, windows, Charge::Consume)
+        self.charge(key, amount, windows, How::Consume)
     }
 
     /// [`Host::consume`], at most once per `token` (e.g. Postfix's queue id with the
@@ -466,7 +491,7 @@ impl Host {
         amount: i64,
         windows: &[Window],
     ) -> Result<Consumption, StorageError> {
-        self.charge(key, amount, windows, Charge::Once(token))
+        self.charge(key, amount, windows, How::Once(token))
     }
 
     /// What [`Host::consume`] would answer, without charging.
@@ -476,7 +501,93 @@ impl Host {
         amount: i64,
         windows: &[Window],
     ) -> Result<Consumption, StorageError> {
-        self.charge(key, amount, windows, Charge::Peek)
+        self.charge(key, amount, windows, How::Peek)
+    }
+
+    /// Charges every key of `charges` if every one admits its amount in all its
+    /// windows, else none: the charges of one request across several limits commit
+    /// together or not at all, so a refusal by one limit never uses up another's quota.
+    /// With a `token`, at most once per token (as [`Host::consume_once`]). Needs a
+    /// daemon of ABI 0.4.
+    pub fn consume_all(
+        &self,
+        token: Option<&str>,
+        charges: &[Charge<'_>],
+    ) -> Result<Consumptions, StorageError> {
+        let api = reaching(self.api(), std::mem::offset_of!(vlv_host_api, consume_all))?;
+        let f = api.consume_all.ok_or(StorageError::NotSupported)?;
+        let windows: Vec<Vec<vlv_window>> = charges
+            .iter()
+            .map(|c| c.windows.iter().map(raw_window).collect())
+            .collect();
+        let mut states: Vec<Vec<vlv_window_state>> = charges
+            .iter()
+            .map(|c| vec![vlv_window_state::default(); c.windows.len()])
+            .collect();
+        let mut raw: Vec<vlv_charge> = charges
+            .iter()
+            .zip(&windows)
+            .zip(states.iter_mut())
+            .map(|((c, w), st)| vlv_charge {
+                key: vlv_str::from_str(c.key),
+                amount: c.amount,
+                windows: w.as_ptr(),
+                n_windows: w.len(),
+                states: st.as_mut_ptr(),
+                admitted: 0,
+                reserved: 0,
+            })
+            .collect();
+        let (mut admitted, mut repeated) = (0u32, 0u32);
+        // SAFETY: the charges, their windows and state arrays (n_windows entries each)
+        // are ours for the call; the host table was checked to have the field.
+        status(unsafe {
+            f(
+                self.ctx(),
+                vlv_str::from_str(token.unwrap_or("")),
+                raw.as_mut_ptr(),
+                raw.len(),
+                &mut admitted,
+                &mut repeated,
+            )
+        })?;
+        let per: Vec<bool> = raw.iter().map(|c| c.admitted != 0).collect();
+        drop(raw);
+        Ok(Consumptions {
+            admitted: admitted != 0,
+            repeated: repeated != 0,
+            charges: states
+                .iter()
+                .zip(per)
+                .map(|(st, ok)| Consumption {
+                    admitted: ok,
+                    repeated: repeated != 0,
+                    windows: st
+                        .iter()
+                        .map(|s| WindowState {
+                            used: s.used,
+                            remaining: s.remaining,
+                            resets_at: s.resets_at,
+                            admitted: s.admitted != 0,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The IANA name of the zone the daemon's calendar windows follow (`[storage]
+    /// time_zone`, "local" resolved), e.g. `"Europe/Madrid"`; `None` from a daemon
+    /// older than ABI 0.4 or without storage.
+    pub fn time_zone(&self) -> Option<String> {
+        let api = reaching(self.api(), std::mem::offset_of!(vlv_host_api, time_zone)).ok()?;
+        let f = api.time_zone?;
+        let mut name = vlv_str::EMPTY;
+        // SAFETY: ctx is this module's; the host writes a static string.
+        if unsafe { f(self.ctx(), &mut name) } != abi::VLV_OK {
+            return None;
+        }
+        String::from_utf8(bytes(name)).ok()
     }
 
     /// Forgets every window of `key`.
@@ -490,7 +601,7 @@ impl Host {
 }
 
 #[derive(Clone, Copy)]
-enum Charge<'a> {
+enum How<'a> {
     Consume,
     Peek,
     Once(&'a str),

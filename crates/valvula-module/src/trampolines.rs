@@ -136,6 +136,12 @@ unsafe extern "C" fn process<M: Module>(state: *mut c_void, req: *mut vlv_reques
             rc
         }
         Ok(Err(e)) => {
+            // A database that is away is no fault of the module: say so, so the daemon
+            // does not quarantine it (the daemon logs the outage itself).
+            if let Some(crate::StorageError::Unavailable) = e.downcast_ref::<crate::StorageError>()
+            {
+                return abi::VLV_E_UNAVAILABLE;
+            }
             slot.host
                 .log(LogLevel::Error, &format!("request failed: {e}"));
             abi::VLV_E_FAILED

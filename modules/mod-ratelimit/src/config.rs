@@ -28,6 +28,10 @@ pub struct Config {
     pub accounting_period: String,
     /// Accounting rows older than this many days are deleted (0: kept).
     pub accounting_retention_days: i64,
+    /// Postfix's `recipient_delimiter` characters (e.g. "+"): sender addresses count
+    /// without their extension (`alice+news@` as `alice@`), so rotating extensions
+    /// does not make new identities. Empty (the default): addresses count as they are.
+    pub recipient_delimiter: String,
 }
 
 impl Default for Config {
@@ -42,6 +46,7 @@ impl Default for Config {
             accounting: true,
             accounting_period: "day".into(),
             accounting_retention_days: 90,
+            recipient_delimiter: String::new(),
         }
     }
 }
@@ -166,6 +171,7 @@ pub struct Settings {
     pub accounting: bool,
     pub accounting_period: WindowKind,
     pub accounting_retention_days: i64,
+    pub recipient_delimiter: String,
 }
 
 pub const DEFAULT_TEXT: &str =
@@ -399,5 +405,6 @@ pub fn settings(c: Config) -> Result<Settings, Error> {
         accounting: c.accounting,
         accounting_period,
         accounting_retention_days: c.accounting_retention_days,
+        recipient_delimiter: c.recipient_delimiter,
     })
 }

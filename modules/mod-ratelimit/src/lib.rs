@@ -22,12 +22,17 @@ use std::sync::{Arc, RwLock};
 
 use config::{Applies, Match, Metric, Part, Policy, Rule, Settings};
 use valvula_module::{
-    Action, Consumption, Error, Host, Module, Request, Ticks, Verdict, Window, export_module,
+    Action, Charge, Consumption, Error, Host, Module, Request, Ticks, Verdict, Window,
+    export_module,
 };
 
 struct RateLimit {
     host: Host,
     settings: RwLock<Arc<Settings>>,
+    /// The zone of the daemon's calendar windows: temporary overrides end with them.
+    zone: valvula_calendar::Zone,
+    /// Warnings about unusable override rows, at most one a minute.
+    bad_override_warned: std::sync::atomic::AtomicI64,
 }
 
 fn load(host: &Host) -> Result<Settings, Error> {
@@ -61,14 +66,68 @@ fn network(ip: IpAddr, v4: u8, v6: u8) -> Option<String> {
     Some(n.trunc().to_string())
 }
 
+/// `alice+news@example.com` as `alice@example.com` when `delimiters` (Postfix's
+/// `recipient_delimiter` characters) has `+`: the extension is cut at the first
+/// delimiter of the local part. A local part that starts with a delimiter keeps it (it
+/// has no base mailbox to fold to), as Postfix does.
+fn fold(addr: &str, delimiters: &str) -> String {
+    if delimiters.is_empty() {
+        return addr.to_owned();
+    }
+    let (local, domain) = match addr.rsplit_once('@') {
+        Some((l, d)) => (l, Some(d)),
+        None => (addr, None),
+    };
+    let base = match local.char_indices().find(|(_, c)| delimiters.contains(*c)) {
+        Some((i, _)) if i > 0 => &local[..i],
+        _ => local,
+    };
+    match domain {
+        Some(d) => format!("{base}@{d}"),
+        None => base.to_owned(),
+    }
+}
+
+/// A request's identity under one policy: the values of the key's parts, kept apart.
+/// (Joined into one string and split again, `alice+bulk@example.com` once became the
+/// two parts `alice` and `bulk@example.com` and borrowed the rule of the latter.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ident {
+    parts: Vec<String>,
+    /// The policy has keys of several parts, so a part's own `+` must be escaped in
+    /// the stored form for `a+b` (one part) and `a`,`b` (two) to stay apart.
+    escaped: bool,
+}
+
+impl Ident {
+    /// For logs and reply texts: the parts joined by `+`.
+    fn shown(&self) -> String {
+        self.parts.join("+")
+    }
+
+    /// The stored form (counter keys, override and accounting rows): the value itself
+    /// for keys of one part; for policies with combination keys, each part with `\` and
+    /// `+` escaped, joined by `+`.
+    fn stored(&self) -> String {
+        if !self.escaped {
+            return self.parts.join("+");
+        }
+        self.parts
+            .iter()
+            .map(|p| p.replace('\\', "\\\\").replace('+', "\\+"))
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
 /// The request's identity for a policy: the first key of the list whose parts are all
-/// present, parts joined by `+`.
-fn identity(p: &Policy, req: &Request<'_>) -> Option<String> {
+/// present.
+fn identity(p: &Policy, s: &Settings, req: &Request<'_>) -> Option<Ident> {
     let sasl = req.sasl_username().map(str::to_ascii_lowercase);
     let sender = req
         .sender()
         .filter(|s| !s.is_empty())
-        .map(str::to_ascii_lowercase);
+        .map(|v| fold(&v.to_ascii_lowercase(), &s.recipient_delimiter));
     let ip: Option<IpAddr> = req.client_address().and_then(|a| a.parse().ok());
     'keys: for key in &p.keys {
         let mut parts = Vec::new();
@@ -86,19 +145,24 @@ fn identity(p: &Policy, req: &Request<'_>) -> Option<String> {
                 None => continue 'keys,
             }
         }
-        return Some(parts.join("+"));
+        return Some(Ident {
+            parts,
+            escaped: p.keys.iter().any(|k| k.len() > 1),
+        });
     }
     None
 }
 
 /// The configured rule for an identity: user, then domain, then the narrowest network.
-fn config_rule<'a>(p: &'a Policy, ident: &str, req: &Request<'_>) -> &'a Rule {
+/// A user rule applies to an identity part that is that very address; a domain rule to
+/// a part that is the domain or an address in it.
+fn config_rule<'a>(p: &'a Policy, ident: &Ident, req: &Request<'_>) -> &'a Rule {
     let ip: Option<IpAddr> = req.client_address().and_then(|a| a.parse().ok());
-    let addrs: Vec<String> = ident.split('+').map(str::to_owned).collect();
     for (m, r) in &p.rules {
         let hit = match m {
-            Match::User(u) => addrs.iter().any(|a| a == u),
-            Match::Domain(d) => addrs
+            Match::User(u) => ident.parts.iter().any(|a| a == u),
+            Match::Domain(d) => ident
+                .parts
                 .iter()
                 .any(|a| a == d || domain_of(a).as_deref() == Some(d.as_str())),
             Match::Network(n) => ip.is_some_and(|i| n.contains(&i)),
@@ -137,9 +201,15 @@ fn verdict(action: Action, code: &str, text: String) -> Verdict {
     }
 }
 
-struct Outcome {
-    refusal: Option<Verdict>,
-    soft: Option<Verdict>,
+/// One policy that applies to the request, with its identity and rule.
+struct Applied<'p> {
+    policy: &'p Policy,
+    ident: Ident,
+    rule: Rule,
+    windows: Vec<Window>,
+    /// The counter key: `policy:identity` (stored form).
+    key: String,
+    amount: i64,
 }
 
 impl RateLimit {
@@ -147,119 +217,187 @@ impl RateLimit {
         Ok(self.settings.read().map_err(|_| "poisoned")?.clone())
     }
 
-    /// Checks (and, at a charging stage, charges) one policy.
-    #[allow(clippy::too_many_arguments)]
-    fn policy(
+    /// The policies that apply to the request, with what each counts.
+    fn applied<'s>(
         &self,
-        s: &Settings,
-        p: &Policy,
+        s: &'s Settings,
         req: &Request<'_>,
-        charge: bool,
-        state: &str,
+        authenticated: bool,
         now: i64,
-    ) -> Result<Outcome, Error> {
-        let none = Outcome {
-            refusal: None,
-            soft: None,
-        };
-        let Some(ident) = identity(p, req) else {
-            return Ok(none);
-        };
-        let base = config_rule(p, &ident, req);
-        let rule = tables::effective_rule(&self.host, p, &ident, base, now)?;
-        if rule.limits.is_empty() {
-            return Ok(none);
-        }
-        let windows: Vec<Window> = rule
-            .limits
-            .iter()
-            .map(|(k, l, _)| Window {
-                kind: *k,
-                limit: *l,
-            })
-            .collect();
-        let key = format!("{}:{ident}", p.name);
-        let n = amount(p.metric, req);
-        if !charge {
-            let c = self.host.peek(&key, n, &windows)?;
-            return Ok(Outcome {
-                refusal: (!c.admitted).then(|| self.refusal(s, p, &rule, &ident, &c, now)),
-                soft: None,
+    ) -> Result<Vec<Applied<'s>>, Error> {
+        let mut out = Vec::new();
+        for p in &s.policies {
+            let applies = match p.applies {
+                Applies::All => true,
+                Applies::Authenticated => authenticated,
+                Applies::Unauthenticated => !authenticated,
+            };
+            if !applies {
+                continue;
+            }
+            let Some(ident) = identity(p, s, req) else {
+                continue;
+            };
+            let base = config_rule(p, &ident, req);
+            let rule = tables::effective_rule(self, p, &ident.stored(), base, now)?;
+            if rule.limits.is_empty() {
+                continue;
+            }
+            let windows = rule
+                .limits
+                .iter()
+                .map(|(k, l, _)| Window {
+                    kind: *k,
+                    limit: *l,
+                })
+                .collect();
+            out.push(Applied {
+                key: format!("{}:{}", p.name, ident.stored()),
+                amount: amount(p.metric, req),
+                policy: p,
+                ident,
+                rule,
+                windows,
             });
         }
-        // One charge per message (and recipient, for per-RCPT counting) and stage: the
-        // host records the token with the charge, in one transaction.
-        let c = match &req.once_token(&p.name) {
-            Some(t) => self.host.consume_once(&key, t, n, &windows)?,
-            None => self.host.consume(&key, n, &windows)?,
-        };
+        Ok(out)
+    }
+
+    /// Logs an override row that cannot be used, at most once a minute.
+    fn warn_bad_override(&self, policy: &str, identity: &str, error: &str, now: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.bad_override_warned.load(Relaxed);
+        if now.saturating_sub(last) >= 60
+            && self
+                .bad_override_warned
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::error!(
+                policy,
+                identity,
+                "ratelimit_override row unusable ({error}); the configured rule applies until it is fixed"
+            );
+        }
+    }
+
+    /// The soft-limit verdict of an admitted charge, if a window is past its mark.
+    fn soft(a: &Applied<'_>, c: &Consumption, now: i64) -> Option<Verdict> {
+        let pct = a.rule.soft_at?;
+        c.windows
+            .iter()
+            .zip(&a.rule.limits)
+            .find_map(|(st, (_, limit, name))| {
+                (*limit > 0 && st.used * 100 >= *limit * pct as i64).then(|| {
+                    verdict(
+                        a.rule.soft_action,
+                        "",
+                        render(
+                            &a.rule.soft_text,
+                            &a.ident.shown(),
+                            *limit,
+                            st.used,
+                            name,
+                            st.resets_at - now,
+                        ),
+                    )
+                })
+            })
+    }
+
+    /// Charges every applied policy together (all or none) and answers.
+    fn charge(
+        &self,
+        s: &Settings,
+        applied: &[Applied<'_>],
+        req: &Request<'_>,
+        state: &str,
+        now: i64,
+    ) -> Result<Verdict, Error> {
+        let charges: Vec<Charge<'_>> = applied
+            .iter()
+            .map(|a| Charge {
+                key: &a.key,
+                amount: a.amount,
+                windows: &a.windows,
+            })
+            .collect();
+        // One charge per message (and recipient, for per-RCPT counting) and stage, for
+        // all policies at once: the host records the token with the charges, in one
+        // transaction.
+        let token = req.once_token("ratelimit");
+        let c = self.host.consume_all(token.as_deref(), &charges)?;
         if c.repeated {
-            tracing::info!(policy = %p.name, identity = %ident, instance = req.instance().unwrap_or(""), state, "already charged for this message; not charged again");
-            return Ok(none);
+            tracing::info!(
+                instance = req.instance().unwrap_or(""),
+                state,
+                "already charged for this message; not charged again"
+            );
+            return Ok(Verdict::dunno());
         }
         if !c.admitted {
             if s.count_refused {
-                let unlimited: Vec<Window> = windows
+                // ratelimit-policyd's way: a refused attempt counts too, in every policy
+                // that applies, once per message and stage.
+                let unlimited: Vec<Vec<Window>> = applied
                     .iter()
-                    .map(|w| Window {
-                        kind: w.kind,
-                        limit: -1,
+                    .map(|a| {
+                        a.windows
+                            .iter()
+                            .map(|w| Window {
+                                kind: w.kind,
+                                limit: -1,
+                            })
+                            .collect()
                     })
                     .collect();
-                self.host.consume(&key, n, &unlimited)?;
-            }
-            return Ok(Outcome {
-                refusal: Some(self.refusal(s, p, &rule, &ident, &c, now)),
-                soft: None,
-            });
-        }
-        if s.accounting {
-            tables::account(&self.host, s, &p.name, &ident, req, now)?;
-        }
-        let soft = rule.soft_at.and_then(|pct| {
-            c.windows
-                .iter()
-                .zip(&rule.limits)
-                .find_map(|(st, (_, limit, name))| {
-                    (*limit > 0 && st.used * 100 >= *limit * pct as i64).then(|| {
-                        verdict(
-                            rule.soft_action,
-                            "",
-                            render(
-                                &rule.soft_text,
-                                &ident,
-                                *limit,
-                                st.used,
-                                name,
-                                st.resets_at - now,
-                            ),
-                        )
+                let counted: Vec<Charge<'_>> = applied
+                    .iter()
+                    .zip(&unlimited)
+                    .map(|(a, w)| Charge {
+                        key: &a.key,
+                        amount: a.amount,
+                        windows: w,
                     })
-                })
-        });
-        tracing::info!(
-            policy = %p.name,
-            identity = %ident,
-            amount = n,
-            used = ?c.windows.iter().zip(&rule.limits).map(|(w, (_, l, name))| format!("{}/{l} {name}", w.used)).collect::<Vec<_>>(),
-            "rate charged"
-        );
-        Ok(Outcome {
-            refusal: None,
-            soft,
-        })
+                    .collect();
+                self.host
+                    .consume_all(req.once_token("ratelimit-refused").as_deref(), &counted)?;
+            }
+            let (a, part) = applied
+                .iter()
+                .zip(&c.charges)
+                .find(|(_, p)| !p.admitted)
+                .unwrap_or((&applied[0], &c.charges[0]));
+            return Ok(self.refusal(s, a, part, now));
+        }
+        let mut soft = None;
+        for (a, part) in applied.iter().zip(&c.charges) {
+            if s.accounting {
+                tables::account(
+                    &self.host,
+                    self.zone,
+                    s,
+                    &a.policy.name,
+                    &a.ident.stored(),
+                    req,
+                    now,
+                )?;
+            }
+            soft = soft.or_else(|| Self::soft(a, part, now));
+            tracing::info!(
+                policy = %a.policy.name,
+                identity = %a.ident.shown(),
+                amount = a.amount,
+                used = ?part.windows.iter().zip(&a.rule.limits).map(|(w, (_, l, name))| format!("{}/{l} {name}", w.used)).collect::<Vec<_>>(),
+                "rate charged"
+            );
+        }
+        Ok(soft.unwrap_or_else(Verdict::dunno))
     }
 
     /// The reply for a refusal, the log line, and the first-refusal notification.
-    fn refusal(
-        &self,
-        s: &Settings,
-        p: &Policy,
-        rule: &Rule,
-        ident: &str,
-        c: &Consumption,
-        now: i64,
-    ) -> Verdict {
+    fn refusal(&self, s: &Settings, a: &Applied<'_>, c: &Consumption, now: i64) -> Verdict {
+        let (p, rule, ident) = (a.policy, &a.rule, a.ident.shown());
         let (i, st) = c
             .windows
             .iter()
@@ -268,10 +406,10 @@ impl RateLimit {
             .unwrap_or((0, &c.windows[0]));
         let (kind, limit, name) = &rule.limits[i];
         let retry = st.resets_at - now;
-        let text = render(&rule.text, ident, *limit, st.used, name, retry);
+        let text = render(&rule.text, &ident, *limit, st.used, name, retry);
         tracing::warn!(policy = %p.name, identity = %ident, window = %name, used = st.used, limit, retry_after = retry, "rate limit reached");
         // Once per identity and window: a log event and the notification command.
-        let key = format!("notify:{}:{ident}", p.name);
+        let key = format!("notify:{}:{}", p.name, a.ident.stored());
         if let Ok(first) = self.host.consume(
             &key,
             1,
@@ -285,7 +423,7 @@ impl RateLimit {
             if let Some(cmd) = &s.notify_command {
                 let spawned = std::process::Command::new(cmd)
                     .env("VALVULA_POLICY", &p.name)
-                    .env("VALVULA_IDENTITY", ident)
+                    .env("VALVULA_IDENTITY", &ident)
                     .env("VALVULA_WINDOW", name)
                     .env("VALVULA_LIMIT", limit.to_string())
                     .env("VALVULA_USED", st.used.to_string())
@@ -310,9 +448,16 @@ impl Module for RateLimit {
             tracing::error!("cannot prepare the rate-limit tables now (retried each minute): {e}");
         }
         tracing::info!(policies = settings.policies.len(), "mod-ratelimit ready");
+        // The daemon's zone (ABI 0.4); the calendar of counters and of overrides agree.
+        let zone = host
+            .time_zone()
+            .and_then(|z| valvula_calendar::Zone::parse(&z).ok())
+            .unwrap_or_default();
         Ok(RateLimit {
             host,
             settings: RwLock::new(Arc::new(settings)),
+            zone,
+            bad_override_warned: std::sync::atomic::AtomicI64::new(i64::MIN),
         })
     }
 
@@ -333,23 +478,21 @@ impl Module for RateLimit {
         let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
         let charge = s.charge_at.is_empty() || s.charge_at.contains(&state);
         let now = self.host.now();
-        let mut soft = None;
-        for p in &s.policies {
-            let applies = match p.applies {
-                Applies::All => true,
-                Applies::Authenticated => sasl.is_some(),
-                Applies::Unauthenticated => sasl.is_none(),
-            };
-            if !applies {
-                continue;
-            }
-            let o = self.policy(&s, p, req, charge, &state, now)?;
-            if let Some(r) = o.refusal {
-                return Ok(r);
-            }
-            soft = soft.or(o.soft);
+        let applied = self.applied(&s, req, sasl.is_some(), now)?;
+        if applied.is_empty() {
+            return Ok(Verdict::dunno());
         }
-        Ok(soft.unwrap_or_else(Verdict::dunno))
+        if charge {
+            return self.charge(&s, &applied, req, &state, now);
+        }
+        // Not a charging stage: refuse early what the charge would refuse.
+        for a in &applied {
+            let c = self.host.peek(&a.key, a.amount, &a.windows)?;
+            if !c.admitted {
+                return Ok(self.refusal(&s, a, &c, now));
+            }
+        }
+        Ok(Verdict::dunno())
     }
 
     fn reconf(&self) -> Result<(), Error> {

@@ -1,9 +1,22 @@
-//! The module's tables: per-identity overrides (editable live), per-message charge
-//! records (no double charge), and accounting (mtpolicyd's per-period totals).
+//! The module's tables: per-identity overrides (editable live) and accounting
+//! (mtpolicyd's per-period totals). Rows exist only where they serve a purpose: an
+//! override row is the operator's (valvula-ctl or SQL), never one per identity seen.
+//!
+//! Identities are stored in their bounded form ([`valvula_module::bounded`]): a sender
+//! of any length Postfix can send fits the columns, and stays distinct.
 
 use valvula_module::{Dialect, Error, Host, Request, Value, WindowKind};
 
+use crate::RateLimit;
 use crate::config::{self, Policy, Rule, Settings};
+
+/// Bytes of an identity in the module's tables (`VARCHAR(255)` on MySQL).
+pub const IDENTITY_BYTES: usize = 255;
+
+/// An identity as the tables hold it.
+pub fn stored_identity(ident: &str) -> std::borrow::Cow<'_, str> {
+    valvula_module::bounded(ident, IDENTITY_BYTES)
+}
 
 fn ignore(host: &Host) -> &'static str {
     if host.dialect() == Dialect::Mysql {
@@ -60,46 +73,45 @@ pub fn parse_limits(s: &str) -> Result<Vec<(WindowKind, i64, String)>, Error> {
         .collect()
 }
 
-/// Start (UTC) of the window an override lives in: its first window's current period.
-fn period_start(kind: WindowKind, now: i64) -> i64 {
-    let day = now.div_euclid(86_400) * 86_400;
-    match kind {
-        WindowKind::Hour => now.div_euclid(3600) * 3600,
-        WindowKind::Day => day,
-        // ISO weeks start on Monday; the epoch was a Thursday.
-        WindowKind::Week => (now + 3 * 86_400).div_euclid(7 * 86_400) * 7 * 86_400 - 3 * 86_400,
-        WindowKind::Month => day - (day_of_month(now) - 1) * 86_400,
-        WindowKind::Sliding(s) => now.div_euclid(s) * s,
-    }
+/// Start of the period of `kind` that contains `now`, in the daemon's zone (the
+/// counters' calendar): the window an override lives in, an accounting period.
+fn period_start(zone: valvula_calendar::Zone, kind: WindowKind, now: i64) -> i64 {
+    use valvula_calendar::Period;
+    let p = match kind {
+        WindowKind::Hour => Period::Hour,
+        WindowKind::Day => Period::Day,
+        WindowKind::Week => Period::Week,
+        WindowKind::Month => Period::Month,
+        WindowKind::Sliding(s) => return now.div_euclid(s) * s,
+    };
+    zone.period(p, now).0
 }
 
 /// The rule in force for an identity: its override row when it has one in force, else
-/// the configured rule. Unknown identities get a row (with no override) so operators
-/// see them and can edit them. A non-persistent override lasts until its first window
-/// ends; then the row reverts to the configured rule.
+/// the configured rule. A non-persistent override lasts until its first window ends;
+/// then its row is deleted and the configured rule applies again.
+///
+/// An override row that cannot be used (limits or action an operator mistyped) is
+/// logged and skipped: the configured rule applies. Operator data must never turn every
+/// request of an identity into a module failure.
 pub fn effective_rule(
-    host: &Host,
+    m: &RateLimit,
     p: &Policy,
     ident: &str,
     base: &Rule,
     now: i64,
 ) -> Result<Rule, Error> {
+    let host = &m.host;
+    let ident = stored_identity(ident);
     let r = host.query(
         "SELECT id, limits, action, text, persist, period_start FROM ratelimit_override WHERE policy = ? AND identity = ?",
-        &[p.name.as_str().into(), ident.into()],
+        &[p.name.as_str().into(), ident.as_ref().into()],
     )?;
-    let reference = base.limits.first().map_or(WindowKind::Day, |l| l.0);
-    let current = period_start(reference, now);
     let Some(row) = r.rows.first() else {
-        host.exec(
-            &format!(
-                "{} INTO ratelimit_override (policy, identity, persist, period_start, created) VALUES (?, ?, 0, ?, ?)",
-                ignore(host)
-            ),
-            &[p.name.as_str().into(), ident.into(), current.into(), now.into()],
-        )?;
         return Ok(base.clone());
     };
+    let reference = base.limits.first().map_or(WindowKind::Day, |l| l.0);
+    let current = period_start(m.zone, reference, now);
     let id = row[0].as_i64().unwrap_or(0);
     let persist = row[4].as_i64().unwrap_or(0) != 0;
     let seen = row[5].as_i64();
@@ -113,14 +125,15 @@ pub fn effective_rule(
             )?;
         }
         Some(s) if s != current => {
-            if has_override && !persist {
+            if !persist {
                 // A new window: the temporary override ends (once, whoever sees it first).
                 host.exec(
-                    "UPDATE ratelimit_override SET limits = NULL, action = NULL, text = NULL, period_start = ? \
-                     WHERE id = ? AND period_start = ?",
-                    &[current.into(), id.into(), s.into()],
+                    "DELETE FROM ratelimit_override WHERE id = ? AND period_start = ? AND persist = 0",
+                    &[id.into(), s.into()],
                 )?;
-                tracing::info!(policy = %p.name, identity = ident, "temporary override ended with its window");
+                if has_override {
+                    tracing::info!(policy = %p.name, identity = %ident, "temporary override ended with its window");
+                }
                 return Ok(base.clone());
             }
             host.exec(
@@ -133,11 +146,25 @@ pub fn effective_rule(
     if !has_override {
         return Ok(base.clone());
     }
-    let mut rule = base.clone();
-    if let Some(l) = row[1].as_str() {
-        rule.limits = parse_limits(l)?;
+    match apply(base, &row[1..4]) {
+        Ok(rule) => Ok(rule),
+        Err(e) => {
+            m.warn_bad_override(&p.name, &ident, &e.to_string(), now);
+            Ok(base.clone())
+        }
     }
-    if let Some(a) = row[2].as_str() {
+}
+
+/// The configured rule with an override row's `limits`, `action` and `text`.
+fn apply(base: &Rule, cells: &[Value]) -> Result<Rule, Error> {
+    let mut rule = base.clone();
+    if let Some(l) = cells[0].as_str() {
+        rule.limits = parse_limits(l)?;
+        if rule.limits.is_empty() {
+            return Err(format!("limits {l:?} names no window").into());
+        }
+    }
+    if let Some(a) = cells[1].as_str() {
         if a.starts_with(['4', '5']) {
             rule.action = valvula_module::Action::Raw;
             rule.code = a.to_owned();
@@ -145,7 +172,7 @@ pub fn effective_rule(
             rule.action = a.parse()?;
         }
     }
-    if let Some(t) = row[3].as_str() {
+    if let Some(t) = cells[2].as_str() {
         rule.text = t.to_owned();
     }
     Ok(rule)
@@ -154,13 +181,16 @@ pub fn effective_rule(
 /// Adds one admitted request to the identity's accounting row of the period.
 pub fn account(
     host: &Host,
+    zone: valvula_calendar::Zone,
     s: &Settings,
     policy: &str,
     ident: &str,
     req: &Request<'_>,
     now: i64,
 ) -> Result<(), Error> {
-    let period = period_start(s.accounting_period, now);
+    let ident = stored_identity(ident);
+    let ident = ident.as_ref();
+    let period = period_start(zone, s.accounting_period, now);
     let rcpts = req.recipient_count().max(1) as i64;
     let size = req.size() as i64;
     let params = || -> Vec<Value> {
@@ -189,19 +219,8 @@ pub fn account(
     Ok(())
 }
 
-/// Day of the month (UTC) of a time, for month accounting periods.
-fn day_of_month(t: i64) -> i64 {
-    // Civil-from-days (Howard Hinnant's algorithm), to avoid a date library here.
-    let z = t.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    doy - (153 * mp + 2) / 5 + 1
-}
-
-/// Hourly housekeeping: charge records older than a day, accounting past retention.
+/// Hourly housekeeping: accounting rows past retention, and override rows that
+/// override nothing (a bare row an operator or an older version left).
 pub fn expire(host: &Host, s: &Settings, now: i64) -> Result<(), Error> {
     if s.accounting_retention_days > 0 {
         host.exec(
@@ -209,15 +228,33 @@ pub fn expire(host: &Host, s: &Settings, now: i64) -> Result<(), Error> {
             &[(now - s.accounting_retention_days * 86_400).into()],
         )?;
     }
+    host.exec(
+        "DELETE FROM ratelimit_override WHERE limits IS NULL AND action IS NULL AND text IS NULL AND persist = 0",
+        &[],
+    )?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn day_of_month() {
-        assert_eq!(super::day_of_month(1_795_348_800), 22); // 2026-11-22
-        assert_eq!(super::day_of_month(1_796_083_200), 1); // 2026-12-01
+    fn periods_follow_the_zone() {
+        let utc = valvula_calendar::Zone::UTC;
+        let tokyo = valvula_calendar::Zone::parse("Asia/Tokyo").unwrap();
+        let t = 1_795_348_800; // 2026-11-22 12:00 UTC
+        assert_eq!(
+            super::period_start(utc, super::WindowKind::Day, t),
+            1_795_305_600
+        );
+        // Tokyo's day began at 15:00 UTC the day before.
+        assert_eq!(
+            super::period_start(tokyo, super::WindowKind::Day, t),
+            1_795_305_600 - 9 * 3600
+        );
+        assert_eq!(
+            super::period_start(utc, super::WindowKind::Month, t),
+            1_793_491_200 // 2026-11-01
+        );
     }
 
     #[test]

@@ -23,36 +23,29 @@
 mod rollover;
 mod schema;
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use serde::Deserialize;
 use valvula_module::{Dialect, Error, Host, Module, Request, Ticks, Value, Verdict, export_module};
 
-#[derive(Deserialize, Clone, Debug)]
+#[derive(Deserialize, Clone, Debug, Default)]
 #[serde(default, deny_unknown_fields)]
 struct Config {
     /// `protocol_state`s whose requests are charged; empty: every request (valvula).
     /// Requests in other states are checked the same way but not charged.
     charge_states: Vec<String>,
-    /// Time zone of the day and month rollover: `local` (valvula) or a zone name.
-    time_zone: String,
+    /// Time zone of the day and month rollover: a zone name, or `local` (the system's,
+    /// as valvula); unset: the daemon's `[storage] time_zone`.
+    time_zone: Option<String>,
     /// Log the lookup steps of every request.
     debug: bool,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            charge_states: Vec::new(),
-            time_zone: "local".into(),
-            debug: false,
-        }
-    }
-}
 
 struct Settings {
     charge_states: Vec<String>,
-    zone: rollover::Zone,
+    zone: valvula_calendar::Zone,
     debug: bool,
 }
 
@@ -64,7 +57,7 @@ fn settings(host: &Host) -> Result<Settings, Error> {
             .iter()
             .map(|s| s.to_ascii_uppercase())
             .collect(),
-        zone: rollover::Zone::parse(&c.time_zone)?,
+        zone: rollover::zone(c.time_zone.as_deref(), host)?,
         debug: c.debug,
     })
 }
@@ -72,6 +65,13 @@ fn settings(host: &Host) -> Result<Settings, Error> {
 struct Ticket {
     host: Host,
     settings: RwLock<Settings>,
+    /// The tables exist and the database's rollover zone agrees with ours.
+    prepared: AtomicBool,
+    /// When the day checked last ends: the first request at or after it rolls over.
+    day_ends_at: AtomicI64,
+    /// One rollover check at a time in this daemon; the other requests wait for it
+    /// rather than charge into a day that is about to be reset.
+    rolling: Mutex<()>,
 }
 
 /// The columns of a ticket row this module reads, in this order.
@@ -379,6 +379,57 @@ fn decision_log(
     }
 }
 
+/// The database's rollover follows another calendar than this daemon's.
+#[derive(Debug)]
+struct ZoneMismatch(String);
+
+impl std::fmt::Display for ZoneMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ZoneMismatch {}
+
+impl Ticket {
+    /// Creates the tables and checks the zone once (again after a failure or reload).
+    fn prepare(&self, zone: valvula_calendar::Zone, now: i64) -> Result<(), Error> {
+        if self.prepared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let added = schema::ensure(&self.host)?;
+        if !added.is_empty() {
+            tracing::info!(columns = ?added, "tables and columns created");
+        }
+        if let rollover::ZoneCheck::Disagree(why) = rollover::agree_on_zone(&self.host, zone, now)?
+        {
+            tracing::error!("{why}");
+            return Err(Box::new(ZoneMismatch(why)));
+        }
+        self.prepared.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rolls the day and month over when the clock passed the end of the day checked
+    /// last: the first request of a new day is charged against the new day's counters,
+    /// not refused by yesterday's (valvula notices within 2 s; a once-a-minute check
+    /// left users at their day limit refused for up to a minute).
+    fn roll_over_if_due(&self, zone: valvula_calendar::Zone, now: i64) -> Result<(), Error> {
+        self.prepare(zone, now)?;
+        if now < self.day_ends_at.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+        if now < self.day_ends_at.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        rollover::check(&self.host, zone, now)?;
+        let (_, end) = zone.period(valvula_calendar::Period::Day, now);
+        self.day_ends_at.store(end, Ordering::Release);
+        Ok(())
+    }
+}
+
 impl Module for Ticket {
     fn init(host: Host) -> Result<Self, Error> {
         let settings = settings(&host)?;
@@ -387,21 +438,22 @@ impl Module for Ticket {
                 "mod-ticket needs the daemon's storage ([storage] in valvulad.toml)".into(),
             );
         }
-        match schema::ensure(&host) {
-            Ok(added) if !added.is_empty() => {
-                tracing::info!(columns = ?added, "tables and columns created")
-            }
-            Ok(_) => {}
-            // The database may be down at start: the daemon runs on (fail open, as
-            // valvula) and the tables are made by the first tick that reaches it.
-            Err(e) => tracing::error!("cannot prepare the ticket tables now: {e}"),
-        }
         let zone = settings.zone;
         let t = Ticket {
             host,
             settings: RwLock::new(settings),
+            prepared: AtomicBool::new(false),
+            day_ends_at: AtomicI64::new(0),
+            rolling: Mutex::new(()),
         };
-        rollover::check(&t.host, zone, t.host.now());
+        match t.roll_over_if_due(zone, t.host.now()) {
+            Ok(()) => {}
+            // Another calendar than the database's: refuse to start.
+            Err(e) if e.downcast_ref::<ZoneMismatch>().is_some() => return Err(e),
+            // The database may be down at start: the daemon runs on (fail open, as
+            // valvula) and the first request or tick that reaches it prepares it.
+            Err(e) => tracing::error!("cannot prepare the ticket tables now: {e}"),
+        }
         Ok(t)
     }
 
@@ -431,6 +483,8 @@ impl Module for Ticket {
         if user.is_none() && domain.is_none() {
             return Ok(Verdict::dunno());
         }
+        let zone = self.settings.read().map_err(|_| "poisoned")?.zone;
+        self.roll_over_if_due(zone, self.host.now())?;
         let Some(found) = self.find(user, domain)? else {
             decision_log(user, domain, None, None, 0, &Verdict::dunno(), false);
             return Ok(Verdict::dunno());
@@ -505,7 +559,13 @@ impl Module for Ticket {
 
     fn reconf(&self) -> Result<(), Error> {
         let s = settings(&self.host)?;
+        let zone_changed = self.settings.read().map_or(true, |old| old.zone != s.zone);
         *self.settings.write().map_err(|_| "poisoned")? = s;
+        if zone_changed {
+            // Check the new zone against the database and the date in it.
+            self.prepared.store(false, Ordering::Release);
+            self.day_ends_at.store(0, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -513,15 +573,18 @@ impl Module for Ticket {
         if !ticks.minute() {
             return;
         }
-        if let Err(e) = schema::ensure(&self.host) {
-            tracing::debug!("tables not checked: {e}");
-            return;
-        }
         let zone = match self.settings.read() {
             Ok(s) => s.zone,
             Err(_) => return,
         };
-        rollover::check(&self.host, zone, now);
+        // Also a rollover made stale by hand (time_tracking edited), or one a failure
+        // left undone: compare with the database every minute.
+        self.day_ends_at.store(0, Ordering::Release);
+        if let Err(e) = self.roll_over_if_due(zone, now) {
+            tracing::warn!(
+                "day/month rollover check failed, retried by the next request or minute: {e}"
+            );
+        }
     }
 }
 

@@ -100,7 +100,19 @@ pub const TABLES: [(&str, &[Column<'static>]); 6] = [
             ),
         ],
     ),
-    ("time_tracking", &[int("day"), int("month")]),
+    (
+        "time_tracking",
+        &[
+            int("day"),
+            int("month"),
+            // Not valvula's: the zone the day and month are seen in (see rollover.rs).
+            col(
+                "time_zone",
+                "VARCHAR(64) DEFAULT NULL",
+                "VARCHAR(64) DEFAULT NULL",
+            ),
+        ],
+    ),
 ];
 
 /// Indexes for the per-request lookups (valvula has none: every request scanned

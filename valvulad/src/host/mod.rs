@@ -202,6 +202,8 @@ pub(crate) struct ModuleCtx {
     pub(crate) name: String,
     section: RwLock<Section>,
     pub(crate) store: Option<Arc<Store>>,
+    /// Storage errors of this module, logged at most once a second.
+    pub(crate) storage_log: crate::logging::RateLog,
 }
 
 /// What `vlv_request *` points at during one `process` call.
@@ -408,6 +410,8 @@ static HOST_API: vlv_host_api = vlv_host_api {
     reset: Some(host_reset),
     consume_once: Some(host_consume_once),
     sql_exec_once: Some(host_sql_exec_once),
+    consume_all: Some(host_consume_all),
+    time_zone: Some(host_time_zone),
 };
 
 /// A checked module definition, not yet initialised.
@@ -579,6 +583,7 @@ impl Opened {
             name: self.name.clone(),
             section: RwLock::new(Section::new(section)),
             store,
+            storage_log: crate::logging::RateLog::default(),
         }));
         let ctx_ptr = (ctx as *const ModuleCtx)
             .cast_mut()
@@ -657,6 +662,11 @@ impl Handler for LoadedModule {
                 (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
             )
         };
+        if status == abi::VLV_E_UNAVAILABLE {
+            return Err(HandlerError::Unavailable(
+                "module reports a service it needs as unavailable".into(),
+            ));
+        }
         if status != abi::VLV_OK {
             return Err(HandlerError::Status(status));
         }

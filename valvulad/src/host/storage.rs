@@ -3,7 +3,7 @@
 //! [`crate::store::Store`].
 
 use valvula_abi::{
-    self as abi, vlv_module_ctx, vlv_rows, vlv_stmt, vlv_str, vlv_value, vlv_window,
+    self as abi, vlv_charge, vlv_module_ctx, vlv_rows, vlv_stmt, vlv_str, vlv_value, vlv_window,
     vlv_window_state,
 };
 
@@ -17,22 +17,28 @@ fn module_ctx<'a>(ctx: *mut vlv_module_ctx) -> Option<&'a ModuleCtx> {
     unsafe { ctx.cast::<ModuleCtx>().as_ref() }
 }
 
-/// Maps a storage error to a status, logging what the module cannot see.
+/// Maps a storage error to a status, logging what the module cannot see. An outage
+/// (database away, stalled, refusing this daemon, a commit in doubt) is noted for the
+/// running call: the module's failure that follows is the database's, not its own.
 fn store_status(ctx: &ModuleCtx, e: &StoreError) -> i32 {
-    match e {
-        StoreError::Unavailable(m) => {
-            tracing::debug!(module = %ctx.name, "storage unavailable: {m}");
-            abi::VLV_E_UNAVAILABLE
-        }
-        StoreError::Invalid(m) => {
-            tracing::warn!(module = %ctx.name, "invalid storage call: {m}");
-            abi::VLV_E_INVALID
-        }
-        StoreError::Sql(m) | StoreError::Conflict(m) => {
-            tracing::warn!(module = %ctx.name, "SQL failed: {m}");
-            abi::VLV_E_FAILED
+    if e.is_outage() {
+        // The store logs outages itself, once a second.
+        crate::dispatch::note_storage_outage();
+        tracing::debug!(module = %ctx.name, "storage unavailable: {e}");
+        return abi::VLV_E_UNAVAILABLE;
+    }
+    let (code, what) = match e {
+        StoreError::Invalid(_) => (abi::VLV_E_INVALID, "invalid storage call"),
+        _ => (abi::VLV_E_FAILED, "SQL failed"),
+    };
+    if let Some(more) = ctx.storage_log.allow() {
+        if more > 0 {
+            tracing::warn!(module = %ctx.name, suppressed = more, "{what}: {e}");
+        } else {
+            tracing::warn!(module = %ctx.name, "{what}: {e}");
         }
     }
+    code
 }
 
 /// Runs a storage call for a module: finds its store, catches panics, maps errors.
@@ -45,10 +51,12 @@ fn with_store(
             return abi::VLV_E_INVALID;
         };
         let Some(store) = ctx.store.as_deref() else {
-            tracing::warn!(module = %ctx.name, "storage call, but no storage is configured");
+            if ctx.storage_log.allow().is_some() {
+                tracing::warn!(module = %ctx.name, "storage call, but no storage is configured");
+            }
             return abi::VLV_E_UNAVAILABLE;
         };
-        match f(ctx, store) {
+        match crate::dispatch::in_storage(|| f(ctx, store)) {
             Ok(()) => abi::VLV_OK,
             Err(e) => store_status(ctx, &e),
         }
@@ -460,4 +468,99 @@ pub(super) unsafe extern "C" fn host_reset(ctx: *mut vlv_module_ctx, key: vlv_st
             .map_err(|_| StoreError::Invalid("key is not UTF-8".into()))?;
         store.reset(&m.name, key).map(|_| ())
     })
+}
+
+pub(super) unsafe extern "C" fn host_consume_all(
+    ctx: *mut vlv_module_ctx,
+    token: vlv_str,
+    charges: *mut vlv_charge,
+    n: usize,
+    admitted: *mut u32,
+    repeated: *mut u32,
+) -> i32 {
+    with_store(ctx, |m, store| {
+        if n == 0 || charges.is_null() {
+            return Err(StoreError::Invalid("no charges given".into()));
+        }
+        if n > store::MAX_PARTS {
+            return Err(StoreError::Invalid(format!(
+                "{n} charges; at most {} keys are charged together",
+                store::MAX_PARTS
+            )));
+        }
+        // SAFETY: the module passes an array of n charges it owns for the call; we read
+        // them here and write their out fields below, nothing else touches them meanwhile.
+        let list = unsafe { std::slice::from_raw_parts_mut(charges, n) };
+        let mut keys = Vec::with_capacity(n);
+        let mut windows = Vec::with_capacity(n);
+        for (i, c) in list.iter().enumerate() {
+            let key = std::str::from_utf8(bytes_of(c.key))
+                .map_err(|_| StoreError::Invalid(format!("charge {i}: key is not UTF-8")))?;
+            keys.push(key);
+            windows.push(
+                windows_of(c.windows, c.n_windows)
+                    .map_err(|e| StoreError::Invalid(format!("charge {i}: {e}")))?,
+            );
+        }
+        let specs: Vec<store::Charge<'_>> = list
+            .iter()
+            .zip(&keys)
+            .zip(&windows)
+            .map(|((c, key), w)| store::Charge {
+                key,
+                amount: c.amount,
+                windows: w,
+            })
+            .collect();
+        let token = std::str::from_utf8(bytes_of(token))
+            .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
+        let token = (!token.is_empty()).then_some(token);
+        let o = store.consume_all(&m.name, token, &specs, now())?;
+        // SAFETY: optional out pointers of the module; each charge's `states` holds
+        // n_windows entries (header), and the charges array is the module's for the call.
+        unsafe {
+            if let Some(a) = admitted.as_mut() {
+                *a = u32::from(o.admitted);
+            }
+            if let Some(r) = repeated.as_mut() {
+                *r = u32::from(o.repeated);
+            }
+            for (c, part) in list.iter_mut().zip(&o.parts) {
+                c.admitted = u32::from(part.admitted);
+                if !c.states.is_null() {
+                    for (i, s) in part.windows.iter().enumerate().take(c.n_windows) {
+                        *c.states.add(i) = vlv_window_state {
+                            used: s.used,
+                            remaining: s.remaining,
+                            resets_at: s.resets_at,
+                            admitted: u32::from(s.admitted),
+                            reserved: 0,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub(super) unsafe extern "C" fn host_time_zone(
+    ctx: *mut vlv_module_ctx,
+    name: *mut vlv_str,
+) -> i32 {
+    std::panic::catch_unwind(|| {
+        let Some(ctx) = module_ctx(ctx) else {
+            return abi::VLV_E_INVALID;
+        };
+        let Some(store) = ctx.store.as_deref() else {
+            return abi::VLV_E_UNAVAILABLE;
+        };
+        if name.is_null() {
+            return abi::VLV_E_INVALID;
+        }
+        // SAFETY: name was checked non-NULL; zone names are static strings.
+        unsafe { *name = vlv_str::from_str(store.zone().name()) };
+        abi::VLV_OK
+    })
+    .unwrap_or(abi::VLV_E_FAILED)
 }

@@ -18,17 +18,57 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::window::{self, Consumption, Window, WindowKind, WindowState, Zone};
 use super::{Dialect, Exec, Result, Value};
 
+/// One key charged by a [`Request`].
 #[derive(Clone, Debug)]
-pub struct Request {
-    pub ns: String,
+pub struct Part {
     pub key: String,
     pub amount: i64,
     pub windows: Vec<Window>,
+}
+
+/// A consumption: every part's windows are charged, or none (for a request that spans
+/// several keys, e.g. a user's and its domain's policies).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub ns: String,
+    pub parts: Vec<Part>,
     pub now: i64,
     pub peek: bool,
     pub zone: Zone,
     /// `consume_once`: the token that makes a repeated charge a no-op.
     pub once: Option<String>,
+}
+
+impl Request {
+    /// Whether it charges anything (a peek or an amount of 0 does not).
+    fn charges(&self) -> bool {
+        !self.peek && self.parts.iter().any(|p| p.amount != 0)
+    }
+}
+
+/// What a [`Request`] came to: admitted only if every part was admitted, and then every
+/// part was charged. Each part's state says what its windows hold; for a refused request
+/// they are the counts as they are (nothing charged), with `admitted` telling whether
+/// that part alone would have been admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub admitted: bool,
+    pub repeated: bool,
+    pub parts: Vec<Consumption>,
+}
+
+impl Outcome {
+    /// The outcome of a one-part request, as a [`Consumption`].
+    pub fn single(self) -> Consumption {
+        let mut c = self.parts.into_iter().next().unwrap_or(Consumption {
+            admitted: false,
+            windows: Vec::new(),
+            repeated: false,
+        });
+        c.admitted = self.admitted;
+        c.repeated = self.repeated;
+        c
+    }
 }
 
 /// The statements a backend runs inside its transaction.
@@ -130,20 +170,22 @@ pub(crate) async fn run_batch<T: Tx>(
     tx: &mut T,
     dialect: Dialect,
     reqs: &[Request],
-) -> Result<Vec<Consumption>> {
+) -> Result<Vec<Outcome>> {
     // Every counter row the batch reads, and those it may change (to lock first).
     let mut rows: BTreeSet<RowKey> = BTreeSet::new();
     let mut lock: BTreeSet<RowKey> = BTreeSet::new();
     let mut sliding = false;
     for r in reqs {
-        let charges = !(r.peek || r.amount == 0);
-        for w in &r.windows {
-            let k = (r.ns.clone(), r.key.clone(), w.kind.id());
-            if charges {
-                lock.insert(k.clone());
+        let charges = r.charges();
+        for p in &r.parts {
+            for w in &p.windows {
+                let k = (r.ns.clone(), p.key.clone(), w.kind.id());
+                if charges {
+                    lock.insert(k.clone());
+                }
+                rows.insert(k);
+                sliding |= matches!(w.kind, WindowKind::Sliding(_));
             }
-            rows.insert(k);
-            sliding |= matches!(w.kind, WindowKind::Sliding(_));
         }
     }
     if dialect == Dialect::Mysql && !lock.is_empty() {
@@ -172,8 +214,7 @@ pub(crate) async fn run_batch<T: Tx>(
     for (n, k, _) in &rows {
         keys.entry(n).or_default().insert(k);
     }
-    let mut counters: HashMap<RowKey, (i64, i64)> = HashMap::new();
-    let mut slides: HashMap<RowKey, BTreeMap<i64, i64>> = HashMap::new();
+    let mut st = State::default();
     for (ns, ks) in &keys {
         let ks: Vec<&str> = ks.iter().copied().collect();
         for part in ks.chunks(CHUNK) {
@@ -190,7 +231,7 @@ pub(crate) async fn run_batch<T: Tx>(
                 .await?
             {
                 let k = (ns.to_string(), string(&row[0]), string(&row[1]));
-                counters.insert(k, (int(&row[2]), int(&row[3])));
+                st.counters.insert(k, (int(&row[2]), int(&row[3])));
             }
             if sliding {
                 for row in tx
@@ -203,7 +244,7 @@ pub(crate) async fn run_batch<T: Tx>(
                     .await?
                 {
                     let k = (ns.to_string(), string(&row[0]), string(&row[1]));
-                    slides
+                    st.slides
                         .entry(k)
                         .or_default()
                         .insert(int(&row[2]), int(&row[3]));
@@ -216,7 +257,7 @@ pub(crate) async fn run_batch<T: Tx>(
     let mut tokens: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for r in reqs {
         if let Some(t) = &r.once
-            && !(r.peek || r.amount == 0)
+            && r.charges()
         {
             tokens.entry(&r.ns).or_default().insert(t);
         }
@@ -240,52 +281,31 @@ pub(crate) async fn run_batch<T: Tx>(
         }
     }
 
-    let mut dirty: BTreeSet<RowKey> = BTreeSet::new();
-    // Changed buckets, with their expiry.
-    let mut dirty_buckets: BTreeMap<(RowKey, i64), i64> = BTreeMap::new();
     let mut out = Vec::with_capacity(reqs.len());
     let mut new_tokens: Vec<(String, String, i64)> = Vec::new();
     for r in reqs {
-        let once = r.once.as_ref().filter(|_| !(r.peek || r.amount == 0));
-        let c = match once {
+        let once = r.once.as_ref().filter(|_| r.charges());
+        let o = match once {
             Some(t) if seen.contains(&(r.ns.clone(), t.clone())) => {
                 // Charged before: report the counts as they are, charge nothing.
-                let look = Request {
-                    peek: true,
-                    amount: 0,
-                    ..r.clone()
-                };
-                let c = decide(
-                    &look,
-                    &mut counters,
-                    &mut slides,
-                    &mut dirty,
-                    &mut dirty_buckets,
-                );
-                Consumption {
+                Outcome {
                     admitted: true,
                     repeated: true,
-                    ..c
+                    parts: look(r, &mut st, true),
                 }
             }
             _ => {
-                let c = decide(
-                    r,
-                    &mut counters,
-                    &mut slides,
-                    &mut dirty,
-                    &mut dirty_buckets,
-                );
+                let o = decide_all(r, &mut st);
                 if let Some(t) = once
-                    && c.admitted
+                    && o.admitted
                 {
                     seen.insert((r.ns.clone(), t.clone()));
                     new_tokens.push((r.ns.clone(), t.clone(), r.now));
                 }
-                c
+                o
             }
         };
-        out.push(c);
+        out.push(o);
     }
     for part in new_tokens.chunks(CHUNK) {
         let params = part
@@ -314,8 +334,23 @@ pub(crate) async fn run_batch<T: Tx>(
         }
     }
 
+    if dialect == Dialect::Mysql {
+        // A sliding window's head row (the row its batches lock) keeps, as its period,
+        // when its last bucket expires: maintenance deletes heads past that.
+        let heads: Vec<(RowKey, i64)> = st
+            .dirty_buckets
+            .iter()
+            .map(|((k, _), expires)| (k.clone(), *expires))
+            .collect();
+        for (k, expires) in heads {
+            let period = st.counters.get(&k).map_or(0, |c| c.0).max(expires);
+            st.counters.insert(k.clone(), (period, 0));
+            st.dirty.insert(k);
+        }
+    }
+
     // Write back what changed.
-    let dirty: Vec<RowKey> = dirty.into_iter().collect();
+    let dirty: Vec<RowKey> = std::mem::take(&mut st.dirty).into_iter().collect();
     let upsert = match dialect {
         Dialect::Mysql => "ON DUPLICATE KEY UPDATE period = VALUES(period), used = VALUES(used)",
         Dialect::Sqlite => {
@@ -325,7 +360,7 @@ pub(crate) async fn run_batch<T: Tx>(
     for part in dirty.chunks(CHUNK) {
         let mut params = Vec::with_capacity(part.len() * 5);
         for k in part {
-            let (period, used) = counters.get(k).copied().unwrap_or((0, 0));
+            let (period, used) = st.counters.get(k).copied().unwrap_or((0, 0));
             params.extend([
                 text(&k.0),
                 text(&k.1),
@@ -343,7 +378,8 @@ pub(crate) async fn run_batch<T: Tx>(
         )
         .await?;
     }
-    let buckets: Vec<((RowKey, i64), i64)> = dirty_buckets.into_iter().collect();
+    let buckets: Vec<((RowKey, i64), i64)> =
+        std::mem::take(&mut st.dirty_buckets).into_iter().collect();
     let upsert = match dialect {
         Dialect::Mysql => "ON DUPLICATE KEY UPDATE used = VALUES(used), expires = VALUES(expires)",
         Dialect::Sqlite => {
@@ -353,7 +389,12 @@ pub(crate) async fn run_batch<T: Tx>(
     for part in buckets.chunks(CHUNK) {
         let mut params = Vec::with_capacity(part.len() * 6);
         for ((k, b), expires) in part {
-            let used = slides.get(k).and_then(|m| m.get(b)).copied().unwrap_or(0);
+            let used = st
+                .slides
+                .get(k)
+                .and_then(|m| m.get(b))
+                .copied()
+                .unwrap_or(0);
             params.extend([
                 text(&k.0),
                 text(&k.1),
@@ -384,36 +425,116 @@ fn string(v: &Value) -> String {
     }
 }
 
-/// One consumption against the rows as the earlier ones of the batch left them. A
-/// refused consumption changes nothing; the window states it reports are those a
-/// transaction of its own would have reported.
+/// The counter rows of a batch as its earlier consumptions left them.
+#[derive(Default)]
+struct State {
+    counters: HashMap<RowKey, (i64, i64)>,
+    slides: HashMap<RowKey, BTreeMap<i64, i64>>,
+    dirty: BTreeSet<RowKey>,
+    /// Changed buckets, with their expiry.
+    dirty_buckets: BTreeMap<(RowKey, i64), i64>,
+}
+
+/// What one admitted part changed, so a later refused part of the same request can take
+/// it back. (A row left marked dirty is written back with its restored, unchanged value.)
+#[derive(Default)]
+struct Undo {
+    counters: Vec<(RowKey, Option<(i64, i64)>)>,
+    buckets: Vec<(RowKey, i64, Option<i64>)>,
+}
+
+impl Undo {
+    fn apply(self, st: &mut State) {
+        for (k, before) in self.counters.into_iter().rev() {
+            match before {
+                Some(v) => st.counters.insert(k, v),
+                None => st.counters.remove(&k),
+            };
+        }
+        for (k, b, before) in self.buckets.into_iter().rev() {
+            let m = st.slides.entry(k).or_default();
+            match before {
+                Some(v) => m.insert(b, v),
+                None => m.remove(&b),
+            };
+        }
+    }
+}
+
+/// Every part as a peek (nothing charged): with `zero`, of amount 0 (the counts as they
+/// are), else of its own amount (whether it alone would be admitted).
+fn look(r: &Request, st: &mut State, zero: bool) -> Vec<Consumption> {
+    r.parts
+        .iter()
+        .map(|p| {
+            let p = Part {
+                amount: if zero { 0 } else { p.amount },
+                ..p.clone()
+            };
+            decide(&r.ns, &p, r.now, r.zone, true, st).0
+        })
+        .collect()
+}
+
+/// All parts of a request or none: a refused part takes back what the earlier parts
+/// charged.
+fn decide_all(r: &Request, st: &mut State) -> Outcome {
+    let peek = !r.charges();
+    let mut undo = Vec::with_capacity(r.parts.len());
+    let mut parts = Vec::with_capacity(r.parts.len());
+    for p in &r.parts {
+        let (c, u) = decide(&r.ns, p, r.now, r.zone, peek, st);
+        let refused = !c.admitted;
+        parts.push(c);
+        undo.push(u);
+        if refused && !peek {
+            for u in undo.into_iter().rev() {
+                u.apply(st);
+            }
+            return Outcome {
+                admitted: false,
+                repeated: false,
+                parts: look(r, st, false),
+            };
+        }
+    }
+    Outcome {
+        admitted: parts.iter().all(|c| c.admitted),
+        repeated: false,
+        parts,
+    }
+}
+
+/// One part against the rows as the earlier ones of the batch left them. A refused part
+/// changes nothing; the window states it reports are those a transaction of its own
+/// would have reported.
 fn decide(
-    req: &Request,
-    counters: &mut HashMap<RowKey, (i64, i64)>,
-    slides: &mut HashMap<RowKey, BTreeMap<i64, i64>>,
-    dirty: &mut BTreeSet<RowKey>,
-    dirty_buckets: &mut BTreeMap<(RowKey, i64), i64>,
-) -> Consumption {
-    let mut order: Vec<usize> = (0..req.windows.len()).collect();
-    order.sort_by_key(|&i| req.windows[i].kind);
-    let mut states: Vec<Option<WindowState>> = vec![None; req.windows.len()];
-    let mut charged = vec![false; req.windows.len()];
+    ns: &str,
+    part: &Part,
+    now: i64,
+    zone: Zone,
+    peek: bool,
+    st: &mut State,
+) -> (Consumption, Undo) {
+    let mut order: Vec<usize> = (0..part.windows.len()).collect();
+    order.sort_by_key(|&i| part.windows[i].kind);
+    let mut states: Vec<Option<WindowState>> = vec![None; part.windows.len()];
+    let mut charged = vec![false; part.windows.len()];
     // A zero amount changes nothing: answer it as a peek.
-    let peek = req.peek || req.amount == 0;
+    let peek = peek || part.amount == 0;
     let mut admitted = true;
-    // Changes of this consumption, undone when a later window refuses it.
-    let mut undo_counters: Vec<(RowKey, Option<(i64, i64)>)> = Vec::new();
-    let mut undo_buckets: Vec<(RowKey, i64, Option<i64>)> = Vec::new();
+    // Changes of this part, undone when a later window refuses it.
+    let mut undo = Undo::default();
 
     for &i in &order {
-        let w = req.windows[i];
-        let k: RowKey = (req.ns.clone(), req.key.clone(), w.kind.id());
+        let w = part.windows[i];
+        let k: RowKey = (ns.to_owned(), part.key.clone(), w.kind.id());
         // The amount alone is more than the limit.
-        let too_big = w.limit >= 0 && req.amount > w.limit;
+        let too_big = w.limit >= 0 && part.amount > w.limit;
         match w.kind {
             WindowKind::Sliding(_) => {
-                let (_, current, oldest) = window::sliding_span(w.kind, req.now);
-                let buckets = slides.get(&k);
+                let (_, current, oldest) = window::sliding_span(w.kind, now);
+                let buckets = st.slides.get(&k);
                 let counted = || {
                     buckets
                         .into_iter()
@@ -422,30 +543,30 @@ fn decide(
                 };
                 let sum: i64 = counted().map(|(_, u)| u).sum();
                 let first = counted().map(|(b, _)| *b).next();
-                let ok = !too_big && (w.limit < 0 || sum + req.amount <= w.limit);
+                let ok = !too_big && (w.limit < 0 || sum + part.amount <= w.limit);
                 let mut used = sum;
                 if ok && !peek && admitted {
-                    let m = slides.entry(k.clone()).or_default();
+                    let m = st.slides.entry(k.clone()).or_default();
                     let before = m.get(&current).copied();
-                    undo_buckets.push((k.clone(), current, before));
-                    *m.entry(current).or_insert(0) += req.amount;
-                    dirty_buckets
+                    undo.buckets.push((k.clone(), current, before));
+                    *m.entry(current).or_insert(0) += part.amount;
+                    st.dirty_buckets
                         .insert((k.clone(), current), window::sliding_reset(w.kind, current));
-                    used += req.amount;
+                    used += part.amount;
                     charged[i] = true;
                 }
                 let oldest_counted = first.unwrap_or(current).min(current);
                 let resets = if used > 0 {
                     window::sliding_reset(w.kind, oldest_counted)
                 } else {
-                    req.now
+                    now
                 };
                 admitted &= ok;
                 states[i] = Some(WindowState::new(w.limit, used, resets, ok));
             }
             kind => {
-                let (start, end) = window::calendar_period(kind, req.zone, req.now);
-                let row = counters.get(&k).copied();
+                let (start, end) = window::calendar_period(kind, zone, now);
+                let row = st.counters.get(&k).copied();
                 let current = |row: Option<(i64, i64)>| match row {
                     Some((period, used)) if period == start => used,
                     _ => 0,
@@ -453,17 +574,18 @@ fn decide(
                 let mut ok = !too_big;
                 if ok && !peek && admitted {
                     let now_used = current(row);
-                    ok = w.limit < 0 || now_used + req.amount <= w.limit;
+                    ok = w.limit < 0 || now_used + part.amount <= w.limit;
                     if ok {
-                        undo_counters.push((k.clone(), row));
-                        counters.insert(k.clone(), (start, now_used + req.amount));
-                        dirty.insert(k.clone());
+                        undo.counters.push((k.clone(), row));
+                        st.counters
+                            .insert(k.clone(), (start, now_used + part.amount));
+                        st.dirty.insert(k.clone());
                     }
                     charged[i] = ok;
                 }
-                let used = current(counters.get(&k).copied());
+                let used = current(st.counters.get(&k).copied());
                 if peek || !admitted {
-                    ok = ok && (w.limit < 0 || used + req.amount <= w.limit);
+                    ok = ok && (w.limit < 0 || used + part.amount <= w.limit);
                 }
                 admitted &= ok;
                 states[i] = Some(WindowState::new(w.limit, used, end, ok));
@@ -471,21 +593,8 @@ fn decide(
         }
     }
     if !admitted {
-        // Nothing of a refused consumption stays: restore what it changed. (A row left
-        // marked dirty is written back with its restored, unchanged value.)
-        for (k, before) in undo_counters.into_iter().rev() {
-            match before {
-                Some(v) => counters.insert(k, v),
-                None => counters.remove(&k),
-            };
-        }
-        for (k, b, before) in undo_buckets.into_iter().rev() {
-            let m = slides.entry(k).or_default();
-            match before {
-                Some(v) => m.insert(b, v),
-                None => m.remove(&b),
-            };
-        }
+        // Nothing of a refused part stays.
+        std::mem::take(&mut undo).apply(st);
     }
     let mut windows: Vec<WindowState> = states
         .into_iter()
@@ -493,15 +602,18 @@ fn decide(
         .collect();
     if !admitted {
         // Report charged windows as they were before.
-        for ((s, w), c) in windows.iter_mut().zip(&req.windows).zip(&charged) {
+        for ((s, w), c) in windows.iter_mut().zip(&part.windows).zip(&charged) {
             if *c {
-                *s = WindowState::new(w.limit, s.used - req.amount, s.resets_at, true);
+                *s = WindowState::new(w.limit, s.used - part.amount, s.resets_at, true);
             }
         }
     }
-    Consumption {
-        admitted,
-        windows,
-        repeated: false,
-    }
+    (
+        Consumption {
+            admitted,
+            windows,
+            repeated: false,
+        },
+        undo,
+    )
 }

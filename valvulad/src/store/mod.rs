@@ -11,12 +11,15 @@
 
 mod consume;
 mod mysql;
+mod outage;
 mod sqlite;
 pub mod window;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+pub use consume::Outcome;
 pub use window::{Consumption, Window, WindowKind, WindowState, Zone};
 
 /// A value bound to a `?` placeholder or read from a result cell.
@@ -101,6 +104,25 @@ pub enum StoreError {
     /// retried, like a deadlock.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The database belongs to daemons configured differently (another time zone for
+    /// its calendar windows): this daemon must not count in it.
+    #[error("{0}")]
+    Refused(String),
+    /// The database stopped answering while a commit was under way: the changes may or
+    /// may not have been kept.
+    #[error("commit outcome unknown: {0}")]
+    InDoubt(String),
+}
+
+impl StoreError {
+    /// Whether the error is the database's state (away, stalled, refusing this daemon)
+    /// rather than something wrong with the call: a caller is not at fault for it.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::Refused(_) | StoreError::InDoubt(_)
+        )
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -125,8 +147,18 @@ pub enum Backend {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StorageConfig {
     pub backend: Backend,
+    /// The zone of calendar windows; stored in the database by the first daemon, and
+    /// every other daemon on it must agree.
     pub zone: Zone,
+    /// How long one storage call may take (waiting for a connection, a lock, the
+    /// statements) before it fails as unavailable. Well under the module timeout, so a
+    /// stalled database gives Postfix the on-error answer quickly instead of holding
+    /// every request for the whole module timeout.
+    pub timeout: Duration,
 }
+
+/// The default of `[storage] timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl StorageConfig {
     /// A one-line description without secrets, for logs.
@@ -138,18 +170,32 @@ impl StorageConfig {
     }
 }
 
+/// A batch of rows [`Store::maintain`] deletes in one short transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Expire {
+    /// Calendar counter rows of window `win` whose period started before `before`: they
+    /// count as 0 anyway (a row of an older period reads as unused).
+    Counters { win: String, before: i64 },
+    /// Head rows of sliding windows (MySQL's lock anchors) whose last bucket expired
+    /// before `before`.
+    SlidingHeads { before: i64 },
+    /// Sliding-window buckets no window counts any more.
+    Buckets { before: i64 },
+    /// `consume_once` tokens recorded before `before`.
+    Tokens { before: i64 },
+}
+
 /// What a backend does; [`Store`] validates before calling it.
 pub(crate) trait Engine: Send + Sync {
     fn exec(&self, stmt: Stmt) -> Result<Exec>;
     fn batch(&self, stmts: Vec<Stmt>) -> Result<Vec<Exec>>;
     fn query(&self, stmt: Stmt) -> Result<Rows>;
-    fn consume(&self, req: consume::Request) -> Result<Consumption>;
+    fn consume(&self, req: consume::Request) -> Result<Outcome>;
     /// `exec` at most once per token; `None` when done before under it.
     fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>>;
     fn reset(&self, ns: &str, key: &str) -> Result<u64>;
-    /// Deletes sliding-window buckets that no window counts any more, and
-    /// `consume_once` tokens older than two days.
-    fn maintain(&self, now: i64) -> Result<u64>;
+    /// Deletes at most `limit` rows of one kind, in one transaction; the rows deleted.
+    fn expire(&self, what: &Expire, limit: usize) -> Result<u64>;
     fn ping(&self) -> Result<()>;
 }
 
@@ -169,9 +215,17 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Bytes of a stored key or token (the columns' size). Longer ones are stored as a
+/// readable prefix and a SHA-256 digest of the whole ([`valvula_module::bounded`]), so
+/// an identity of any length Postfix can send is counted like any other.
 pub const MAX_KEY_BYTES: usize = 512;
 pub const MAX_NAMESPACE_BYTES: usize = 64;
 pub const MAX_WINDOWS: usize = 16;
+/// Keys charged together by one [`Store::consume_all`] at most.
+pub const MAX_PARTS: usize = 16;
+/// Rows one maintenance transaction deletes at most: a few milliseconds of work, so no
+/// request waits behind the housekeeping for longer.
+pub const EXPIRE_BATCH: usize = 500;
 
 /// Refuses SQL text with quoted literals: values go in as parameters, always. (Quoted
 /// identifiers use backticks, which stay allowed.)
@@ -187,7 +241,7 @@ fn check_sql(sql: &str) -> Result<()> {
     Ok(())
 }
 
-/// A namespace, key or token: 1 to `max` bytes.
+/// A namespace: 1 to `max` bytes (the host chooses them, from module names).
 fn sized(what: &str, v: &str, max: usize) -> Result<()> {
     if v.is_empty() || v.len() > max {
         return Err(StoreError::Invalid(format!(
@@ -196,6 +250,16 @@ fn sized(what: &str, v: &str, max: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A key or token as stored: any non-empty text; one longer than [`MAX_KEY_BYTES`] is
+/// stored in its bounded form. Keys come from request data (a sender of 2,000 bytes is
+/// valid mail), so their length must never fail a call.
+pub fn stored_key(what: &str, v: &str) -> Result<String> {
+    if v.is_empty() {
+        return Err(StoreError::Invalid(format!("{what} is empty")));
+    }
+    Ok(valvula_module::bounded(v, MAX_KEY_BYTES).into_owned())
 }
 
 /// Whether a statement is plain DML (INSERT, UPDATE, DELETE, REPLACE): the writes
@@ -207,16 +271,54 @@ pub(crate) fn is_dml(sql: &str) -> bool {
         .any(|k| head.to_ascii_uppercase().starts_with(k))
 }
 
+/// Checks that the calendar zone recorded in the database (`None`: none yet) gives the
+/// same calendar as this daemon's. Daemons that disagree on when a day starts would
+/// reset each other's counters, so a daemon configured otherwise must not count there.
+pub(crate) fn agree_on_zone(stored: Option<&str>, ours: Zone) -> Result<()> {
+    let Some(stored) = stored else {
+        return Ok(());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let theirs = Zone::parse(stored).ok();
+    if theirs.is_some_and(|t| t.same_calendar(&ours, now)) {
+        return Ok(());
+    }
+    Err(StoreError::Refused(format!(
+        "the database's calendar windows follow the time zone {stored:?} (recorded by the \
+         first daemon that used it), but this daemon's [storage] time_zone is {:?}: days and \
+         months would start at other times and the daemons would reset each other's \
+         counters. Set time_zone = {stored:?} in [storage]; to move the database to another \
+         zone, stop every daemon using it, then delete the row: DELETE FROM vlv_meta WHERE \
+         name = 'time_zone'",
+        ours.name()
+    )))
+}
+
+/// One key of a [`Store::consume_all`].
+#[derive(Clone, Copy, Debug)]
+pub struct Charge<'a> {
+    pub key: &'a str,
+    pub amount: i64,
+    pub windows: &'a [Window],
+}
+
 impl Store {
     /// Opens the configured backend. Never fails because the database is down: the
-    /// backends connect lazily and retry with backoff; see [`Store::ping`].
+    /// backends connect lazily and retry; see [`Store::ping`].
     pub fn open(config: &StorageConfig, runtime: tokio::runtime::Handle) -> Result<Arc<Store>> {
         let (engine, dialect): (Box<dyn Engine>, Dialect) = match &config.backend {
             Backend::Sqlite {
                 path,
                 synchronous_full,
             } => (
-                Box::new(sqlite::Sqlite::open(path.clone(), *synchronous_full)),
+                Box::new(sqlite::Sqlite::open(
+                    path.clone(),
+                    *synchronous_full,
+                    config.zone,
+                    config.timeout,
+                )),
                 Dialect::Sqlite,
             ),
             Backend::Mysql {
@@ -228,6 +330,8 @@ impl Store {
                     url,
                     password.clone(),
                     *pool_size,
+                    config.zone,
+                    config.timeout,
                     runtime,
                 )?),
                 Dialect::Mysql,
@@ -249,6 +353,12 @@ impl Store {
         &self.describe
     }
 
+    /// The zone of calendar windows.
+    pub fn zone(&self) -> Zone {
+        self.zone
+    }
+
+    /// Whether the database answers (and accepts this daemon: same calendar zone).
     pub fn ping(&self) -> Result<()> {
         self.engine.ping()
     }
@@ -271,20 +381,20 @@ impl Store {
     }
 
     /// Runs a write (INSERT, UPDATE, DELETE or REPLACE) at most once per `token` in
-    /// namespace `ns`: `None` when a run under `token` changed rows in the last two
-    /// days. The token is kept, in the statement's transaction, only when the statement
-    /// changed rows, so a refused conditional update can be tried again. For requests
-    /// Postfix re-sends after its policy timeout.
+    /// namespace `ns`: `None` when a run under `token` changed rows in the last
+    /// [`valvula_abi::VLV_ONCE_KEEP_SECONDS`]. The token is kept, in the statement's
+    /// transaction, only when the statement changed rows, so a refused conditional
+    /// update can be tried again. For requests Postfix re-sends after its policy timeout.
     pub fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>> {
         check_sql(&stmt.sql)?;
         sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
-        sized("token", token, MAX_KEY_BYTES)?;
+        let token = stored_key("token", token)?;
         if !is_dml(&stmt.sql) {
             return Err(StoreError::Invalid(
                 "exec_once takes an INSERT, UPDATE, DELETE or REPLACE statement".into(),
             ));
         }
-        self.engine.exec_once(ns, token, stmt, now)
+        self.engine.exec_once(ns, &token, stmt, now)
     }
 
     pub fn query(&self, stmt: Stmt) -> Result<Rows> {
@@ -293,22 +403,15 @@ impl Store {
         self.engine.query(stmt)
     }
 
-    fn request(
-        &self,
-        ns: &str,
-        key: &str,
-        amount: i64,
-        windows: &[Window],
-        peek: bool,
-        now: i64,
-    ) -> Result<consume::Request> {
-        sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
-        sized("key", key, MAX_KEY_BYTES)?;
-        if amount < 0 {
+    fn part(c: &Charge<'_>) -> Result<consume::Part> {
+        let key = stored_key("key", c.key)?;
+        if c.amount < 0 {
             return Err(StoreError::Invalid(format!(
-                "amount {amount} is negative; counters are never credited"
+                "amount {} is negative; counters are never credited",
+                c.amount
             )));
         }
+        let windows = c.windows;
         if windows.is_empty() || windows.len() > MAX_WINDOWS {
             return Err(StoreError::Invalid(format!(
                 "1 to {MAX_WINDOWS} windows are needed, got {}",
@@ -330,15 +433,55 @@ impl Store {
                 )));
             }
         }
+        Ok(consume::Part {
+            key,
+            amount: c.amount,
+            windows: windows.to_vec(),
+        })
+    }
+
+    fn request(
+        &self,
+        ns: &str,
+        charges: &[Charge<'_>],
+        peek: bool,
+        once: Option<&str>,
+        now: i64,
+    ) -> Result<consume::Request> {
+        sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
+        if charges.is_empty() || charges.len() > MAX_PARTS {
+            return Err(StoreError::Invalid(format!(
+                "1 to {MAX_PARTS} keys are charged together, got {}",
+                charges.len()
+            )));
+        }
+        let parts = charges
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                Self::part(c).map_err(|e| match e {
+                    StoreError::Invalid(m) if charges.len() > 1 => {
+                        StoreError::Invalid(format!("charge {i}: {m}"))
+                    }
+                    e => e,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, p) in parts.iter().enumerate() {
+            if parts[..i].iter().any(|o| o.key == p.key) {
+                return Err(StoreError::Invalid(format!(
+                    "charge {i}: key {:?} is charged twice",
+                    p.key
+                )));
+            }
+        }
         Ok(consume::Request {
             ns: ns.to_owned(),
-            key: key.to_owned(),
-            amount,
-            windows: windows.to_vec(),
+            parts,
             now,
             peek,
             zone: self.zone,
-            once: None,
+            once: once.map(|t| stored_key("token", t)).transpose()?,
         })
     }
 
@@ -352,13 +495,19 @@ impl Store {
         windows: &[Window],
         now: i64,
     ) -> Result<Consumption> {
-        let req = self.request(ns, key, amount, windows, false, now)?;
-        self.engine.consume(req)
+        let c = [Charge {
+            key,
+            amount,
+            windows,
+        }];
+        let req = self.request(ns, &c, false, None, now)?;
+        self.engine.consume(req).map(Outcome::single)
     }
 
     /// [`Store::consume`], at most once per `token`: when a consumption was admitted
-    /// under `token` (in this namespace) in the last two days, nothing is charged and
-    /// the answer is admitted and `repeated`.
+    /// under `token` (in this namespace) in the last
+    /// [`valvula_abi::VLV_ONCE_KEEP_SECONDS`], nothing is charged and the answer is
+    /// admitted and `repeated`.
     pub fn consume_once(
         &self,
         ns: &str,
@@ -368,9 +517,26 @@ impl Store {
         windows: &[Window],
         now: i64,
     ) -> Result<Consumption> {
-        sized("token", token, MAX_KEY_BYTES)?;
-        let mut req = self.request(ns, key, amount, windows, false, now)?;
-        req.once = Some(token.to_owned());
+        let c = [Charge {
+            key,
+            amount,
+            windows,
+        }];
+        let req = self.request(ns, &c, false, Some(token), now)?;
+        self.engine.consume(req).map(Outcome::single)
+    }
+
+    /// Charges every key of `charges` if every one admits its amount, else none: the
+    /// charges of one request across several policies commit together or not at all.
+    /// With a token, at most once per token, as [`Store::consume_once`].
+    pub fn consume_all(
+        &self,
+        ns: &str,
+        token: Option<&str>,
+        charges: &[Charge<'_>],
+        now: i64,
+    ) -> Result<Outcome> {
+        let req = self.request(ns, charges, false, token, now)?;
         self.engine.consume(req)
     }
 
@@ -383,27 +549,55 @@ impl Store {
         windows: &[Window],
         now: i64,
     ) -> Result<Consumption> {
-        let req = self.request(ns, key, amount, windows, true, now)?;
-        self.engine.consume(req)
+        let c = [Charge {
+            key,
+            amount,
+            windows,
+        }];
+        let req = self.request(ns, &c, true, None, now)?;
+        self.engine.consume(req).map(Outcome::single)
     }
 
     /// Forgets every counter of `key` (all windows). Returns the rows removed.
     pub fn reset(&self, ns: &str, key: &str) -> Result<u64> {
-        self.request(
-            ns,
-            key,
-            0,
-            &[Window {
-                kind: WindowKind::Day,
-                limit: -1,
-            }],
-            true,
-            0,
-        )?;
-        self.engine.reset(ns, key)
+        sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
+        let key = stored_key("key", key)?;
+        self.engine.reset(ns, &key)
     }
 
+    /// Deletes what no longer serves a purpose, in transactions of at most
+    /// [`EXPIRE_BATCH`] rows each (a request waits behind one of them at most): calendar
+    /// counters of past periods, sliding-window buckets and heads no window counts any
+    /// more, and `consume_once` tokens older than
+    /// [`valvula_abi::VLV_ONCE_KEEP_SECONDS`]. Returns the rows deleted.
     pub fn maintain(&self, now: i64) -> Result<u64> {
-        self.engine.maintain(now)
+        let mut work = Vec::new();
+        for kind in [
+            WindowKind::Hour,
+            WindowKind::Day,
+            WindowKind::Week,
+            WindowKind::Month,
+        ] {
+            work.push(Expire::Counters {
+                win: kind.id(),
+                before: window::calendar_period(kind, self.zone, now).0,
+            });
+        }
+        work.push(Expire::SlidingHeads { before: now });
+        work.push(Expire::Buckets { before: now });
+        work.push(Expire::Tokens {
+            before: now - valvula_abi::VLV_ONCE_KEEP_SECONDS,
+        });
+        let mut total = 0;
+        for what in &work {
+            loop {
+                let n = self.engine.expire(what, EXPIRE_BATCH)?;
+                total += n;
+                if n < EXPIRE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
     }
 }

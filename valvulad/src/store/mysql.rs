@@ -1,28 +1,45 @@
 //! MySQL 8 / MariaDB 10.x through a connection pool (mysql_async, prepared statements
-//! cached per connection). One short transaction per consumption; InnoDB row locks make
-//! it exact across daemons, and the server's group commit amortises the fsyncs.
+//! cached per connection). Consumptions and module writes go through lanes that group
+//! them into one transaction each; InnoDB row locks make counting exact across daemons.
 //!
-//! While the database is down, calls fail at once for a backoff period (0.25 s doubling
-//! to 10 s) instead of each waiting for a connect timeout, so Postfix gets the
-//! listener's on-error answer quickly; the first call after the backoff tries again.
+//! A database that goes away must cost as little as possible, and never be mistaken
+//! for a module's fault:
+//! - every call has the storage timeout (`[storage] timeout`, well under the module
+//!   timeout): a stalled server fails the call after it instead of holding the request
+//!   for the whole module timeout;
+//! - a call that finds a dead pooled connection (the server restarted) is tried once
+//!   more on a fresh connection, so a restart of a fraction of a second costs nothing;
+//! - while the server is away, calls fail at once, and a probe tries it every
+//!   [`PROBE_EVERY`]: service returns within a fraction of a second of the server's;
+//! - a transaction whose time ran out before its COMMIT was sent is rolled back (its
+//!   connection is dropped); one whose COMMIT went out is waited for, since it may
+//!   already be kept, and its callers get its real outcome.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts};
+use tokio::time::Instant;
 
-use super::consume::{self, Tx};
-use super::window::Consumption;
-use super::{Dialect, Engine, Exec, Result, Rows, Stmt, StoreError, Value};
-use crate::sync::{Answer, Promise};
+use super::consume::{self, Outcome, Tx};
+use super::outage::Outage;
+use super::window::Zone;
+use super::{Dialect, Engine, Exec, Expire, Result, Rows, Stmt, StoreError, Value};
+use crate::sync::{Answer, Promise, Waited};
 
 const HOST_SCHEMA: &str = include_str!("../../../sql/mysql/host.sql");
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadlocks and lock-wait timeouts are retried this often before giving up.
 const RETRIES: usize = 5;
+/// While the database is away: how often the probe tries it, and how long one try may
+/// take.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the outcome of a COMMIT that went out is waited for before its callers are
+/// told it is unknown.
+const IN_DOUBT_MAX: Duration = Duration::from_secs(30);
 
 /// Consumption lanes: a key always goes to the same lane, so this daemon's batches
 /// never wait on each other's row locks; several lanes keep the database busy while one
@@ -37,20 +54,33 @@ pub struct Mysql {
     lanes: Vec<tokio::sync::mpsc::UnboundedSender<Work>>,
 }
 
-/// What the calling threads and the lane tasks share.
-struct Shared {
+/// The pool in use and its generation: after an outage the pool is replaced (its idle
+/// connections are dead), once per generation however many calls notice.
+struct Pooled {
+    generation: u64,
     pool: Pool,
-    schema_ready: AtomicBool,
-    health: Mutex<Health>,
 }
 
-struct Health {
-    retry_at: Option<Instant>,
-    backoff: Duration,
+/// What the calling threads, the lane tasks and the probe share.
+struct Shared {
+    opts: Opts,
+    pool: Mutex<Pooled>,
+    schema_ready: AtomicBool,
+    outage: Outage,
+    probing: AtomicBool,
+    timeout: Duration,
+    zone: Zone,
+    /// Set for good when the database belongs to differently configured daemons.
+    refused: Mutex<Option<StoreError>>,
+    runtime: tokio::runtime::Handle,
 }
 
 fn err(e: mysql_async::Error) -> StoreError {
     match e {
+        // The server is going away or refuses connections: an outage, not a bad call.
+        mysql_async::Error::Server(s) if matches!(s.code, 1040 | 1053 | 1077 | 1927) => {
+            StoreError::Unavailable(format!("{} ({})", s.message, s.code))
+        }
         mysql_async::Error::Server(s) => StoreError::Sql(format!("{} ({})", s.message, s.code)),
         other => StoreError::Unavailable(other.to_string()),
     }
@@ -59,6 +89,16 @@ fn err(e: mysql_async::Error) -> StoreError {
 fn retryable(e: &StoreError) -> bool {
     matches!(e, StoreError::Conflict(_))
         || matches!(e, StoreError::Sql(m) if m.ends_with("(1213)") || m.ends_with("(1205)"))
+}
+
+/// A conflict that retries did not resolve is the database being busy, not a fault of
+/// the call.
+fn busy(e: StoreError) -> StoreError {
+    if retryable(&e) {
+        StoreError::Unavailable(format!("database busy: {e}"))
+    } else {
+        e
+    }
 }
 
 fn to_my(v: Value) -> mysql_async::Value {
@@ -209,147 +249,307 @@ fn hash_of(h: impl Hash) -> u64 {
     hasher.finish()
 }
 
-fn wait<T>(rx: Answer<Result<T>>) -> Result<T> {
-    let wait = || {
-        rx.wait()
-            .unwrap_or_else(|| Err(StoreError::Unavailable("the runtime stopped".into())))
-    };
+/// Blocks the calling (module) thread until `rx` is answered.
+fn block<T>(f: impl FnOnce() -> T) -> T {
     // On a runtime thread (a NONBLOCKING module, or startup code in an async context)
     // hand the thread's other work away while waiting.
     if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::task::block_in_place(wait)
+        tokio::task::block_in_place(f)
     } else {
-        wait()
+        f()
     }
 }
 
+type BoxFut<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>>;
+
 impl Shared {
-    /// While the database is down, fails at once until the next attempt is due.
+    fn pool(&self) -> (u64, Pool) {
+        let p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        (p.generation, p.pool.clone())
+    }
+
+    /// Replaces the pool of `generation` (its connections are dead); a no-op when
+    /// another caller already did.
+    fn renew_pool(&self, generation: u64) {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if p.generation != generation {
+            return;
+        }
+        let _guard = self.runtime.enter();
+        let old = std::mem::replace(&mut p.pool, Pool::new(self.opts.clone()));
+        p.generation += 1;
+        self.runtime.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), old.disconnect()).await;
+        });
+    }
+
+    /// While the database is away (or refuses this daemon), fails at once.
     fn fail_fast(&self) -> Result<()> {
-        let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = h.retry_at
-            && Instant::now() < at
+        if let Some(e) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
         {
+            return Err(e);
+        }
+        if self.outage.is_down() {
+            self.outage.failed("still away (a probe retries it)");
             return Err(StoreError::Unavailable(format!(
-                "database down; next attempt in {:?}",
-                at - Instant::now()
+                "database away for {:.1} s",
+                self.outage.down_for().unwrap_or_default().as_secs_f64()
             )));
         }
         Ok(())
     }
 
-    /// Runs `f` on a pooled connection (creating the host tables first, once) and
-    /// records whether the database answered.
-    async fn attempt<T, F>(&self, f: F) -> Result<T>
-    where
-        F: for<'c> FnOnce(
-            &'c mut Conn,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
-        >,
-    {
-        let schema_needed = !self.schema_ready.load(Ordering::Acquire);
-        let r = async {
-            let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get_conn())
+    /// Records how a call went: an outage starts the probe.
+    fn record<T>(self: &Arc<Self>, r: &Result<T>) {
+        match r {
+            Err(StoreError::Unavailable(m)) => {
+                if self.outage.failed(m) {
+                    let (generation, _) = self.pool();
+                    self.renew_pool(generation);
+                    self.start_probe();
+                }
+            }
+            Err(StoreError::Refused(m)) => {
+                self.outage.failed(m);
+            }
+            _ => self.outage.ok(),
+        }
+    }
+
+    /// Tries the database every [`PROBE_EVERY`] until it answers; then calls go
+    /// through again.
+    fn start_probe(self: &Arc<Self>) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        self.runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let (_, pool) = me.pool();
+                let ok = tokio::time::timeout(PROBE_TIMEOUT.min(me.timeout), async {
+                    let mut c = pool.get_conn().await?;
+                    c.query_drop("SELECT 1").await
+                })
+                .await;
+                if let Ok(Ok(())) = ok {
+                    me.outage.ok();
+                    break;
+                }
+            }
+            me.probing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Creates the host tables and checks the database's calendar zone, once.
+    async fn prepare(&self, conn: &mut Conn) -> Result<()> {
+        if self.schema_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for stmt in schema_statements(HOST_SCHEMA) {
+            conn.query_drop(stmt).await.map_err(err)?;
+        }
+        // MySQL 8 has no CREATE INDEX IF NOT EXISTS: look first. (Tables made by
+        // versions before the index.)
+        let have: Option<i64> = conn
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
+                 AND table_name = ? AND index_name = ?",
+                ("vlv_counter", "vlv_counter_expiry"),
+            )
+            .await
+            .map_err(err)?;
+        if have.unwrap_or(0) == 0 {
+            conn.query_drop("CREATE INDEX vlv_counter_expiry ON vlv_counter (win, period)")
                 .await
-                .map_err(|_| {
-                    StoreError::Unavailable(format!("no connection within {CONNECT_TIMEOUT:?}"))
-                })?
                 .map_err(err)?;
-            if schema_needed {
-                for stmt in schema_statements(HOST_SCHEMA) {
-                    conn.query_drop(stmt).await.map_err(err)?;
-                }
-            }
-            f(&mut conn).await
         }
-        .await;
-        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        match &r {
-            Err(StoreError::Unavailable(e)) => {
-                if h.retry_at.is_none() {
-                    tracing::error!(
-                        "database unavailable: {e}; requests that need it get the on-error action"
-                    );
-                }
-                h.retry_at = Some(Instant::now() + h.backoff);
-                h.backoff = (h.backoff * 2).min(Duration::from_secs(10));
-            }
-            _ => {
-                if h.retry_at.take().is_some() {
-                    tracing::info!("database reachable again");
-                }
-                h.backoff = Duration::from_millis(250);
-                if schema_needed && r.is_ok() {
-                    self.schema_ready.store(true, Ordering::Release);
-                }
-            }
+        conn.exec_drop(
+            "INSERT IGNORE INTO vlv_meta (name, value) VALUES (?, ?)",
+            ("time_zone", self.zone.name()),
+        )
+        .await
+        .map_err(err)?;
+        let stored: Option<String> = conn
+            .exec_first("SELECT value FROM vlv_meta WHERE name = ?", ("time_zone",))
+            .await
+            .map_err(err)?;
+        if let Err(e) = super::agree_on_zone(stored.as_deref(), self.zone) {
+            tracing::error!("{e}");
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+            return Err(e);
         }
+        self.schema_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Runs `f` on a pooled connection within the storage timeout, once more on a fresh
+    /// connection when the first one turned out dead.
+    async fn attempt<T>(self: &Arc<Self>, f: impl Fn(&mut Conn) -> BoxFut<'_, T>) -> Result<T> {
+        self.fail_fast()?;
+        let deadline = Instant::now() + self.timeout;
+        let mut fresh = false;
+        let r = loop {
+            let (generation, pool) = self.pool();
+            let r = tokio::time::timeout_at(deadline, async {
+                let mut conn = pool.get_conn().await.map_err(err)?;
+                self.prepare(&mut conn).await?;
+                f(&mut conn).await
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {:?} (storage timeout)",
+                    self.timeout
+                )))
+            });
+            match r {
+                Err(StoreError::Unavailable(_)) if !fresh && Instant::now() < deadline => {
+                    // Perhaps a connection the server closed when it restarted.
+                    fresh = true;
+                    self.renew_pool(generation);
+                }
+                r => break r,
+            }
+        };
+        self.record(&r);
         r
     }
 
-    /// Runs a batch of writes and consumptions in one transaction, retrying the whole
-    /// batch on deadlock (InnoDB rolled all of it back). A write's own failure (a
-    /// constraint, say) undoes only that statement, as MySQL does, and is its answer.
-    async fn run_lane_batch(&self, batch: Arc<LaneBatch>) -> Result<LaneResults> {
+    /// [`Shared::attempt`] with deadlocks retried.
+    async fn attempt_retried<T>(
+        self: &Arc<Self>,
+        f: impl Fn(&mut Conn) -> BoxFut<'_, T>,
+    ) -> Result<T> {
         let mut attempt = 0;
         loop {
+            match self.attempt(&f).await {
+                Err(e) if retryable(&e) && attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+                }
+                r => return r.map_err(busy),
+            }
+        }
+    }
+
+    /// One try of a lane's transaction: the statements within the storage timeout (or
+    /// they are rolled back), then the COMMIT, whose outcome is waited for.
+    async fn lane_once(&self, batch: &LaneBatch) -> Result<LaneResults> {
+        let deadline = Instant::now() + self.timeout;
+        let (generation, pool) = self.pool();
+        let committing = AtomicBool::new(false);
+        let work = async {
+            let mut conn = pool.get_conn().await.map_err(err)?;
+            self.prepare(&mut conn).await?;
+            let mut tx = conn
+                .start_transaction(TxOpts::default())
+                .await
+                .map_err(err)?;
+            let mut writes = Vec::with_capacity(batch.writes.len());
+            for w in &batch.writes {
+                let r = match w {
+                    Write::Exec(stmt) => MyTx(&mut tx)
+                        .exec(&stmt.sql, stmt.params.clone())
+                        .await
+                        .map(Some),
+                    Write::Once {
+                        ns,
+                        token,
+                        now,
+                        stmt,
+                    } => {
+                        consume::exec_once(
+                            &mut MyTx(&mut tx),
+                            Dialect::Mysql,
+                            ns,
+                            token,
+                            *now,
+                            stmt,
+                        )
+                        .await
+                    }
+                };
+                match r {
+                    Err(e) if retryable(&e) || e.is_outage() => return Err(e),
+                    r => writes.push(r),
+                }
+            }
+            let consumed = if batch.consumes.is_empty() {
+                Vec::new()
+            } else {
+                consume::run_batch(&mut MyTx(&mut tx), Dialect::Mysql, &batch.consumes).await?
+            };
+            committing.store(true, Ordering::Release);
+            tx.commit().await.map_err(|e| match err(e) {
+                // The server said no: nothing was kept.
+                StoreError::Sql(m) => StoreError::Sql(m),
+                // The connection broke after COMMIT went out: kept or not, nobody knows.
+                other => StoreError::InDoubt(other.to_string()),
+            })?;
+            Ok(LaneResults { writes, consumed })
+        };
+        let mut work = std::pin::pin!(work);
+        tokio::select! {
+            r = &mut work => r,
+            () = tokio::time::sleep_until(deadline) => {
+                if !committing.load(Ordering::Acquire) {
+                    // Dropping the transaction rolls it back: nothing of it is kept.
+                    return Err(StoreError::Unavailable(format!(
+                        "no answer within {:?} (storage timeout); transaction rolled back",
+                        self.timeout
+                    )));
+                }
+                tracing::warn!(
+                    jobs = batch.writes.len() + batch.consumes.len(),
+                    "the database stopped answering after a COMMIT went out; waiting for its outcome"
+                );
+                let r = tokio::time::timeout(IN_DOUBT_MAX, work).await.unwrap_or_else(|_| {
+                    Err(StoreError::InDoubt(format!(
+                        "no answer to a COMMIT within {IN_DOUBT_MAX:?}"
+                    )))
+                });
+                if let Err(e) = &r {
+                    tracing::error!(
+                        jobs = batch.writes.len() + batch.consumes.len(),
+                        "{e}: the requests were answered with the on-error action, their charges may have been kept"
+                    );
+                    self.renew_pool(generation);
+                }
+                r
+            }
+        }
+    }
+
+    /// Runs a batch of writes and consumptions in one transaction, retrying the whole
+    /// batch on deadlock (InnoDB rolled all of it back) and once on a dead connection. A
+    /// write's own failure (a constraint, say) undoes only that statement, as MySQL
+    /// does, and is its answer.
+    async fn run_lane_batch(self: &Arc<Self>, batch: &LaneBatch) -> Result<LaneResults> {
+        let mut attempt = 0;
+        let mut fresh = false;
+        loop {
             self.fail_fast()?;
-            let batch = batch.clone();
-            let r = self
-                .attempt(|c| {
-                    Box::pin(async move {
-                        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
-                        let mut writes = Vec::with_capacity(batch.writes.len());
-                        for w in &batch.writes {
-                            let r = match w {
-                                Write::Exec(stmt) => MyTx(&mut tx)
-                                    .exec(&stmt.sql, stmt.params.clone())
-                                    .await
-                                    .map(Some),
-                                Write::Once {
-                                    ns,
-                                    token,
-                                    now,
-                                    stmt,
-                                } => {
-                                    consume::exec_once(
-                                        &mut MyTx(&mut tx),
-                                        Dialect::Mysql,
-                                        ns,
-                                        token,
-                                        *now,
-                                        stmt,
-                                    )
-                                    .await
-                                }
-                            };
-                            match r {
-                                Err(e)
-                                    if retryable(&e) || matches!(e, StoreError::Unavailable(_)) =>
-                                {
-                                    return Err(e);
-                                }
-                                r => writes.push(r),
-                            }
-                        }
-                        let consumed = if batch.consumes.is_empty() {
-                            Vec::new()
-                        } else {
-                            consume::run_batch(&mut MyTx(&mut tx), Dialect::Mysql, &batch.consumes)
-                                .await?
-                        };
-                        tx.commit().await.map_err(err)?;
-                        Ok(LaneResults { writes, consumed })
-                    })
-                })
-                .await;
+            let (generation, _) = self.pool();
+            let r = self.lane_once(batch).await;
             match r {
                 Err(e) if retryable(&e) && attempt < RETRIES => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
                 }
-                r => return r,
+                Err(StoreError::Unavailable(_)) if !fresh => {
+                    fresh = true;
+                    self.renew_pool(generation);
+                }
+                r => {
+                    let r = r.map_err(busy);
+                    self.record(&r);
+                    return r;
+                }
             }
         }
     }
@@ -369,8 +569,18 @@ enum Write {
 
 /// Work sent to a lane, with where its answer goes.
 enum Work {
-    Consume(consume::Request, Promise<Result<Consumption>>),
+    Consume(consume::Request, Promise<Result<Outcome>>),
     Write(Write, Promise<Result<Option<Exec>>>),
+}
+
+impl Work {
+    /// Takes the job up; false when its caller already gave up waiting.
+    fn claim(&self) -> bool {
+        match self {
+            Work::Consume(_, p) => p.claim(),
+            Work::Write(_, p) => p.claim(),
+        }
+    }
 }
 
 /// What one lane transaction runs: writes first (in arrival order), then the
@@ -382,7 +592,7 @@ struct LaneBatch {
 
 struct LaneResults {
     writes: Vec<Result<Option<Exec>>>,
-    consumed: Vec<Consumption>,
+    consumed: Vec<Outcome>,
 }
 
 /// One lane: takes everything waiting (up to [`MAX_BATCH`]) into one transaction, then
@@ -397,6 +607,10 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
         let mut consumes = Vec::new();
         let mut consume_tx = Vec::new();
         for w in batch.drain(..) {
+            // A job whose caller gave up must not run: its request was answered.
+            if !w.claim() {
+                continue;
+            }
             match w {
                 Work::Write(w, tx) => {
                     writes.push(w);
@@ -408,27 +622,34 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
                 }
             }
         }
-        match shared
-            .run_lane_batch(Arc::new(LaneBatch { writes, consumes }))
-            .await
-        {
-            Ok(r) => {
-                for (tx, w) in write_tx.into_iter().zip(r.writes) {
-                    tx.send(w);
-                }
-                for (tx, c) in consume_tx.into_iter().zip(r.consumed) {
-                    tx.send(Ok(c));
-                }
-            }
-            Err(e) => {
-                for tx in write_tx {
-                    tx.send(Err(e.clone()));
-                }
-                for tx in consume_tx {
-                    tx.send(Err(e.clone()));
-                }
-            }
+        if writes.is_empty() && consumes.is_empty() {
+            continue;
         }
+        let me = shared.clone();
+        let run = tokio::spawn(async move {
+            let batch = LaneBatch { writes, consumes };
+            match me.run_lane_batch(&batch).await {
+                Ok(r) => {
+                    for (tx, w) in write_tx.into_iter().zip(r.writes) {
+                        tx.send(w);
+                    }
+                    for (tx, c) in consume_tx.into_iter().zip(r.consumed) {
+                        tx.send(Ok(c));
+                    }
+                }
+                Err(e) => {
+                    for tx in write_tx {
+                        tx.send(Err(e.clone()));
+                    }
+                    for tx in consume_tx {
+                        tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+        // Statements end within the storage timeout; a COMMIT left in doubt finishes
+        // (and answers its callers) on its own while the lane goes on.
+        let _ = tokio::time::timeout(shared.timeout * 2 + Duration::from_millis(100), run).await;
     }
 }
 
@@ -437,6 +658,8 @@ impl Mysql {
         url: &str,
         password: Option<String>,
         pool_size: usize,
+        zone: Zone,
+        timeout: Duration,
         runtime: tokio::runtime::Handle,
     ) -> Result<Mysql> {
         let opts =
@@ -463,14 +686,27 @@ impl Mysql {
         if password.is_some() {
             b = b.pass(password);
         }
+        let opts: Opts = b.into();
         let _guard = runtime.enter();
+        let describe = format!(
+            "mysql {}:{}/{}",
+            opts.ip_or_hostname(),
+            opts.tcp_port(),
+            opts.db_name().unwrap_or_default()
+        );
         let shared = Arc::new(Shared {
-            pool: Pool::new(b),
-            schema_ready: AtomicBool::new(false),
-            health: Mutex::new(Health {
-                retry_at: None,
-                backoff: Duration::from_millis(250),
+            pool: Mutex::new(Pooled {
+                generation: 0,
+                pool: Pool::new(opts.clone()),
             }),
+            opts,
+            schema_ready: AtomicBool::new(false),
+            outage: Outage::new(&describe),
+            probing: AtomicBool::new(false),
+            timeout,
+            zone,
+            refused: Mutex::new(None),
+            runtime: runtime.clone(),
         });
         let lanes = (0..LANES)
             .map(|_| {
@@ -487,16 +723,11 @@ impl Mysql {
     }
 
     /// Runs `f` with a pooled connection on the runtime and waits for it from this
-    /// (non-runtime) thread.
+    /// (non-runtime) thread; `f` may run twice (a retry on a fresh connection).
     fn run<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(
-                &'c mut Conn,
-            ) -> std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>,
-            > + Send
-            + 'static,
+        F: for<'c> Fn(&'c mut Conn) -> BoxFut<'c, T> + Send + Sync + 'static,
     {
         let on_current_thread_runtime = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
@@ -511,37 +742,34 @@ impl Mysql {
         let shared = self.shared.clone();
         let (tx, rx) = crate::sync::oneshot();
         self.runtime.spawn(async move {
-            tx.send(shared.attempt(f).await);
+            tx.send(shared.attempt_retried(f).await);
         });
-        wait(rx)
+        // The task ends within the storage timeout (and the retries' pauses).
+        block(|| rx.wait())
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the runtime stopped".into())))
     }
 
-    fn with_retries<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-        let mut attempt = 0;
-        loop {
-            match f() {
-                Err(e) if retryable(&e) && attempt < RETRIES => {
-                    attempt += 1;
-                    std::thread::sleep(Duration::from_millis(2 << attempt));
-                }
-                r => return r,
-            }
-        }
-    }
-}
-
-impl Mysql {
     /// Hands work to the lane the hash `h` of its key picks (one key always to one
     /// lane, so this daemon's transactions on one row never wait on each other's locks)
-    /// and waits for the answer, sent after the lane's commit.
+    /// and waits for the answer, sent after the lane's commit. A job still queued when
+    /// the storage timeout passes is dropped and fails; one already in a transaction is
+    /// waited for, since its outcome is what counts.
     fn submit<T>(&self, h: u64, work: impl FnOnce(Promise<Result<T>>) -> Work) -> Result<T> {
         self.shared.fail_fast()?;
         let lane = &self.lanes[h as usize % self.lanes.len()];
-        let (tx, rx) = crate::sync::oneshot();
+        let (tx, rx): (Promise<Result<T>>, Answer<Result<T>>) = crate::sync::oneshot();
         if lane.send(work(tx)).is_err() {
             return Err(StoreError::Unavailable("the runtime stopped".into()));
         }
-        wait(rx)
+        let deadline = std::time::Instant::now() + self.shared.timeout;
+        match block(|| rx.wait_until(deadline)) {
+            Waited::Value(r) => r,
+            Waited::Dropped => Err(StoreError::Unavailable("the runtime stopped".into())),
+            Waited::GaveUp => Err(StoreError::Unavailable(format!(
+                "no transaction within {:?} (storage timeout): the database is busy or stalled",
+                self.shared.timeout
+            ))),
+        }
     }
 
     /// A write goes to the lane of its statement and values.
@@ -558,15 +786,13 @@ impl Engine for Mysql {
         if super::is_dml(&stmt.sql) {
             return self.write(Write::Exec(stmt)).map(|e| e.unwrap_or_default());
         }
-        self.with_retries(|| {
+        self.run(move |c| {
             let s = stmt.clone();
-            self.run(move |c| {
-                Box::pin(async move {
-                    c.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
-                    Ok(Exec {
-                        affected: c.affected_rows(),
-                        last_insert_id: c.last_insert_id().unwrap_or(0) as i64,
-                    })
+            Box::pin(async move {
+                c.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
+                Ok(Exec {
+                    affected: c.affected_rows(),
+                    last_insert_id: c.last_insert_id().unwrap_or(0) as i64,
                 })
             })
         })
@@ -582,76 +808,89 @@ impl Engine for Mysql {
     }
 
     fn batch(&self, stmts: Vec<Stmt>) -> Result<Vec<Exec>> {
-        self.with_retries(|| {
+        self.run(move |c| {
             let stmts = stmts.clone();
-            self.run(move |c| {
-                Box::pin(async move {
-                    let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
-                    let mut out = Vec::with_capacity(stmts.len());
-                    for s in stmts {
-                        tx.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
-                        out.push(Exec {
-                            affected: tx.affected_rows(),
-                            last_insert_id: tx.last_insert_id().unwrap_or(0) as i64,
-                        });
-                    }
-                    tx.commit().await.map_err(err)?;
-                    Ok(out)
-                })
+            Box::pin(async move {
+                let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
+                let mut out = Vec::with_capacity(stmts.len());
+                for s in stmts {
+                    tx.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
+                    out.push(Exec {
+                        affected: tx.affected_rows(),
+                        last_insert_id: tx.last_insert_id().unwrap_or(0) as i64,
+                    });
+                }
+                tx.commit().await.map_err(err)?;
+                Ok(out)
             })
         })
     }
 
     fn query(&self, stmt: Stmt) -> Result<Rows> {
-        self.with_retries(|| {
+        self.run(move |c| {
             let s = stmt.clone();
-            self.run(move |c| Box::pin(async move { query_rows(c, &s.sql, s.params).await }))
+            Box::pin(async move { query_rows(c, &s.sql, s.params).await })
         })
     }
 
-    fn consume(&self, req: consume::Request) -> Result<Consumption> {
-        self.submit(hash_of((&req.ns, &req.key)), |tx| Work::Consume(req, tx))
+    fn consume(&self, req: consume::Request) -> Result<Outcome> {
+        let first = req.parts.first().map(|p| p.key.clone()).unwrap_or_default();
+        self.submit(hash_of((&req.ns, &first)), |tx| Work::Consume(req, tx))
     }
 
     fn reset(&self, ns: &str, key: &str) -> Result<u64> {
         let (ns, key) = (ns.to_owned(), key.to_owned());
-        self.with_retries(|| {
+        self.run(move |c| {
             let (ns, key) = (ns.clone(), key.clone());
-            self.run(move |c| {
-                Box::pin(async move {
-                    let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
-                    tx.exec_drop(
-                        "DELETE FROM vlv_counter WHERE ns = ? AND ckey = ?",
-                        (ns.clone(), key.clone()),
-                    )
+            Box::pin(async move {
+                let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
+                tx.exec_drop(
+                    "DELETE FROM vlv_counter WHERE ns = ? AND ckey = ?",
+                    (ns.clone(), key.clone()),
+                )
+                .await
+                .map_err(err)?;
+                let a = tx.affected_rows();
+                tx.exec_drop("DELETE FROM vlv_slide WHERE ns = ? AND ckey = ?", (ns, key))
                     .await
                     .map_err(err)?;
-                    let a = tx.affected_rows();
-                    tx.exec_drop("DELETE FROM vlv_slide WHERE ns = ? AND ckey = ?", (ns, key))
-                        .await
-                        .map_err(err)?;
-                    let b = tx.affected_rows();
-                    tx.commit().await.map_err(err)?;
-                    Ok(a + b)
-                })
+                let b = tx.affected_rows();
+                tx.commit().await.map_err(err)?;
+                Ok(a + b)
             })
         })
     }
 
-    fn maintain(&self, now: i64) -> Result<u64> {
+    fn expire(&self, what: &Expire, limit: usize) -> Result<u64> {
+        let limit = limit as i64;
+        let (sql, p): (&str, Vec<Value>) = match what {
+            Expire::Counters { win, before } => (
+                "DELETE FROM vlv_counter WHERE win = ? AND period < ? LIMIT ?",
+                vec![win.as_str().into(), (*before).into(), limit.into()],
+            ),
+            Expire::SlidingHeads { before } => (
+                "DELETE FROM vlv_counter WHERE win >= ? AND win < ? AND period < ? LIMIT ?",
+                vec![
+                    "sliding:".into(),
+                    "sliding;".into(),
+                    (*before).into(),
+                    limit.into(),
+                ],
+            ),
+            Expire::Buckets { before } => (
+                "DELETE FROM vlv_slide WHERE expires < ? LIMIT ?",
+                vec![(*before).into(), limit.into()],
+            ),
+            Expire::Tokens { before } => (
+                "DELETE FROM vlv_once WHERE at < ? LIMIT ?",
+                vec![(*before).into(), limit.into()],
+            ),
+        };
         self.run(move |c| {
+            let p = p.clone();
             Box::pin(async move {
-                c.exec_drop("DELETE FROM vlv_slide WHERE expires < ?", (now,))
-                    .await
-                    .map_err(err)?;
-                let a = c.affected_rows();
-                c.exec_drop(
-                    "DELETE FROM vlv_once WHERE at < ?",
-                    (now - valvula_abi::VLV_ONCE_KEEP_SECONDS,),
-                )
-                .await
-                .map_err(err)?;
-                Ok(a + c.affected_rows())
+                c.exec_drop(sql, params(p)).await.map_err(err)?;
+                Ok(c.affected_rows())
             })
         })
     }

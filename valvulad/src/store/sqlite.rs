@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, params_from_iter};
 
-use super::consume::{self, Tx};
-use super::window::Consumption;
-use super::{Dialect, Engine, Exec, Result, Rows, Stmt, StoreError, Value};
-use crate::sync::{Promise, Queue, oneshot};
+use super::consume::{self, Outcome, Tx};
+use super::outage::Outage;
+use super::window::Zone;
+use super::{Dialect, Engine, Exec, Expire, Result, Rows, Stmt, StoreError, Value};
+use crate::sync::{Promise, Queue, Waited, oneshot};
 
 /// Jobs one transaction takes at most.
 const MAX_BATCH: usize = 512;
@@ -27,18 +28,35 @@ type Reply<T> = Promise<Result<T>>;
 enum Job {
     Exec(Stmt, Reply<Exec>),
     Batch(Vec<Stmt>, Reply<Vec<Exec>>),
-    Consume(consume::Request, Reply<Consumption>),
+    Consume(consume::Request, Reply<Outcome>),
     Once(String, String, i64, Stmt, Reply<Option<Exec>>),
     Reset(String, String, Reply<u64>),
-    Maintain(i64, Reply<u64>),
+    Expire(Expire, usize, Reply<u64>),
     Ping(Reply<()>),
+}
+
+impl Job {
+    /// Takes the job up; false when its caller already gave up waiting (the job must
+    /// not run: its request was answered).
+    fn claim(&self) -> bool {
+        match self {
+            Job::Exec(_, r) => r.claim(),
+            Job::Batch(_, r) => r.claim(),
+            Job::Consume(_, r) => r.claim(),
+            Job::Once(.., r) => r.claim(),
+            Job::Reset(.., r) | Job::Expire(.., r) => r.claim(),
+            Job::Ping(r) => r.claim(),
+        }
+    }
 }
 
 pub struct Sqlite {
     jobs: Arc<Queue<Job>>,
     path: PathBuf,
     synchronous_full: bool,
+    timeout: Duration,
     readers: Mutex<Vec<Connection>>,
+    outage: Arc<Outage>,
 }
 
 fn sql_err(e: rusqlite::Error) -> StoreError {
@@ -74,7 +92,7 @@ fn from_sql(v: rusqlite::types::ValueRef<'_>) -> Value {
     }
 }
 
-fn open_conn(path: &PathBuf, synchronous_full: bool) -> Result<Connection> {
+fn open_conn(path: &PathBuf, synchronous_full: bool, timeout: Duration) -> Result<Connection> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -90,7 +108,9 @@ fn open_conn(path: &PathBuf, synchronous_full: bool) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
-    c.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+    // Another process holding the write lock makes a call wait at most the storage
+    // timeout, not the module timeout.
+    c.busy_timeout(timeout).map_err(sql_err)?;
     c.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_err)?;
     // Savepoint sub-journals and sort scratch in memory, not in temporary files.
@@ -172,17 +192,24 @@ fn ready<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-/// The writer's connection, reopened with backoff after failures.
+/// The writer's connection, reopened after failures (at most a second later).
 struct Writer {
     path: PathBuf,
     synchronous_full: bool,
+    timeout: Duration,
+    zone: Zone,
     conn: Option<Connection>,
     retry_at: Instant,
     backoff: Duration,
+    /// Set for good when the database belongs to differently configured daemons.
+    refused: Option<StoreError>,
 }
 
 impl Writer {
     fn conn(&mut self) -> Result<&Connection> {
+        if let Some(e) = &self.refused {
+            return Err(e.clone());
+        }
         if self.conn.is_none() {
             if Instant::now() < self.retry_at {
                 return Err(StoreError::Unavailable(format!(
@@ -191,21 +218,37 @@ impl Writer {
                     self.retry_at - Instant::now()
                 )));
             }
-            match open_conn(&self.path, self.synchronous_full).and_then(|c| {
+            let zone = self.zone;
+            match open_conn(&self.path, self.synchronous_full, self.timeout).and_then(|c| {
                 c.execute_batch(HOST_SCHEMA).map_err(sql_err)?;
+                c.execute(
+                    "INSERT OR IGNORE INTO vlv_meta (name, value) VALUES ('time_zone', ?1)",
+                    [zone.name()],
+                )
+                .map_err(sql_err)?;
+                let stored: Option<String> = c
+                    .query_row(
+                        "SELECT value FROM vlv_meta WHERE name = 'time_zone'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(sql_err)?;
+                super::agree_on_zone(stored.as_deref(), zone)?;
                 Ok(c)
             }) {
                 Ok(c) => {
-                    if self.backoff > Duration::from_millis(250) {
-                        tracing::info!(database = %self.path.display(), "database is reachable again");
-                    }
                     self.conn = Some(c);
-                    self.backoff = Duration::from_millis(250);
+                    self.backoff = Duration::from_millis(100);
+                }
+                Err(e @ StoreError::Refused(_)) => {
+                    tracing::error!("{e}");
+                    self.refused = Some(e.clone());
+                    return Err(e);
                 }
                 Err(e) => {
                     self.retry_at = Instant::now() + self.backoff;
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
-                    tracing::error!(database = %self.path.display(), "cannot open the database: {e}");
+                    // Back within a second of the database's return.
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
                     return Err(e);
                 }
             }
@@ -220,7 +263,12 @@ impl Writer {
     }
 
     /// Runs a batch of jobs in one transaction and answers them after the commit.
-    fn run(&mut self, jobs: Vec<Job>) {
+    fn run(&mut self, mut jobs: Vec<Job>) {
+        // A job whose caller gave up must not run: its request was answered already.
+        jobs.retain(Job::claim);
+        if jobs.is_empty() {
+            return;
+        }
         let conn = match self.conn() {
             Ok(c) => c,
             Err(e) => return answer_all(jobs, &e),
@@ -352,11 +400,41 @@ impl Writer {
 enum Done {
     Exec(Exec),
     Batch(Vec<Exec>),
-    Consumption(Consumption),
+    Consumption(Outcome),
     Once(Option<Exec>),
     Count(u64),
     Unit,
     Failed(StoreError),
+}
+
+/// Deletes at most `limit` rows of one kind (tables without rowid: by primary key).
+fn expire(c: &Connection, what: &Expire, limit: usize) -> Result<u64> {
+    let limit = limit as i64;
+    let n = match what {
+        Expire::Counters { win, before } => c.execute(
+            "DELETE FROM vlv_counter WHERE (ns, ckey, win) IN \
+             (SELECT ns, ckey, win FROM vlv_counter WHERE win = ?1 AND period < ?2 LIMIT ?3)",
+            rusqlite::params![win, before, limit],
+        ),
+        Expire::SlidingHeads { before } => c.execute(
+            "DELETE FROM vlv_counter WHERE (ns, ckey, win) IN \
+             (SELECT ns, ckey, win FROM vlv_counter WHERE win >= 'sliding:' AND win < 'sliding;' \
+              AND period < ?1 LIMIT ?2)",
+            rusqlite::params![before, limit],
+        ),
+        Expire::Buckets { before } => c.execute(
+            "DELETE FROM vlv_slide WHERE (ns, ckey, win, bucket) IN \
+             (SELECT ns, ckey, win, bucket FROM vlv_slide WHERE expires < ?1 LIMIT ?2)",
+            rusqlite::params![before, limit],
+        ),
+        Expire::Tokens { before } => c.execute(
+            "DELETE FROM vlv_once WHERE (ns, token) IN \
+             (SELECT ns, token FROM vlv_once WHERE at < ?1 LIMIT ?2)",
+            rusqlite::params![before, limit],
+        ),
+    }
+    .map_err(sql_err)?;
+    Ok(n as u64)
 }
 
 /// Runs one job; the bool says whether its changes are kept.
@@ -395,18 +473,7 @@ fn run_job(c: &Connection, job: &Job) -> (Done, bool) {
                 .map_err(sql_err)?;
             Ok(Done::Count((a + b) as u64))
         })(),
-        Job::Maintain(now, _) => (|| {
-            let a = c
-                .execute("DELETE FROM vlv_slide WHERE expires < ?1", [now])
-                .map_err(sql_err)?;
-            let b = c
-                .execute(
-                    "DELETE FROM vlv_once WHERE at < ?1",
-                    [now - valvula_abi::VLV_ONCE_KEEP_SECONDS],
-                )
-                .map_err(sql_err)?;
-            Ok(Done::Count((a + b) as u64))
-        })(),
+        Job::Expire(what, limit, _) => expire(c, what, *limit).map(Done::Count),
         Job::Ping(_) => c
             .query_row("SELECT 1", [], |_| Ok(()))
             .map(|()| Done::Unit)
@@ -429,7 +496,7 @@ fn answer(job: Job, d: Done) {
         (Job::Batch(_, tx), Done::Batch(x)) => send(tx, Ok(x)),
         (Job::Consume(_, tx), Done::Consumption(x)) => send(tx, Ok(x)),
         (Job::Once(.., tx), Done::Once(x)) => send(tx, Ok(x)),
-        (Job::Reset(.., tx), Done::Count(x)) | (Job::Maintain(_, tx), Done::Count(x)) => {
+        (Job::Reset(.., tx), Done::Count(x)) | (Job::Expire(.., tx), Done::Count(x)) => {
             send(tx, Ok(x))
         }
         (Job::Ping(tx), Done::Unit) => send(tx, Ok(())),
@@ -444,7 +511,7 @@ fn answer_err(job: Job, e: &StoreError) {
         Job::Batch(_, tx) => tx.send(Err(e)),
         Job::Consume(_, tx) => tx.send(Err(e)),
         Job::Once(.., tx) => tx.send(Err(e)),
-        Job::Reset(.., tx) | Job::Maintain(_, tx) => tx.send(Err(e)),
+        Job::Reset(.., tx) | Job::Expire(.., tx) => tx.send(Err(e)),
         Job::Ping(tx) => tx.send(Err(e)),
     }
 }
@@ -462,15 +529,18 @@ fn writer_loop(mut w: Writer, rx: Arc<Queue<Job>>) {
 }
 
 impl Sqlite {
-    pub fn open(path: PathBuf, synchronous_full: bool) -> Sqlite {
+    pub fn open(path: PathBuf, synchronous_full: bool, zone: Zone, timeout: Duration) -> Sqlite {
         let jobs = Queue::new();
         let rx = jobs.clone();
         let writer = Writer {
             path: path.clone(),
             synchronous_full,
+            timeout,
+            zone,
             conn: None,
             retry_at: Instant::now(),
-            backoff: Duration::from_millis(250),
+            backoff: Duration::from_millis(100),
+            refused: None,
         };
         std::thread::Builder::new()
             .name("vlv-sqlite-writer".into())
@@ -478,24 +548,49 @@ impl Sqlite {
             .expect("cannot start the SQLite writer thread");
         Sqlite {
             jobs,
+            outage: Arc::new(Outage::new(&format!("sqlite {}", path.display()))),
             path,
             synchronous_full,
+            timeout,
             readers: Mutex::new(Vec::new()),
         }
     }
 
+    /// Records how a call went, for the outage log.
+    fn record<T>(&self, r: &Result<T>) {
+        match r {
+            Err(e) if e.is_outage() => {
+                self.outage.failed(&e.to_string());
+            }
+            _ => self.outage.ok(),
+        }
+    }
+
+    /// Hands a job to the writer and waits for its answer. A job the writer has not
+    /// started within the storage timeout is dropped and fails; one it started is
+    /// waited for, since its outcome is what counts.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T> {
         let (tx, rx) = oneshot();
         let stopped = || StoreError::Unavailable("the SQLite writer has stopped".into());
         self.jobs.push(make(tx)).map_err(|_| stopped())?;
-        rx.wait().ok_or_else(stopped)?
+        let r = match rx.wait_until(Instant::now() + self.timeout) {
+            Waited::Value(r) => r,
+            Waited::Dropped => Err(stopped()),
+            Waited::GaveUp => Err(StoreError::Unavailable(format!(
+                "{}: no transaction within {:?} (storage timeout): the database is busy or stalled",
+                self.path.display(),
+                self.timeout
+            ))),
+        };
+        self.record(&r);
+        r
     }
 
     fn reader(&self) -> Result<Connection> {
         if let Some(c) = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(c);
         }
-        open_conn(&self.path, self.synchronous_full)
+        open_conn(&self.path, self.synchronous_full, self.timeout)
     }
 }
 
@@ -514,17 +609,20 @@ impl Engine for Sqlite {
         self.call(|tx| Job::Batch(stmts, tx))
     }
     fn query(&self, stmt: Stmt) -> Result<Rows> {
-        let c = self.reader()?;
-        let r = query_one(&c, &stmt);
-        if !matches!(r, Err(StoreError::Unavailable(_))) {
-            let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.len() < 8 {
-                pool.push(c);
+        let r = self.reader().and_then(|c| {
+            let r = query_one(&c, &stmt);
+            if !matches!(r, Err(StoreError::Unavailable(_))) {
+                let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < 8 {
+                    pool.push(c);
+                }
             }
-        }
+            r
+        });
+        self.record(&r);
         r
     }
-    fn consume(&self, req: consume::Request) -> Result<Consumption> {
+    fn consume(&self, req: consume::Request) -> Result<Outcome> {
         self.call(|tx| Job::Consume(req, tx))
     }
     fn exec_once(&self, ns: &str, token: &str, stmt: Stmt, now: i64) -> Result<Option<Exec>> {
@@ -533,8 +631,8 @@ impl Engine for Sqlite {
     fn reset(&self, ns: &str, key: &str) -> Result<u64> {
         self.call(|tx| Job::Reset(ns.to_owned(), key.to_owned(), tx))
     }
-    fn maintain(&self, now: i64) -> Result<u64> {
-        self.call(|tx| Job::Maintain(now, tx))
+    fn expire(&self, what: &Expire, limit: usize) -> Result<u64> {
+        self.call(|tx| Job::Expire(what.clone(), limit, tx))
     }
     fn ping(&self) -> Result<()> {
         self.call(Job::Ping)
@@ -545,6 +643,7 @@ impl Engine for Sqlite {
 mod tests {
     use super::*;
     use crate::store::window::{Window, WindowKind, Zone};
+    use consume::Part;
 
     fn db() -> Connection {
         let c = Connection::open_in_memory().unwrap();
@@ -552,7 +651,7 @@ mod tests {
         c
     }
 
-    fn batch(c: &Connection, reqs: &[consume::Request]) -> Vec<Consumption> {
+    fn batch(c: &Connection, reqs: &[consume::Request]) -> Vec<Outcome> {
         c.execute_batch("BEGIN IMMEDIATE").unwrap();
         let r = ready(consume::run_batch(&mut ConnTx(c), Dialect::Sqlite, reqs)).unwrap();
         c.execute_batch("COMMIT").unwrap();
@@ -574,8 +673,8 @@ mod tests {
 
     /// The batch algorithm reads every row once and writes back at the end; one request
     /// per batch is the plain sequential case. Random mixes of keys, windows (calendar
-    /// and sliding), limits, amounts, peeks and tokens must decide identically and leave
-    /// identical tables.
+    /// and sliding), limits, amounts, peeks, tokens and requests charging several keys
+    /// together must decide identically and leave identical tables.
     #[test]
     fn a_batch_decides_exactly_as_its_requests_one_by_one() {
         let (a, b) = (db(), db());
@@ -598,27 +697,37 @@ mod tests {
             let mut reqs = Vec::new();
             for _ in 0..1 + next(40) {
                 now += next(30) as i64;
-                let mut windows: Vec<Window> = Vec::new();
+                let mut parts: Vec<Part> = Vec::new();
                 for _ in 0..1 + next(3) {
-                    let kind = kinds[next(kinds.len() as u64) as usize];
-                    if windows.iter().all(|w| w.kind != kind) {
-                        let limit = next(12) as i64 - 1;
-                        windows.push(Window { kind, limit });
+                    let key = format!("k{}", next(4));
+                    if parts.iter().any(|p| p.key == key) {
+                        continue;
                     }
+                    let mut windows: Vec<Window> = Vec::new();
+                    for _ in 0..1 + next(3) {
+                        let kind = kinds[next(kinds.len() as u64) as usize];
+                        if windows.iter().all(|w| w.kind != kind) {
+                            let limit = next(12) as i64 - 1;
+                            windows.push(Window { kind, limit });
+                        }
+                    }
+                    parts.push(Part {
+                        key,
+                        amount: next(4) as i64,
+                        windows,
+                    });
                 }
                 reqs.push(consume::Request {
                     ns: ["m", "n"][next(2) as usize].into(),
-                    key: format!("k{}", next(4)),
-                    amount: next(4) as i64,
-                    windows,
+                    parts,
                     now,
                     peek: next(5) == 0,
-                    zone: Zone::Named(chrono_tz::UTC),
+                    zone: Zone::UTC,
                     once: (next(3) == 0).then(|| format!("t{}", next(6))),
                 });
             }
             let together = batch(&a, &reqs);
-            let alone: Vec<Consumption> = reqs
+            let alone: Vec<Outcome> = reqs
                 .iter()
                 .flat_map(|r| batch(&b, std::slice::from_ref(r)))
                 .collect();

@@ -9,8 +9,6 @@
 //! admission of the interval lies in `[t - W, t]` and was summed at `t`). The cost is
 //! that charges stay counted up to `W / 60` seconds (1.7 %) longer than `W`.
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
-
 /// Buckets per sliding window.
 pub const SLIDING_BUCKETS: i64 = 60;
 
@@ -114,83 +112,18 @@ pub struct Consumption {
     pub repeated: bool,
 }
 
-/// The time zone calendar windows follow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Zone {
-    Local,
-    Named(chrono_tz::Tz),
-}
-
-impl Zone {
-    pub fn parse(s: &str) -> Result<Zone, String> {
-        match s {
-            "local" => Ok(Zone::Local),
-            "UTC" | "utc" => Ok(Zone::Named(chrono_tz::UTC)),
-            name => name
-                .parse::<chrono_tz::Tz>()
-                .map(Zone::Named)
-                .map_err(|_| format!("{name:?} is not a time zone name such as \"Europe/Madrid\", \"UTC\" or \"local\"")),
-        }
-    }
-
-    fn naive(self, t: i64) -> NaiveDateTime {
-        let utc = DateTime::<Utc>::from_timestamp(t, 0).unwrap_or_default();
-        match self {
-            Zone::Local => utc.with_timezone(&chrono::Local).naive_local(),
-            Zone::Named(tz) => utc.with_timezone(&tz).naive_local(),
-        }
-    }
-
-    /// The first instant at or after local time `n` (a DST gap moves it forward).
-    fn instant(self, n: NaiveDateTime) -> i64 {
-        for step in 0..4 {
-            let n = n + Duration::minutes(30 * step);
-            let r = match self {
-                Zone::Local => chrono::Local
-                    .from_local_datetime(&n)
-                    .earliest()
-                    .map(|d| d.timestamp()),
-                Zone::Named(tz) => tz.from_local_datetime(&n).earliest().map(|d| d.timestamp()),
-            };
-            if let Some(t) = r {
-                return t;
-            }
-        }
-        n.and_utc().timestamp()
-    }
-}
-
-fn midnight(d: NaiveDate) -> NaiveDateTime {
-    d.and_hms_opt(0, 0, 0).expect("midnight exists")
-}
+pub use valvula_calendar::{Period, Zone};
 
 /// `[start, end)` of the calendar period containing `now`, in `zone`.
 pub fn calendar_period(kind: WindowKind, zone: Zone, now: i64) -> (i64, i64) {
-    let local = zone.naive(now);
-    let d = local.date();
-    let (start, end) = match kind {
-        WindowKind::Hour => {
-            let s = d.and_hms_opt(local.hour(), 0, 0).expect("valid hour");
-            (s, s + Duration::hours(1))
-        }
-        WindowKind::Day => (midnight(d), midnight(d + Duration::days(1))),
-        WindowKind::Week => {
-            let monday = d - Duration::days(d.weekday().num_days_from_monday() as i64);
-            (midnight(monday), midnight(monday + Duration::days(7)))
-        }
-        WindowKind::Month => {
-            let first = d.with_day(1).expect("day 1");
-            let next = if first.month() == 12 {
-                NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)
-            } else {
-                NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)
-            }
-            .expect("next month");
-            (midnight(first), midnight(next))
-        }
+    let p = match kind {
+        WindowKind::Hour => Period::Hour,
+        WindowKind::Day => Period::Day,
+        WindowKind::Week => Period::Week,
+        WindowKind::Month => Period::Month,
         WindowKind::Sliding(_) => unreachable!("sliding windows have no calendar period"),
     };
-    (zone.instant(start), zone.instant(end))
+    zone.period(p, now)
 }
 
 /// For a sliding window at `now`: (bucket width, start of the current bucket, start of
@@ -217,59 +150,6 @@ pub fn sliding_reset(kind: WindowKind, bucket: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn utc(s: &str) -> i64 {
-        NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
-            .unwrap()
-            .and_utc()
-            .timestamp()
-    }
-
-    #[test]
-    fn calendar_periods_in_utc() {
-        let z = Zone::parse("UTC").unwrap();
-        let t = utc("2026-11-22 13:45:10"); // a Sunday
-        assert_eq!(
-            calendar_period(WindowKind::Hour, z, t),
-            (utc("2026-11-22 13:00:00"), utc("2026-11-22 14:00:00"))
-        );
-        assert_eq!(
-            calendar_period(WindowKind::Day, z, t),
-            (utc("2026-11-22 00:00:00"), utc("2026-11-23 00:00:00"))
-        );
-        assert_eq!(
-            calendar_period(WindowKind::Week, z, t),
-            (utc("2026-11-16 00:00:00"), utc("2026-11-23 00:00:00"))
-        );
-        assert_eq!(
-            calendar_period(WindowKind::Month, z, t),
-            (utc("2026-11-01 00:00:00"), utc("2026-12-01 00:00:00"))
-        );
-        let dec = utc("2026-12-31 23:59:59");
-        assert_eq!(
-            calendar_period(WindowKind::Month, z, dec),
-            (utc("2026-12-01 00:00:00"), utc("2027-01-01 00:00:00"))
-        );
-        // ISO week across a year end: 2027-01-01 is a Friday, its week starts 2026-12-28.
-        assert_eq!(
-            calendar_period(WindowKind::Week, z, utc("2027-01-01 10:00:00")).0,
-            utc("2026-12-28 00:00:00")
-        );
-    }
-
-    #[test]
-    fn calendar_periods_follow_the_zone_and_dst() {
-        let z = Zone::parse("Europe/Madrid").unwrap();
-        // 2026-03-29: clocks jump from 02:00 to 03:00 local (01:00 UTC); the day is 23 h.
-        let t = utc("2026-03-29 12:00:00");
-        let (s, e) = calendar_period(WindowKind::Day, z, t);
-        assert_eq!(s, utc("2026-03-28 23:00:00"));
-        assert_eq!(e - s, 23 * 3600);
-        // Local midnight, not UTC midnight: 23:30 UTC on the 22nd is the 23rd in Madrid.
-        let (s, _) = calendar_period(WindowKind::Day, z, utc("2026-11-22 23:30:00"));
-        assert_eq!(s, utc("2026-11-22 23:00:00"));
-        assert!(Zone::parse("Mars/Olympus").is_err());
-    }
 
     #[test]
     fn sliding_buckets() {
