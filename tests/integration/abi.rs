@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use valvula_tests::client::{Answer, Client, postfix_request};
 use valvula_tests::daemon::{parse_config, start};
-use valvula_tests::{cc_shared, fixture, module_path, repo_root};
+use valvula_tests::{cc_shared, fixture, module_path, module_tempdir, repo_root, valvulad_bin};
 use valvulad::host::{LoadError, ModuleSet};
 
 /// The host's ABI minor, as the header compiled into the fixtures says.
@@ -80,16 +80,24 @@ async fn start_loaded(cfg: valvulad::config::Config) -> (valvulad::server::Daemo
     start(cfg, modules).await
 }
 
+/// The errors loading `modules` gives, without the config keys they are reported at.
 fn load_errors(modules: &[&Path]) -> Vec<LoadError> {
     match ModuleSet::load(&config_for(modules, &[], ""), None, None) {
         Ok(_) => panic!("{modules:?} loaded but should not"),
-        Err(e) => e,
+        Err(e) => e.into_iter().map(uncover).collect(),
+    }
+}
+
+fn uncover(e: LoadError) -> LoadError {
+    match e {
+        LoadError::At { source, .. } => uncover(*source),
+        other => other,
     }
 }
 
 #[tokio::test]
 async fn c_module_answers_through_the_daemon() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = module_tempdir();
     let so = build(
         dir.path(),
         "examples/c/mod_example.c",
@@ -113,18 +121,21 @@ async fn c_module_answers_through_the_daemon() {
 
 #[test]
 fn each_load_error_is_specific() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = module_tempdir();
     let d = dir.path();
     let one = |src: &str| {
         let so = build(d, &format!("c/{src}.c"), &format!("{src}.so"), &[]);
-        let e = load_errors(&[&so]);
+        let e = match ModuleSet::load(&config_for(&[&so], &[], ""), None, None) {
+            Ok(_) => panic!("{so:?} loaded but should not"),
+            Err(e) => e,
+        };
         assert_eq!(e.len(), 1, "{e:?}");
         let text = e[0].to_string();
         assert!(
-            text.starts_with(&so.display().to_string()),
-            "error does not name the file: {text}"
+            text.starts_with(&format!("server.modules[0]: {}: ", so.display())),
+            "error does not name the key and the file: {text}"
         );
-        (e.into_iter().next().unwrap(), text)
+        (uncover(e.into_iter().next().unwrap()), text)
     };
 
     let (e, t) = one("no_symbol");
@@ -258,7 +269,7 @@ async fn sdk_module_panic_leaves_the_daemon_serving() {
 
 #[tokio::test]
 async fn hanging_c_module_is_timed_out() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = module_tempdir();
     let so = build(dir.path(), "c/hang.c", "hang.so", &[]);
     let cfg = config_for(&[&so], &["hang"], "");
     let (_d, a) = start_loaded(cfg).await;
@@ -310,4 +321,461 @@ async fn ticks_reach_modules_with_their_boundaries() {
     // No boundary crossed: no call.
     d.tick_between(t + 10, t + 20).await;
     assert!(c.ask(&ask).await.starts_with("action=info ticks=2 "));
+}
+
+// ---- Where modules are loaded from: the file checked is the file loaded, every directory
+// ---- above it is checked, relative paths follow the config file.
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
+}
+
+fn mkdir(p: &Path, mode: u32) -> PathBuf {
+    std::fs::create_dir(p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+    chmod(p, mode);
+    p.to_owned()
+}
+
+/// The stat-then-dlopen race: the path names a good module when checked and an
+/// attacker's module (world-writable, so refused by the checks) when loaded. The
+/// attacker's constructor must never run: every load gets the good module or a refusal.
+#[test]
+fn symlink_flip_never_runs_the_swapped_in_module() {
+    use nix::fcntl::{RenameFlags, renameat2};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = module_tempdir();
+    let d = dir.path();
+    let marker = d.join("evil-ran");
+    let good = build(d, "c/named.c", "good.so", &["FIXTURE_NAME=\"good\""]);
+    let evil = build(
+        d,
+        "c/marker.c",
+        "evil.so",
+        &[
+            "FIXTURE_NAME=\"evil\"",
+            &format!("MARKER={:?}", marker.display().to_string()),
+        ],
+    );
+    // Refused by the file checks, so only a swap after the check could load it.
+    chmod(&evil, 0o666);
+    let flips = mkdir(&d.join("flips"), 0o755);
+    let link = flips.join("module.so");
+    let spare = flips.join("spare.so");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    std::os::unix::fs::symlink(&evil, &spare).unwrap();
+    // Each attempt names the file differently, through its own link to the directory:
+    // glibc hands out a library already loaded under the same name without opening
+    // anything, which would hide the race after the first load. The detour through
+    // `s/..` many times widens the window between a check and a load by path (as a
+    // loaded machine would), so that a loader with one shows it within a few attempts.
+    let attempts = 2000;
+    mkdir(&flips.join("s"), 0o755);
+    let detour = "s/../".repeat(250);
+    let aliases = mkdir(&d.join("aliases"), 0o755);
+    let paths: Vec<PathBuf> = (0..attempts)
+        .map(|i| {
+            let via = aliases.join(format!("via{i}"));
+            std::os::unix::fs::symlink(&flips, &via).unwrap();
+            via.join(&detour).join("module.so")
+        })
+        .collect();
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (stop, link, spare) = (stop.clone(), link.clone(), spare.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // One atomic step: the two links trade places.
+                if renameat2(None, &link, None, &spare, RenameFlags::RENAME_EXCHANGE).is_err() {
+                    break;
+                }
+                flips += 1;
+            }
+            flips
+        })
+    };
+    let (mut loaded, mut refused) = (0, 0);
+    for (i, path) in paths.iter().enumerate() {
+        let result = valvulad::host::open(path);
+        assert!(
+            !marker.exists(),
+            "the evil module's constructor ran (attempt {i}: {loaded} good loads, {refused} refusals before)"
+        );
+        match result {
+            Ok(o) => {
+                assert_eq!(o.name, "good", "attempt {i} loaded {:?}", o.path);
+                loaded += 1;
+            }
+            Err(e) => {
+                let e = uncover(e);
+                assert!(
+                    matches!(&e, LoadError::Writable { mode: 0o666, file, .. } if file == &evil),
+                    "attempt {i}: neither the good module nor a refusal of the evil one: {e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    // Both outcomes, many times: the race was really run.
+    assert!(
+        loaded >= 50 && refused >= 50,
+        "the race did not run: {loaded} good loads, {refused} refusals, {flips} flips"
+    );
+    assert!(!marker.exists(), "the evil module's constructor ran");
+}
+
+/// A module below a directory others can write to (world-writable, sticky like /tmp,
+/// group-writable, or owned by another user) is refused, naming that directory, its
+/// owner and mode, and what to do; symbolic links are followed, and their targets'
+/// directories checked too.
+#[test]
+fn module_below_a_directory_others_control_is_refused() {
+    let dir = module_tempdir();
+    let base = dir.path();
+    let trusted = mkdir(&base.join("trusted"), 0o755);
+    let good = build(&trusted, "c/named.c", "good.so", &["FIXTURE_NAME=\"good\""]);
+    let refused = |so: &Path, dir: &Path, mode: u32| {
+        let e = load_errors(&[so]);
+        assert!(
+            matches!(&e[..], [LoadError::DirWritable { dir: d, mode: m, .. }] if d == dir && *m == mode),
+            "{} below {} (mode {mode:o}): {e:?}",
+            so.display(),
+            dir.display()
+        );
+        let text = e[0].to_string();
+        for want in [
+            &so.display().to_string(),
+            &dir.display().to_string(),
+            &format!("mode {mode:04o}"),
+            "owner root",
+            &format!("chmod go-w {}", dir.display()),
+        ] {
+            assert!(text.contains(want), "{want:?} missing: {text}");
+        }
+        text
+    };
+    for (name, mode) in [("world", 0o777), ("sticky", 0o1777)] {
+        let d = mkdir(&base.join(name), mode);
+        let so = build(
+            &d,
+            "c/named.c",
+            "m.so",
+            &[&format!("FIXTURE_NAME=\"{name}\"")],
+        );
+        let text = refused(&so, &d, mode);
+        assert_eq!(
+            text.contains("sticky bit"),
+            mode & 0o1000 != 0,
+            "the sticky bit is explained when set: {text}"
+        );
+        // Through a symbolic link in a safe directory, or `..` from one: still refused.
+        let link = trusted.join(format!("{name}-link.so"));
+        std::os::unix::fs::symlink(&so, &link).unwrap();
+        refused(&link, &d, mode);
+        refused(&trusted.join("..").join(name).join("m.so"), &d, mode);
+    }
+    // A group-writable directory higher up (a group such as `valvula` could swap it).
+    let group = mkdir(&base.join("group"), 0o775);
+    let sub = mkdir(&group.join("sub"), 0o755);
+    let so = build(&sub, "c/named.c", "m.so", &["FIXTURE_NAME=\"group\""]);
+    refused(&so, &group, 0o775);
+    // The system's temporary directory (mode 1777 on any usual system).
+    let tmp = std::fs::canonicalize(std::env::temp_dir()).unwrap();
+    {
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(&tmp).unwrap().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            let t = tempfile::tempdir_in(&tmp).unwrap();
+            chmod(t.path(), 0o755);
+            let so = build(t.path(), "c/named.c", "m.so", &["FIXTURE_NAME=\"tmp\""]);
+            let e = load_errors(&[&so]);
+            assert!(
+                matches!(&e[..], [LoadError::DirWritable { dir, .. }] if dir == &tmp),
+                "{e:?}"
+            );
+        }
+    }
+    // A directory owned by another user (its owner could swap the module).
+    if nix::unistd::geteuid().is_root() {
+        let foreign = mkdir(&base.join("foreign"), 0o755);
+        let so = build(&foreign, "c/named.c", "m.so", &["FIXTURE_NAME=\"foreign\""]);
+        std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+        let e = load_errors(&[&so]);
+        assert!(
+            matches!(&e[..], [LoadError::DirOwner { dir, uid: 65534, mode: 0o755, .. }] if dir == &foreign),
+            "{e:?}"
+        );
+        let text = e[0].to_string();
+        assert!(
+            text.contains(&foreign.display().to_string())
+                && text.contains("uid 65534")
+                && text.contains("not by root")
+                && text.contains("chown root"),
+            "{text}"
+        );
+    }
+    // What operators do: a symlink in a safe directory to a module in another safe one.
+    let enabled = mkdir(&base.join("enabled"), 0o755);
+    let link = enabled.join("good.so");
+    std::os::unix::fs::symlink("../trusted/good.so", &link).unwrap();
+    let (set, _) = ModuleSet::load(&config_for(&[&link], &[], ""), None, None)
+        .unwrap_or_else(|e| panic!("a symlink to a safe module is refused: {e:?}"));
+    assert_eq!(set.order, ["good"]);
+    // The same file by two names is one module given twice.
+    let e = load_errors(&[&link, &good]);
+    assert!(
+        matches!(&e[..], [LoadError::Duplicate { name, first, second }] if name == "good" && first == &good && second == &good),
+        "{e:?}"
+    );
+}
+
+/// A daemon reload checks every file again, and never loads a file that replaced a
+/// loaded module (it cannot be unloaded): the loaded module stays.
+#[test]
+fn reload_checks_again_and_keeps_a_replaced_module() {
+    let dir = module_tempdir();
+    let d = mkdir(&dir.path().join("mods"), 0o755);
+    let so = build(&d, "c/named.c", "swap.so", &["FIXTURE_NAME=\"swap\""]);
+    let cfg = config_for(&[&so], &[], "");
+    let (first, _) = ModuleSet::load(&cfg, None, None).unwrap_or_else(|e| panic!("{e:?}"));
+    // The directory became world-writable: the reload says so, as a restart would.
+    chmod(&d, 0o777);
+    match ModuleSet::load(&cfg, Some(&first), None) {
+        Ok(_) => panic!("a reload accepted a module in a world-writable directory"),
+        Err(e) => {
+            let e: Vec<_> = e.into_iter().map(uncover).collect();
+            assert!(
+                matches!(&e[..], [LoadError::DirWritable { dir, .. }] if dir == &d),
+                "{e:?}"
+            );
+        }
+    }
+    chmod(&d, 0o755);
+    // A new build put in its place: the loaded one is kept, the new one never runs.
+    let marker = dir.path().join("replacement-ran");
+    let new = build(
+        &d,
+        "c/marker.c",
+        "swap.so.new",
+        &[
+            "FIXTURE_NAME=\"swap\"",
+            &format!("MARKER={:?}", marker.display().to_string()),
+        ],
+    );
+    std::fs::rename(&new, &so).unwrap();
+    let (second, reused) =
+        ModuleSet::load(&cfg, Some(&first), None).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(reused, ["swap"]);
+    assert_eq!(second.order, ["swap"]);
+    assert!(
+        !marker.exists(),
+        "the replacement was loaded into the running daemon"
+    );
+}
+
+/// A chain may name a module by its file: it is loaded and answers.
+#[tokio::test]
+async fn chain_entry_with_a_path_answers() {
+    let dir = module_tempdir();
+    let so = build(
+        dir.path(),
+        "examples/c/mod_example.c",
+        "mod_example.so",
+        &[],
+    );
+    let cfg = parse_config(&format!(
+        "[[listener]]\nname=\"l\"\naddress=\"127.0.0.1:0\"\nmodules=[{:?}]\n\
+         [module.mod-example]\nblocked_sender = \"spammer@example.com\"\n",
+        so.display().to_string()
+    ));
+    let (modules, _) = ModuleSet::load(&cfg, None, None).unwrap_or_else(|e| panic!("{e:?}"));
+    let chain_errors = valvulad::host::check_chains(&cfg, &modules);
+    assert!(chain_errors.is_empty(), "{chain_errors:?}");
+    let (_d, a) = start(cfg, modules).await;
+    let mut c = Client::connect(&a[0]).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[("sender", "spammer@example.com")]))
+            .await,
+        "action=reject sender blocked by mod-example\n\n"
+    );
+}
+
+/// Runs `valvulad -t -c config` from `cwd`; returns (exit code, stdout + stderr).
+fn check_from(cwd: &Path, config: &Path) -> (i32, String) {
+    let o = Command::new(valvulad_bin())
+        .arg("-t")
+        .arg("-c")
+        .arg(config)
+        .current_dir(cwd)
+        .output()
+        .expect("run valvulad -t");
+    (
+        o.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Relative `module_dirs` and module paths are relative to the config file, not to the
+/// directory the daemon happens to be started from.
+#[test]
+fn relative_module_paths_follow_the_config_file() {
+    let dir = module_tempdir();
+    let etc = mkdir(&dir.path().join("etc"), 0o755);
+    let mods = mkdir(&dir.path().join("mods"), 0o755);
+    build(&mods, "c/named.c", "rel.so", &["FIXTURE_NAME=\"rel\""]);
+    build(
+        &mods,
+        "c/named.c",
+        "bypath.so",
+        &["FIXTURE_NAME=\"bypath\""],
+    );
+    let config = etc.join("valvulad.toml");
+    let write = |server: &str, chain: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\n{server}\nadmin_socket = \"\"\n[storage]\npath = \"v.db\"\n\
+                 [[listener]]\naddress = \"127.0.0.1:0\"\nmodules = [{chain}]\n"
+            ),
+        )
+        .unwrap();
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    // By name, in a directory given relative to the config file.
+    write("module_dirs = [\"../mods\"]", "\"rel\"");
+    let (code, out) = check_from(elsewhere.path(), &config);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 module(s) loaded"), "{out}");
+    // By path, in server.modules and in a chain.
+    write(
+        "module_dirs = []\nmodules = [\"../mods/bypath.so\"]",
+        "\"bypath\"",
+    );
+    let (code, out) = check_from(elsewhere.path(), &config);
+    assert_eq!(code, 0, "{out}");
+    write("module_dirs = []", "\"../mods/bypath.so\"");
+    let (code, out) = check_from(elsewhere.path(), &config);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 module(s) loaded"), "{out}");
+    // And the config's own directory, found relative to where valvulad starts.
+    let (code, out) = check_from(dir.path(), Path::new("etc/valvulad.toml"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 module(s) loaded"), "{out}");
+}
+
+/// The ready configuration finds the workspace's modules wherever valvulad is started
+/// from, as the README runs it (`./target/debug/valvulad -c etc/valvulad.toml`).
+#[test]
+fn ready_config_finds_the_workspace_modules() {
+    let dir = module_tempdir();
+    let etc = mkdir(&dir.path().join("etc"), 0o755);
+    std::fs::copy(
+        repo_root().join("etc/valvulad.toml"),
+        etc.join("valvulad.toml"),
+    )
+    .unwrap();
+    let target = valvula_tests::target_dir();
+    std::os::unix::fs::symlink(target.parent().unwrap(), dir.path().join("target")).unwrap();
+    for (cwd, config) in [
+        (dir.path(), PathBuf::from("etc/valvulad.toml")),
+        (Path::new("/"), etc.join("valvulad.toml")),
+    ] {
+        let (code, out) = check_from(cwd, &config);
+        assert_eq!(code, 0, "from {}: {out}", cwd.display());
+        assert!(out.contains("1 module(s) loaded"), "{out}");
+    }
+}
+
+/// `valvulad -t` refuses a module below a world-writable directory, naming the config
+/// key, the module, the directory with its owner and mode, and the fix.
+#[test]
+fn check_mode_names_the_key_and_the_directory() {
+    let dir = module_tempdir();
+    let world = mkdir(&dir.path().join("world"), 0o777);
+    build(&world, "c/named.c", "w.so", &["FIXTURE_NAME=\"w\""]);
+    let config = dir.path().join("valvulad.toml");
+    std::fs::write(
+        &config,
+        "[server]\nmodule_dirs = [\"world\"]\nadmin_socket = \"\"\n[storage]\npath = \"v.db\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nmodules = [\"w\"]\n",
+    )
+    .unwrap();
+    let (code, out) = check_from(Path::new("/"), &config);
+    assert_eq!(code, 1, "{out}");
+    for want in [
+        "listener[0].modules[0]: ",
+        &world.join("w.so").display().to_string(),
+        &format!("the directory {} (owner root, mode 0777)", world.display()),
+        &format!("chmod go-w {}", world.display()),
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+}
+
+/// After dropping privileges, a reload still loads new modules (through the checked
+/// descriptor), and keeps a module whose file was replaced, saying so.
+#[tokio::test]
+async fn reload_as_the_daemon_user_loads_through_the_checked_descriptor() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let dir = module_tempdir();
+    let mods = mkdir(&dir.path().join("mods"), 0o755);
+    let data = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(data.path(), Some(65534), Some(65534)).unwrap();
+    let first = build(&mods, "c/named.c", "first.so", &["FIXTURE_NAME=\"first\""]);
+    build(&mods, "examples/c/mod_example.c", "mod-example.so", &[]);
+    let config = |chain: &str| {
+        format!(
+            "[server]\nuser = \"nobody\"\ngroup = \"nogroup\"\nmodule_dirs = [{:?}]\n\
+             admin_socket = \"{{dir}}/admin.sock\"\n\
+             [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [{chain}]\n\
+             [module.mod-example]\nblocked_sender = \"spammer@example.com\"\n\
+             [storage]\npath = \"{}/v.db\"\n",
+            mods.display().to_string(),
+            data.path().display()
+        )
+    };
+    let p = valvula_tests::daemon::Proc::start(&config("\"first\""), &[]);
+    let marker = dir.path().join("replacement-ran");
+    let new = build(
+        &mods,
+        "c/marker.c",
+        "first.so.new",
+        &[
+            "FIXTURE_NAME=\"first\"",
+            &format!("MARKER={:?}", marker.display().to_string()),
+        ],
+    );
+    std::fs::rename(&new, &first).unwrap();
+    p.rewrite_config(&config("\"first\", \"mod-example\""));
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        p.wait_for_log("configuration reloaded", Duration::from_secs(20)),
+        "{}",
+        p.log()
+    );
+    assert!(
+        p.log().contains("replaced since it was loaded"),
+        "{}",
+        p.log()
+    );
+    assert!(!marker.exists(), "the replacement was loaded");
+    let mut c = Client::connect(&p.addrs()[0]).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[("sender", "spammer@example.com")]))
+            .await,
+        "action=reject sender blocked by mod-example\n\n",
+        "{}",
+        p.log()
+    );
 }

@@ -75,6 +75,25 @@ pub fn cc_shared(sources: &[&Path], out: &Path, defines: &[&str]) {
     );
 }
 
+/// A temporary directory the daemon accepts modules from: under `target/`, mode 0755.
+/// The system's temporary directory (`/tmp`, mode 1777) is refused, as any directory
+/// others can write to: they could put their own code in a module's place.
+pub fn module_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let base = target_dir()
+        .parent()
+        .expect("target dir")
+        .join("module-tests");
+    std::fs::create_dir_all(&base).expect("create target/module-tests");
+    let dir = tempfile::Builder::new()
+        .prefix("modules-")
+        .tempdir_in(&base)
+        .expect("tempdir under target/module-tests");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 0755");
+    dir
+}
+
 /// Path of a fixture under tests/fixtures.
 pub fn fixture(rel: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(rel)

@@ -556,6 +556,47 @@ impl Walker {
         }
     }
 
+    /// A path as the config file means it: relative to the file's directory, never to
+    /// whatever directory the daemon was started from (a module loaded from there would
+    /// be whatever that directory holds).
+    fn relative_to_config(&self, path: &str) -> PathBuf {
+        if Path::new(path).is_relative() {
+            self.base.join(path)
+        } else {
+            PathBuf::from(path)
+        }
+    }
+
+    /// Module entries: a name stays a name (searched in `module_dirs`); one with a `/` is
+    /// a file, relative to the config file's directory.
+    fn module_entries(&mut self, t: &Table, path: &str, key: &str) -> Option<Vec<String>> {
+        let entries = self.strings(t, path, key)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            if !entry.contains('/') {
+                out.push(entry);
+                continue;
+            }
+            match self
+                .relative_to_config(&entry)
+                .into_os_string()
+                .into_string()
+            {
+                Ok(file) => out.push(file),
+                Err(_) => {
+                    self.err(
+                        &format!("{}[{i}]", join(path, key)),
+                        format!(
+                            "{entry:?} is relative to the config file's directory, whose name is not UTF-8; give the module's absolute path"
+                        ),
+                    );
+                    out.push(entry);
+                }
+            }
+        }
+        Some(out)
+    }
+
     fn server(&mut self, t: &Table) -> ServerConfig {
         let p = "server";
         self.unknown_keys(
@@ -615,9 +656,9 @@ impl Walker {
             group,
             module_dirs: self
                 .strings(t, p, "module_dirs")
-                .map(|v| v.into_iter().map(PathBuf::from).collect())
+                .map(|v| v.iter().map(|d| self.relative_to_config(d)).collect())
                 .unwrap_or_else(|| vec![PathBuf::from(DEFAULT_MODULE_DIR)]),
-            modules: self.strings(t, p, "modules"),
+            modules: self.module_entries(t, p, "modules"),
             module_timeout: self
                 .duration(t, p, "module_timeout")
                 .unwrap_or(Duration::from_secs(5)),
@@ -745,7 +786,7 @@ impl Walker {
                 }
             },
         };
-        let modules = self.strings(t, p, "modules").unwrap_or_default();
+        let modules = self.module_entries(t, p, "modules").unwrap_or_default();
         let on_error = match self.string(t, p, "on_error").as_deref() {
             None | Some("dunno") => OnError::Dunno,
             Some("defer") => OnError::Defer,
@@ -1019,6 +1060,40 @@ modules = ["x"]
         assert_eq!(
             l.config.module_sections["mod-test"]["action"].as_str(),
             Some("reject")
+        );
+    }
+
+    #[test]
+    fn module_paths_are_relative_to_the_config_file() {
+        let l = parse(
+            "[server]\nmodule_dirs = [\"../target/debug\", \"/usr/lib/valvulad/modules\", \"mods\"]\n\
+             modules = [\"mod-ticket\", \"./x.so\", \"/abs/y.so\"]\n\
+             [[listener]]\naddress = \"3579\"\nmodules = [\"mod-ticket\", \"../z.so\"]\n",
+            Path::new("/srv/valvula/etc/valvulad.toml"),
+        )
+        .unwrap();
+        let s = &l.config.server;
+        assert_eq!(
+            s.module_dirs,
+            [
+                PathBuf::from("/srv/valvula/etc/../target/debug"),
+                PathBuf::from("/usr/lib/valvulad/modules"),
+                PathBuf::from("/srv/valvula/etc/mods"),
+            ]
+        );
+        assert_eq!(
+            s.modules.as_deref(),
+            Some(
+                &[
+                    "mod-ticket".to_owned(),
+                    "/srv/valvula/etc/./x.so".to_owned(),
+                    "/abs/y.so".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(
+            l.config.listeners[0].modules,
+            ["mod-ticket", "/srv/valvula/etc/../z.so"]
         );
     }
 }

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, c_void};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,7 +20,9 @@ use crate::config::Config;
 use crate::dispatch::{DispatchSettings, Dispatcher, Handler, HandlerError};
 use crate::store::Store;
 
+mod file;
 mod storage;
+pub use file::Trust;
 use storage::*;
 
 /// When not `i64::MIN`: the host clock stands still at this time.
@@ -47,30 +48,81 @@ pub fn freeze_clock(at: Option<i64>) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("module {name:?}: no {candidates} in {dirs}")]
+    /// A load error of the entry at `key` (`server.modules[0]`, `listener[1].modules[0]`).
+    #[error("{key}: {source}")]
+    At {
+        key: String,
+        #[source]
+        source: Box<LoadError>,
+    },
+    #[error(
+        "module {name:?}: no {candidates} in {dirs} (install it there, or add its directory to server.module_dirs)"
+    )]
     NotFound {
         name: String,
         candidates: String,
         dirs: String,
     },
-    #[error("{path}: {source}")]
-    Io {
+    #[error("{path}: cannot open {at}: {source}")]
+    Walk {
         path: PathBuf,
+        /// The component that failed, symbolic links resolved.
+        at: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a regular file")]
-    NotAFile { path: PathBuf },
+    #[error("{path}: refused: {file} is a {kind}, not a regular file")]
+    NotAFile {
+        path: PathBuf,
+        file: PathBuf,
+        kind: &'static str,
+    },
     #[error(
-        "{path}: refused: the file is group- or world-writable (mode {mode:04o}); a module runs inside the daemon, so only its owner may change it"
+        "{path}: refused: the file {file} (owner {}, mode {mode:04o}) is group- or world-writable; a module runs inside the daemon, so only its owner may change it: chmod go-w {file}",
+        file::owner(*.uid)
     )]
-    Writable { path: PathBuf, mode: u32 },
+    Writable {
+        path: PathBuf,
+        /// The file, symbolic links resolved.
+        file: PathBuf,
+        uid: u32,
+        mode: u32,
+    },
     #[error(
-        "{path}: refused: owned by uid {uid}, not by root or the daemon's user (uid {daemon_uid})"
+        "{path}: refused: the file {file} is owned by {} (mode {mode:04o}), not by {trusted}, who alone may change the daemon's code: chown root {file}",
+        file::owner(*.uid)
     )]
     Owner {
         path: PathBuf,
+        file: PathBuf,
         uid: u32,
-        daemon_uid: u32,
+        mode: u32,
+        /// Who may own it, as words.
+        trusted: String,
+    },
+    #[error(
+        "{path}: refused: the directory {dir} (owner {}, mode {mode:04o}) is group- or world-writable{}, so others can put their own code in the module's place: chmod go-w {dir}, or install the module in a directory only root can write, such as {}",
+        file::owner(*.uid),
+        if *.mode & 0o1000 != 0 { " (the sticky bit does not stop others adding files)" } else { "" },
+        crate::config::DEFAULT_MODULE_DIR
+    )]
+    DirWritable {
+        path: PathBuf,
+        /// The directory, symbolic links resolved.
+        dir: PathBuf,
+        uid: u32,
+        mode: u32,
+    },
+    #[error(
+        "{path}: refused: the directory {dir} is owned by {} (mode {mode:04o}), not by {trusted}, and its owner can put other code in the module's place: chown root {dir}, or install the module elsewhere, such as {}",
+        file::owner(*.uid),
+        crate::config::DEFAULT_MODULE_DIR
+    )]
+    DirOwner {
+        path: PathBuf,
+        dir: PathBuf,
+        uid: u32,
+        mode: u32,
+        trusted: String,
     },
     #[error("{path}: cannot be loaded: {error}")]
     Open { path: PathBuf, error: String },
@@ -140,7 +192,18 @@ pub enum LoadError {
     },
 }
 
-/// The file a module entry (`mod-ticket` or a path) refers to.
+impl LoadError {
+    /// The error itself, without the config key it was reported at.
+    pub fn cause(&self) -> &LoadError {
+        match self {
+            LoadError::At { source, .. } => source.cause(),
+            other => other,
+        }
+    }
+}
+
+/// The file a module entry (`mod-ticket` or a path) refers to. Only finds it: every check
+/// is made by [`open`], on the file it opens.
 pub fn resolve(entry: &str, dirs: &[PathBuf]) -> Result<PathBuf, LoadError> {
     if entry.contains('/') {
         return Ok(PathBuf::from(entry));
@@ -434,40 +497,36 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// Checks the file, loads it and checks its definition. Runs no module function (other
-/// than the library's own constructors, which dlopen runs).
+/// than the library's own constructors, which dlopen runs). Trusts root and the user the
+/// daemon runs as (see [`open_with`]).
 pub fn open(path: &Path) -> Result<Opened, LoadError> {
-    let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(LoadError::NotAFile {
-            path: path.to_owned(),
-        });
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(LoadError::Writable {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let daemon_uid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != daemon_uid {
-        return Err(LoadError::Owner {
-            path: path.to_owned(),
-            uid: meta.uid(),
-            daemon_uid,
-        });
-    }
+    open_with(path, &Trust::new(None))
+}
+
+/// [`open`], trusting `trust` to own the file and every directory above it.
+pub fn open_with(path: &Path, trust: &Trust) -> Result<Opened, LoadError> {
+    let checked = file::open_checked(path, trust)?;
+    load_checked(path, checked)
+}
+
+/// Loads the file `checked` holds open (never a path that could have changed since the
+/// checks) and checks its definition.
+fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened, LoadError> {
     let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
-    // SAFETY: loading runs the library's constructors. That is the trust an operator
-    // grants by installing a module file owned by root with a safe mode (checked above).
-    let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }.map_err(|e| {
-        LoadError::Open {
-            path: path.to_owned(),
-            error: e.to_string(),
-        }
+    let lib = file::load_checked(checked, |name| {
+        // SAFETY: loading runs the library's constructors. That is the trust an operator
+        // grants by installing a module file that root or the daemon's user owns, in
+        // directories only they can write: `name` is the descriptor open_checked checked.
+        unsafe { libloading::os::unix::Library::open(Some(name), flags) }.map_err(|e| {
+            let mut error = e.to_string().replace(name, &path.display().to_string());
+            if !Path::new("/proc/self/fd").is_dir() {
+                error.push_str(" (valvulad loads modules through /proc/self/fd: mount /proc)");
+            }
+            LoadError::Open {
+                path: path.to_owned(),
+                error,
+            }
+        })
     })?;
     // SAFETY: we only take the symbol's address; nothing is read through it yet.
     let sym = unsafe { lib.get::<*const vlv_module_def>(abi::VLV_MODULE_SYMBOL) };
@@ -714,8 +773,12 @@ impl Handler for LoadedModule {
 #[derive(Default, Clone)]
 pub struct ModuleSet {
     pub by_name: HashMap<String, Arc<Dispatcher>>,
-    /// Canonical path of each loaded file, so a reload reuses what is loaded.
-    paths: HashMap<PathBuf, String>,
+    /// Each loaded file, by identity (device, inode): its path with symbolic links
+    /// resolved, and the module it holds. A reload reuses what is loaded.
+    files: HashMap<file::FileId, (PathBuf, String)>,
+    /// Entries that name a file (they contain a `/`): the module each one loaded, so a
+    /// chain may name a module by its file.
+    entries: HashMap<String, String>,
     pub order: Vec<String>,
 }
 
@@ -738,16 +801,28 @@ pub fn dispatch_settings(c: &Config) -> DispatchSettings {
 
 /// The module entries a config asks for: `server.modules`, or every module a chain names.
 pub fn wanted(c: &Config) -> Vec<String> {
+    wanted_at(c).into_iter().map(|(_, entry)| entry).collect()
+}
+
+/// [`wanted`], each entry with the key it is first given at.
+fn wanted_at(c: &Config) -> Vec<(String, String)> {
     if let Some(m) = &c.server.modules {
-        return m.clone();
+        return m
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("server.modules[{i}]"), m.clone()))
+            .collect();
     }
     let mut seen = HashSet::new();
-    c.listeners
-        .iter()
-        .flat_map(|l| l.modules.iter())
-        .filter(|m| seen.insert((*m).clone()))
-        .cloned()
-        .collect()
+    let mut out = Vec::new();
+    for (i, l) in c.listeners.iter().enumerate() {
+        for (j, m) in l.modules.iter().enumerate() {
+            if seen.insert(m.clone()) {
+                out.push((format!("listener[{i}].modules[{j}]"), m.clone()));
+            }
+        }
+    }
+    out
 }
 
 impl ModuleSet {
@@ -763,60 +838,87 @@ impl ModuleSet {
     }
 
     /// Loads what `config` asks for. Modules already in `previous` (same file) are
-    /// reused; the caller runs their `reconf`. Returns every error, not just the first.
+    /// reused; the caller runs their `reconf`. Every file and directory is checked again
+    /// either way: a reload reports what a restart would refuse. Returns every error, not
+    /// just the first, each with the config key of its entry.
     pub fn load(
         config: &Config,
         previous: Option<&ModuleSet>,
         store: Option<Arc<Store>>,
     ) -> Result<(ModuleSet, Vec<String>), Vec<LoadError>> {
         let settings = dispatch_settings(config);
+        let trust = Trust::new(config.server.user.as_deref());
         let mut set = ModuleSet::default();
         let mut reused = Vec::new();
         let mut errors = Vec::new();
         let empty = toml::Table::new();
-        for entry in wanted(config) {
+        for (key, entry) in wanted_at(config) {
+            let at = |e: LoadError| LoadError::At {
+                key: key.clone(),
+                source: Box::new(e),
+            };
             let path = match resolve(&entry, &config.server.module_dirs) {
                 Ok(p) => p,
                 Err(e) => {
-                    errors.push(e);
+                    errors.push(at(e));
                     continue;
                 }
             };
-            let canon = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-            if let Some(prev) = previous
-                && let Some(name) = prev.paths.get(&canon)
-            {
-                let d = prev.by_name[name].clone();
-                d.update_settings(settings);
-                set.paths.insert(canon, name.clone());
-                set.order.push(name.clone());
-                set.by_name.insert(name.clone(), d);
-                reused.push(name.clone());
+            let checked = match file::open_checked(&path, &trust) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(at(e));
+                    continue;
+                }
+            };
+            // The same file through another entry (a name and a path, a symlink): one
+            // module, given twice.
+            if let Some((first, name)) = set.files.get(&checked.id) {
+                errors.push(at(LoadError::Duplicate {
+                    name: name.clone(),
+                    first: first.clone(),
+                    second: path,
+                }));
                 continue;
             }
-            let opened = match open(&path) {
+            if let Some(prev) = previous
+                && let Some((id, name)) = prev.loaded_as(&checked)
+            {
+                let d = prev.by_name[&name].clone();
+                d.update_settings(settings);
+                set.files.insert(id, (checked.real.clone(), name.clone()));
+                if entry.contains('/') {
+                    set.entries.insert(entry.clone(), name.clone());
+                }
+                set.order.push(name.clone());
+                set.by_name.insert(name.clone(), d);
+                reused.push(name);
+                continue;
+            }
+            let (id, real) = (checked.id, checked.real.clone());
+            let opened = match load_checked(&path, checked) {
                 Ok(o) => o,
                 Err(e) => {
-                    errors.push(e);
+                    errors.push(at(e));
                     continue;
                 }
             };
-            if let Some(first) = set
-                .paths
-                .iter()
-                .find(|(_, n)| **n == opened.name)
-                .map(|(p, _)| p.clone())
-                .or_else(|| {
-                    previous
-                        .and_then(|p| p.by_name.get(&opened.name))
-                        .map(|d| d.name().into())
+            let taken = |s: &ModuleSet| {
+                s.files
+                    .values()
+                    .find(|(_, n)| *n == opened.name)
+                    .map(|(p, _)| p.clone())
+            };
+            if let Some(first) = taken(&set).or_else(|| {
+                previous.and_then(|p| {
+                    taken(p).or_else(|| p.by_name.get(&opened.name).map(|d| d.name().into()))
                 })
-            {
-                errors.push(LoadError::Duplicate {
+            }) {
+                errors.push(at(LoadError::Duplicate {
                     name: opened.name,
                     first,
                     second: path,
-                });
+                }));
                 continue;
             }
             let section = config.module_sections.get(&opened.name).unwrap_or(&empty);
@@ -827,14 +929,18 @@ impl ModuleSet {
                         module = %name,
                         version = m.version(),
                         path = %m.path().display(),
+                        file = %real.display(),
                         "module loaded"
                     );
-                    set.paths.insert(canon, name.clone());
+                    set.files.insert(id, (real, name.clone()));
+                    if entry.contains('/') {
+                        set.entries.insert(entry.clone(), name.clone());
+                    }
                     set.order.push(name.clone());
                     set.by_name
                         .insert(name, Dispatcher::new(Arc::new(m), settings));
                 }
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(at(e)),
             }
         }
         if errors.is_empty() {
@@ -844,8 +950,31 @@ impl ModuleSet {
         }
     }
 
+    /// The loaded module `checked` is, and the identity to remember it by: the same file,
+    /// or a file that replaced the loaded one at the same place since. A module cannot be
+    /// unloaded, so the replacement runs only after a restart (said loudly here); loading
+    /// it now would run its constructors for nothing, its name being taken.
+    fn loaded_as(&self, checked: &file::Checked) -> Option<(file::FileId, String)> {
+        if let Some((_, name)) = self.files.get(&checked.id) {
+            return Some((checked.id, name.clone()));
+        }
+        let (id, (_, name)) = self
+            .files
+            .iter()
+            .find(|(_, (real, _))| *real == checked.real)?;
+        tracing::warn!(
+            module = %name,
+            file = %checked.real.display(),
+            "the module file was replaced since it was loaded; the loaded version keeps running until valvulad restarts"
+        );
+        Some((*id, name.clone()))
+    }
+
+    /// A module by name, or by the file entry (with a `/`) that loaded it.
     pub fn get(&self, name: &str) -> Option<&Arc<Dispatcher>> {
-        self.by_name.get(name)
+        self.by_name
+            .get(name)
+            .or_else(|| self.entries.get(name).and_then(|n| self.by_name.get(n)))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Dispatcher>> {
