@@ -432,7 +432,10 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             text,
         } => {
             check_limits(limits)?;
+            // As mod-ratelimit stores identities: lower case, and bounded (a longer one
+            // is a prefix and a digest of the whole).
             let identity = identity.to_ascii_lowercase();
+            let identity = valvula_module::bounded(&identity, 255).into_owned();
             let params = |with_key: bool| {
                 let mut p: Vec<Value> = vec![
                     limits.as_str().into(),
@@ -482,10 +485,16 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             Ok(())
         }
         OverrideCmd::Remove { policy, identity } => {
+            // The row is the override: without it the configured rule applies.
             let n = x(
                 s,
-                "UPDATE ratelimit_override SET limits = NULL, action = NULL, text = NULL, persist = 0 WHERE policy = ? AND identity = ?",
-                vec![policy.as_str().into(), identity.to_ascii_lowercase().into()],
+                "DELETE FROM ratelimit_override WHERE policy = ? AND identity = ?",
+                vec![
+                    policy.as_str().into(),
+                    valvula_module::bounded(&identity.to_ascii_lowercase(), 255)
+                        .into_owned()
+                        .into(),
+                ],
             )?;
             if n == 0 {
                 bail!("no override for {identity} in policy {policy}");
@@ -690,14 +699,7 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn calendar_end(s: &Store, kind: WindowKind, now: i64) -> i64 {
-    s.peek(
-        "valvula-ctl",
-        "calendar",
-        0,
-        &[Window { kind, limit: -1 }],
-        now,
-    )
-    .map_or(now, |c| c.windows[0].resets_at)
+    valvulad::store::window::calendar_period(kind, s.zone(), now).1
 }
 
 fn line(name: &str, used: i64, limit: i64, reset: Option<i64>) -> String {

@@ -385,6 +385,17 @@ pub fn settings(c: Config) -> Result<Settings, Error> {
                 .map_err(|_| format!("exempt_networks: {n:?} is not a network"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if c
+        .recipient_delimiter
+        .chars()
+        .any(|ch| ch == '@' || ch.is_whitespace() || ch.is_control())
+    {
+        return Err(format!(
+            "recipient_delimiter {:?}: delimiter characters such as \"+\" or \"+-\" (not @, spaces or control characters)",
+            c.recipient_delimiter
+        )
+        .into());
+    }
     let accounting_period = match c.accounting_period.as_str() {
         "day" => WindowKind::Day,
         "week" => WindowKind::Week,
