@@ -1315,3 +1315,38 @@ fn import_output_never_follows_a_link() {
     assert!(err.contains("exists; not overwritten"), "{err}");
     assert!(!dangling.exists(), "the dangling link was followed");
 }
+
+/// valvulad.toml kept as a symbolic link (to a file in the same directory) stays a link:
+/// the edit goes to the real file. A link out of the directory is refused.
+#[test]
+fn a_symlinked_config_stays_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = config_file(dir.path(), "");
+    let versioned = dir.path().join("valvulad-v2.toml");
+    std::fs::rename(&real, &versioned).unwrap();
+    std::os::unix::fs::symlink("valvulad-v2.toml", &real).unwrap();
+    let (code, out, err) = ctl(&["--config", &real, "-a", "3700"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let link = std::fs::symlink_metadata(&real).unwrap();
+    assert!(
+        link.file_type().is_symlink(),
+        "{real} was replaced by a regular file"
+    );
+    let text = std::fs::read_to_string(&versioned).unwrap();
+    assert!(text.contains("127.0.0.1:3700"), "the real file:\n{text}");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("valvulad.toml");
+    std::fs::copy(&versioned, &outside).unwrap();
+    std::fs::remove_file(&real).unwrap();
+    std::os::unix::fs::symlink(&outside, &real).unwrap();
+    let before = std::fs::read_to_string(&outside).unwrap();
+    let (code, out, err) = ctl(&["--config", &real, "-a", "3701"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&outside).unwrap(),
+        before,
+        "the file outside was changed"
+    );
+}
