@@ -83,10 +83,14 @@ pub struct Verbs {
     #[arg(short = 'y', long = "config-mysql", num_args = 2..=3, value_names = ["DBNAME", "DBUSER"])]
     pub mysql: Option<Vec<String>>,
     /// -y: read the password from the first line of standard input.
-    #[arg(long = "password-stdin", conflicts_with = "password_file")]
+    #[arg(
+        long = "password-stdin",
+        conflicts_with = "password_file",
+        requires = "mysql"
+    )]
     pub password_stdin: bool,
     /// -y: read the password from this file.
-    #[arg(long = "password-file", value_name = "FILE")]
+    #[arg(long = "password-file", value_name = "FILE", requires = "mysql")]
     pub password_file: Option<PathBuf>,
     /// The MySQL server for -y.
     #[arg(long = "db-host", default_value = "127.0.0.1:3306")]

@@ -24,7 +24,8 @@ use nix::fcntl::{Flock, FlockArg};
 pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// The real file behind `path`: a symbolic link is followed only while it stays inside
-/// `path`'s own directory (whose owner and mode are what the edit relies on).
+/// `path`'s own directory tree (a link elsewhere would let the edit land in a place the
+/// operator did not name).
 pub fn real_file(path: &Path) -> anyhow::Result<PathBuf> {
     let meta = std::fs::symlink_metadata(path)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -33,7 +34,7 @@ pub fn real_file(path: &Path) -> anyhow::Result<PathBuf> {
         let real = std::fs::canonicalize(path)
             .with_context(|| format!("{} is a symbolic link that leads nowhere", path.display()))?;
         let home = std::fs::canonicalize(dir)?;
-        if real.parent() != Some(home.as_path()) {
+        if !real.starts_with(&home) {
             bail!(
                 "{} is a symbolic link to {}, outside {}; edit the real file's directory instead",
                 path.display(),
