@@ -9,8 +9,8 @@ use valvula_tests::fixture;
 const TARGET: &str = "inet:127.0.0.1:3579";
 const DECL: &str = "check_policy_service inet:127.0.0.1:3579";
 
-/// What Postfix itself reads from a main.cf.
-fn postconf(text: &str, stage: &str) -> String {
+/// What Postfix itself reads from a main.cf: the value, or postconf's error.
+fn postconf_result(text: &str, stage: &str) -> Result<String, String> {
     let dir = tempfile::tempdir().unwrap();
     // A fixed myhostname spares postconf a lookup of this machine's name.
     let sep = if text.is_empty() || text.ends_with('\n') {
@@ -38,12 +38,15 @@ fn postconf(text: &str, stage: &str) -> String {
         .arg(stage)
         .output()
         .expect("postconf (Debian package postfix) must be installed");
-    assert!(
-        o.status.success(),
-        "postconf: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_owned())
+    }
+}
+
+fn postconf(text: &str, stage: &str) -> String {
+    postconf_result(text, stage).unwrap_or_else(|e| panic!("postconf on {text:?}: {e}"))
 }
 
 #[test]
@@ -56,8 +59,14 @@ fn golden_edits_agree_with_postconf() {
     {
         let spec = line.split('#').next().unwrap();
         let mut f = spec.split_whitespace();
-        let (name, stage, pos) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
-        let pos: Position = pos.parse().unwrap();
+        let mut field = || {
+            f.next()
+                .unwrap_or_else(|| panic!("cases.txt: short line {line:?}"))
+        };
+        let (name, stage, pos) = (field(), field(), field());
+        let pos: Position = pos
+            .parse()
+            .unwrap_or_else(|e| panic!("cases.txt: {line:?}: {e}"));
         let before = std::fs::read_to_string(fixture(&format!("maincf/{name}.cf"))).unwrap();
         let want = std::fs::read_to_string(fixture(&format!("maincf/{name}.cf.ref"))).unwrap();
         let mut m = MainCf::parse(&before);
@@ -81,15 +90,21 @@ fn golden_edits_agree_with_postconf() {
             Position::Last => assert!(value.ends_with(DECL), "{name}: postconf says {value}"),
         }
         // And what the parser reads is what Postfix reads.
-        assert_eq!(m.value(stage).unwrap_or_default(), value, "{name}");
+        assert_eq!(
+            m.value(stage).unwrap_or_default(),
+            value,
+            "{name}: the parser and postconf read the value differently"
+        );
         // Idempotent: a second run changes nothing.
-        assert!(
-            !m.add_hook(stage, TARGET, pos).unwrap(),
+        assert_eq!(
+            m.add_hook(stage, TARGET, pos),
+            Ok(false),
             "{name}: added twice"
         );
         // Removing the hook gives Postfix the list it had before.
         let mut r = MainCf::parse(&got);
-        assert!(r.remove_hook(stage, TARGET).unwrap());
+        let removed = r.remove_hook(stage, TARGET);
+        assert_eq!(removed, Ok(true), "{name}: remove after add");
         let left = postconf(&r.to_text(), stage);
         let original = if MainCf::parse(&before).value(stage).is_some() {
             postconf(&before, stage)
@@ -102,4 +117,50 @@ fn golden_edits_agree_with_postconf() {
         n += 1;
     }
     assert!(n >= 15, "only {n} cases");
+}
+
+/// valvula-postfix refuses to edit exactly the files Postfix cannot read (a line that
+/// is not `name = value`), and edits the odd ones Postfix reads fine, as Postfix reads
+/// them.
+#[test]
+fn refuses_what_postfix_refuses() {
+    const S: &str = "smtpd_data_restrictions";
+    for bad in [
+        "smtpd_data_restrictions = permit\nstray words\n",
+        "a b = c\nsmtpd_data_restrictions = permit\n",
+        "= c\nsmtpd_data_restrictions = permit\n",
+        "x = 1\n  continued\nno_equals_sign\n",
+    ] {
+        let pf = postconf_result(bad, S);
+        assert!(pf.is_err(), "postconf read {bad:?} as {pf:?}");
+        let mut m = MainCf::parse(bad);
+        let r = m.add_hook(S, TARGET, Position::Last);
+        assert!(
+            matches!(r, Err(valvula_postfix::EditError::Syntax { .. })),
+            "{bad:?}: postconf says {pf:?}, the parser {r:?}"
+        );
+        assert_eq!(m.to_text(), bad, "a refused text changed");
+    }
+    for odd in [
+        "  indented before any parameter\nsmtpd_data_restrictions = permit\n",
+        "smtpd_data_restrictions=permit\n",
+        "smtpd_data_restrictions\t= permit, # not a comment\n  reject\n",
+        "smtpd_data_restrictions = permit\r\n",
+        "# comment\n\nsmtpd_data_restrictions =\n\n  # inner\n  permit\n",
+    ] {
+        let mut m = MainCf::parse(odd);
+        let r = m.add_hook(S, TARGET, Position::Last);
+        assert_eq!(r, Ok(true), "{odd:?}");
+        let got = m.to_text();
+        let value = postconf(&got, S);
+        assert!(
+            value.ends_with(DECL),
+            "{odd:?} became {got:?}: postconf reads {value:?}"
+        );
+        assert_eq!(
+            m.value(S).unwrap_or_default(),
+            value,
+            "{odd:?}: the parser and postconf differ"
+        );
+    }
 }

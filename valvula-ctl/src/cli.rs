@@ -75,9 +75,23 @@ pub struct Verbs {
     /// -n: Postfix's settings from main.cf (as postconf -n lists them).
     #[arg(short = 'n', long = "show-postfix-conf")]
     pub show_postfix: bool,
-    /// -y: use MySQL/MariaDB database DBNAME as DBUSER/DBPASS (tested before saving).
-    #[arg(short = 'y', long = "config-mysql", num_args = 3, value_names = ["DBNAME", "DBUSER", "DBPASS"])]
+    /// -y: use MySQL/MariaDB database DBNAME as DBUSER (tested before saving); the
+    /// password is asked for, or read from standard input or --password-file, never
+    /// taken from the command line.
+    // Up to 3 values so that valvula's old `-y DBNAME DBUSER DBPASS` gets a sentence
+    // saying where the password goes now, not a generic usage error.
+    #[arg(short = 'y', long = "config-mysql", num_args = 2..=3, value_names = ["DBNAME", "DBUSER"])]
     pub mysql: Option<Vec<String>>,
+    /// -y: read the password from the first line of standard input.
+    #[arg(
+        long = "password-stdin",
+        conflicts_with = "password_file",
+        requires = "mysql"
+    )]
+    pub password_stdin: bool,
+    /// -y: read the password from this file.
+    #[arg(long = "password-file", value_name = "FILE", requires = "mysql")]
+    pub password_file: Option<PathBuf>,
     /// The MySQL server for -y.
     #[arg(long = "db-host", default_value = "127.0.0.1:3306")]
     pub db_host: String,
@@ -234,7 +248,25 @@ pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
     }
     if let Some(y) = &v.mysql {
         did = true;
-        conf::set_mysql(g, &v.db_host, &y[0], &y[1], &y[2])?;
+        if y.len() > 2 {
+            bail!(
+                "-y takes DBNAME DBUSER only: a password on the command line is visible to every local user (ps). Give it at the prompt, on standard input (--password-stdin), or in a file (--password-file FILE); nothing changed"
+            );
+        }
+        let from = match (&v.password_file, v.password_stdin) {
+            (Some(f), _) => conf::PasswordFrom::File(f.clone()),
+            (None, true) => conf::PasswordFrom::Stdin,
+            (None, false) if io.interactive => conf::PasswordFrom::Prompt,
+            (None, false) => conf::PasswordFrom::Stdin,
+        };
+        let pass = conf::read_password(
+            &from,
+            &format!(
+                "Password of {}@{} for {} (empty for none): ",
+                y[1], v.db_host, y[0]
+            ),
+        )?;
+        conf::set_mysql(g, &v.db_host, &y[0], &y[1], &pass)?;
     }
     if let Some(u) = &v.user {
         did = true;
@@ -253,7 +285,11 @@ pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
         Some(Command::Usage { identity }) => admin::usage(&g.config, identity.as_deref()),
         Some(Command::Reset { identity }) => admin::reset(&g.config, identity),
         Some(Command::Status) => daemonio::status(&g.config),
-        Some(Command::Reload) => daemonio::reload(&g.config).context("reload"),
+        Some(Command::Reload) => {
+            daemonio::reload(&g.config).context("reload")?;
+            println!("INFO: valvulad reloaded its configuration");
+            Ok(())
+        }
         Some(Command::Import { file, output }) => conf::import(file, output.as_deref()),
         Some(Command::Exit) => Ok(()),
     }

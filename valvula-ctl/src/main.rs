@@ -9,6 +9,7 @@ mod admin;
 mod cli;
 mod conf;
 mod daemonio;
+mod files;
 mod maincf;
 mod shell;
 

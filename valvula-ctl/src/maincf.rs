@@ -1,8 +1,7 @@
-//! Hooking listeners into Postfix's main.cf: find the file, edit it with
-//! `valvula_postfix`, show the diff, keep a timestamped backup, write atomically, and
-//! check with Postfix's own `postconf` that it reads what was meant (else restore).
+//! Hooking listeners into Postfix's main.cf: find the file, lock it, edit it with
+//! `valvula_postfix`, show the diff, check with Postfix's own `postconf` that it would
+//! read what was meant, keep a timestamped backup and replace the file atomically.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -10,6 +9,7 @@ use anyhow::{Context, bail};
 use valvula_postfix::{MainCf, Position, diff};
 
 use crate::cli::{Global, Io};
+use crate::files;
 
 /// `inet:HOST:PORT` for a listener given as HOST:PORT, PORT or its name, checked against
 /// valvulad's configuration.
@@ -38,77 +38,43 @@ pub fn policy_target(config: &Path, listener: &str) -> anyhow::Result<String> {
 
 /// main.cf in `dir`, refusing a symlink that leads out of the Postfix directory.
 fn main_cf(dir: &Path) -> anyhow::Result<PathBuf> {
-    let path = dir.join("main.cf");
-    let meta = std::fs::symlink_metadata(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.file_type().is_symlink() {
-        let real = std::fs::canonicalize(&path)?;
-        let home = std::fs::canonicalize(dir)?;
-        if !real.starts_with(&home) {
-            bail!(
-                "{} is a symbolic link to {}, outside {}; edit the real file's directory with --postfix-dir",
-                path.display(),
-                real.display(),
-                home.display()
-            );
-        }
-        return Ok(real);
-    }
-    if !meta.is_file() {
-        bail!("{} is not a regular file", path.display());
-    }
-    Ok(path)
+    files::real_file(&dir.join("main.cf"))
 }
 
-/// Writes `text` to `path` through a temporary file and a rename, keeping the file's
-/// mode and owner: readers see the old file or the new one, never half of one.
-pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let meta = std::fs::metadata(path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.valvula-ctl.{}",
-        path.file_name().unwrap().to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> anyhow::Result<()> {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
+/// What Postfix reads for `stage` from `text`, if postconf exists. Postfix is asked
+/// before the file is replaced, on a private copy (back-dated: Postfix's reader waits
+/// while a main.cf is younger than a few seconds), so a text Postfix would read wrongly
+/// is never installed and nothing ever has to be put back.
+fn postconf(text: &str, stage: &str) -> Option<anyhow::Result<String>> {
+    let dir = match tempfile::Builder::new()
+        .prefix("valvula-ctl-postconf.")
+        .tempdir()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            return Some(Err(
+                anyhow::Error::new(e).context("cannot make a directory for postconf's check")
+            ));
         }
-        Ok(())
+    };
+    let prepared = (|| -> std::io::Result<()> {
+        let main = dir.path().join("main.cf");
+        std::fs::write(&main, text)?;
+        std::fs::write(dir.path().join("master.cf"), "")?;
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+        std::fs::File::options()
+            .write(true)
+            .open(&main)?
+            .set_modified(old)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = prepared {
+        return Some(Err(
+            anyhow::Error::new(e).context("cannot prepare postconf's check")
+        ));
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// `main.cf.valvula-ctl.YYYYmmdd-HHMMSS[.N]`, a copy of the file before the change.
-pub fn backup(path: &Path) -> anyhow::Result<PathBuf> {
-    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
-    let base = format!("{}.valvula-ctl.{stamp}", path.display());
-    let mut b = PathBuf::from(&base);
-    let mut n = 1;
-    while b.exists() {
-        b = PathBuf::from(format!("{base}.{n}"));
-        n += 1;
-    }
-    std::fs::copy(path, &b).with_context(|| format!("cannot write the backup {}", b.display()))?;
-    Ok(b)
-}
-
-/// What Postfix reads for `stage` from the configuration in `dir`, if postconf exists.
-fn postconf(dir: &Path, stage: &str) -> Option<anyhow::Result<String>> {
     let out = Command::new("postconf")
         .arg("-c")
-        .arg(dir)
+        .arg(dir.path())
         .arg("-h")
         .arg(stage)
         .output();
@@ -141,6 +107,21 @@ fn edit(
     let target = policy_target(&g.config, listener)?;
     let decl = format!("check_policy_service {target}");
     let path = main_cf(&g.postfix_dir)?;
+    let dir = files::parent(&path).to_owned();
+    if !g.dry_run {
+        files::check_dir(&dir)?;
+    }
+    // main.cf.tmp: the lock `postconf -e` takes too. Held from the read to the rename, so
+    // the edit applies to the file as it is now and no other edit slips in between.
+    let lock = if g.dry_run {
+        None
+    } else {
+        Some(files::EditLock::acquire(&path, ".tmp", files::LOCK_WAIT)?)
+    };
+    // Read again under the lock (the file may have been replaced while this process
+    // waited).
+    let path = main_cf(&dir)?;
+    let meta = std::fs::metadata(&path)?;
     let original =
         std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut cf = MainCf::parse_bytes(&original)
@@ -169,27 +150,40 @@ fn edit(
         println!("INFO: dry run, {} not changed", path.display());
         return Ok(());
     }
-    let b = backup(&path)?;
-    write_atomically(&path, &new)?;
-    if let Some(read) = postconf(path.parent().unwrap_or(&g.postfix_dir), stage) {
-        let value = read.unwrap_or_else(|e| format!("<{e}>"));
-        let ok = match change {
-            Change::Add(Position::First) => value.starts_with(&decl),
-            Change::Add(Position::Last) => value.ends_with(&decl),
-            Change::Remove => !value
-                .split([',', ' '])
-                .collect::<Vec<_>>()
-                .windows(2)
-                .any(|w| w[0] == "check_policy_service" && w[1] == target),
-        };
-        if !ok {
-            write_atomically(&path, &old)?;
-            bail!(
-                "postconf reads {stage} = {value:?}, not what was meant; {} restored (backup {})",
-                path.display(),
-                b.display()
-            );
+    let agreed = match postconf(&new, stage) {
+        None => {
+            println!("INFO: postconf not found; the change is not checked against Postfix");
+            None
         }
+        Some(read) => {
+            let value = read.with_context(|| {
+                format!(
+                    "Postfix cannot read the edited file; {} left untouched",
+                    path.display()
+                )
+            })?;
+            let ok = match change {
+                Change::Add(Position::First) => value.starts_with(&decl),
+                Change::Add(Position::Last) => value.ends_with(&decl),
+                Change::Remove => !value
+                    .split([',', ' '])
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .any(|w| w[0] == "check_policy_service" && w[1] == target),
+            };
+            if !ok {
+                bail!(
+                    "postconf would read {stage} = {value:?}, not what was meant; {} left untouched",
+                    path.display()
+                );
+            }
+            Some(value)
+        }
+    };
+    let b = files::backup(&path, &original, &meta)?;
+    files::replace_like(&path, new.as_bytes(), &meta, &original)?;
+    drop(lock);
+    if let Some(value) = agreed {
         println!("INFO: postconf agrees: {stage} = {value}");
     }
     println!(

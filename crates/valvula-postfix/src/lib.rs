@@ -63,6 +63,10 @@ pub enum EditError {
     Unbalanced { stage: String, line: usize },
     #[error("the file is not UTF-8 text")]
     NotText,
+    #[error(
+        "line {line} is not `name = value` ({why}); Postfix refuses this file too. Fix it first"
+    )]
+    Syntax { line: usize, why: &'static str },
 }
 
 /// Where to put a new hook.
@@ -162,6 +166,31 @@ impl MainCf {
             }
         }
         s
+    }
+
+    /// Refuses a file Postfix itself would not read: every logical line must be
+    /// `name = value`, with a name free of white space (Postfix's `split_nameval()` stops
+    /// with a fatal error on anything else, so editing around such a line would hand
+    /// Postfix a file it cannot load).
+    pub fn check_syntax(&self) -> Result<(), EditError> {
+        for (i, l) in self.lines.iter().enumerate() {
+            if is_skipped(&l.text) || l.text.starts_with([' ', '\t']) {
+                continue;
+            }
+            let t = l.text.as_str();
+            let name_end = t
+                .find(|c: char| c.is_ascii_whitespace() || c == '=')
+                .unwrap_or(t.len());
+            let why = if name_end == 0 {
+                "missing name before '='"
+            } else if !t[name_end..].trim_start().starts_with('=') {
+                "missing '=' after the name"
+            } else {
+                continue;
+            };
+            return Err(EditError::Syntax { line: i + 1, why });
+        }
+        Ok(())
     }
 
     fn params(&self) -> Vec<Param> {
@@ -359,6 +388,7 @@ impl MainCf {
         pos: Position,
     ) -> Result<bool, EditError> {
         check_stage(stage)?;
+        self.check_syntax()?;
         let decl = format!("check_policy_service {target}");
         let Some(p) = self.find(stage)? else {
             let value = match (stage, pos) {
@@ -455,6 +485,7 @@ impl MainCf {
     /// false when it was not there.
     pub fn remove_hook(&mut self, stage: &str, target: &str) -> Result<bool, EditError> {
         check_stage(stage)?;
+        self.check_syntax()?;
         let Some(p) = self.find(stage)? else {
             return Ok(false);
         };
@@ -653,6 +684,35 @@ mod tests {
             Err(EditError::UnknownStage(_))
         ));
         assert!(MainCf::parse_bytes(b"a = \xff\n").is_err());
+        for (text, line) in [
+            ("a = 1\ngarbage\n", 2),
+            ("a b = c\n", 1),
+            ("= c\n", 1),
+            ("x = 1\n  y\nstray words\n", 3),
+        ] {
+            let mut m = MainCf::parse(text);
+            assert!(
+                matches!(
+                    m.add_hook("smtpd_data_restrictions", T, Position::Last),
+                    Err(EditError::Syntax { line: l, .. }) if l == line
+                ),
+                "{text:?} was not refused at line {line}"
+            );
+            assert!(
+                matches!(
+                    m.remove_hook("smtpd_data_restrictions", T),
+                    Err(EditError::Syntax { .. })
+                ),
+                "{text:?}"
+            );
+            assert_eq!(m.to_text(), text, "a refused file must not change");
+        }
+        // White space before the first parameter and "name=value" are fine for Postfix.
+        let mut m = MainCf::parse("  stray indented\nsmtpd_data_restrictions=permit\n");
+        assert_eq!(
+            m.add_hook("smtpd_data_restrictions", T, Position::Last),
+            Ok(true)
+        );
     }
 
     #[test]
