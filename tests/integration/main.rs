@@ -9,6 +9,7 @@ mod faults;
 mod hostile;
 mod install;
 mod maincf;
+mod outage;
 mod postfix;
 mod process;
 mod protocol;

@@ -173,6 +173,72 @@ fn charge_states_stop_double_counting() {
     }
 }
 
+/// Issue 13, defect 7: the rollover is one transaction, redone until it is done, and
+/// the first request of a new day is charged against the new day without waiting for
+/// a tick. A rollover that failed half-way used to leave `time_tracking` moved on and
+/// the counters not reset: a user at 2 of 2 stayed refused into the new day, for good.
+#[test]
+fn rollover_is_atomic_retried_and_done_by_the_first_request_of_a_day() {
+    for mysql in [false, true] {
+        let label = if mysql { "mariadb" } else { "sqlite" };
+        let mut e = env(mysql, "");
+        e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 2, -1)");
+        e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id) VALUES (1, 'a@x.com', -1, 1)");
+        // A row whose counters are NULL (made by hand): valvula writes 0 at rollover.
+        e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id) VALUES (2, 'n@x.com', -1, 1)");
+        let user = [("sasl_username".to_owned(), Some("a@x.com".to_owned()))];
+        let counters = |e: &Env| {
+            e.raw.row(
+                "SELECT d.current_day_usage, t.day FROM domain_ticket d, time_tracking t WHERE d.id = 1",
+            )
+        };
+        for i in 0..2 {
+            assert_eq!(ask(&e, &user), "action=dunno", "{label}: request {i}");
+        }
+        let full = "action=reject Rejecting operation because day limit reached (2)";
+        assert_eq!(ask(&e, &user), full, "{label}");
+        assert_eq!(counters(&e), "2\t22", "{label}");
+
+        // The history table is gone when the day changes: the rollover fails...
+        e.raw.exec("ALTER TABLE domain_ticket_history RENAME TO history_away");
+        e.advance(12 * 3600 + 30); // 2026-11-23 00:00:30 UTC, with the ticks
+        let answer = ask(&e, &user);
+        // ... and leaves nothing half-done: neither the tracking row nor the counters.
+        assert_eq!(
+            counters(&e),
+            "2\t22",
+            "{label}: a failed rollover left a half-done state (answer {answer:?})"
+        );
+        // Repaired: the next request rolls over first and is charged in the new day,
+        // with no tick in between.
+        e.raw.exec("ALTER TABLE history_away RENAME TO domain_ticket_history");
+        e.jump(1);
+        assert_eq!(ask(&e, &user), "action=dunno", "{label}: still refused after repair");
+        assert_eq!(counters(&e), "1\t23", "{label}");
+        assert_eq!(
+            e.raw.row("SELECT day_usage FROM domain_ticket_history WHERE domain_ticket_id = 1"),
+            "2",
+            "{label}: history of the day that ended"
+        );
+        assert_eq!(
+            e.raw.row("SELECT current_day_usage, current_month_usage FROM domain_ticket WHERE id = 2"),
+            "0\tNULL",
+            "{label}: NULL day counter not set to 0 (the month did not change)"
+        );
+
+        // The next midnight, no tick at all: the first request of the day rolls over.
+        e.raw.exec("UPDATE domain_ticket SET current_day_usage = 2 WHERE id = 1");
+        assert_eq!(ask(&e, &user), full, "{label}");
+        e.jump(86_400);
+        assert_eq!(
+            ask(&e, &user),
+            "action=dunno",
+            "{label}: the first request of a new day was refused by the old day's count"
+        );
+        assert_eq!(counters(&e), "1\t24", "{label}");
+    }
+}
+
 /// valvula's documented administration SQL, on a database valvula itself created
 /// (reference schema, with rows), works unchanged; missing columns are added.
 #[test]

@@ -106,7 +106,22 @@ impl Proc {
         Self::spawn_file(config, "valvulad.toml", args, true)
     }
 
+    /// [`Proc::spawn`] with extra environment variables (e.g. `TZ`).
+    pub fn spawn_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Self::spawn_full(config, "valvulad.toml", args, true, env)
+    }
+
     fn spawn_file(config: &str, file_name: &str, args: &[&str], defaults: bool) -> Proc {
+        Self::spawn_full(config, file_name, args, defaults, &[])
+    }
+
+    fn spawn_full(
+        config: &str,
+        file_name: &str,
+        args: &[&str],
+        defaults: bool,
+        env: &[(&str, &str)],
+    ) -> Proc {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join(file_name);
         let text = if defaults {
@@ -123,6 +138,7 @@ impl Proc {
             .arg("-c")
             .arg(&config_path)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

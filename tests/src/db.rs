@@ -202,6 +202,31 @@ impl PrivateMariadb {
         }
     }
 
+    /// Sends `sig` to the server (SIGSTOP: it stalls, connections stay open and
+    /// nothing is answered; SIGCONT: it goes on).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let c = self.child.as_ref().expect("private mariadbd is running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)
+            .expect("signal mariadbd");
+    }
+
+    /// Whether the server answers a ping now.
+    pub fn answers(&self) -> bool {
+        Command::new("mariadb-admin")
+            .args([
+                "-u",
+                "root",
+                "-h",
+                "127.0.0.1",
+                "-P",
+                &self.port.to_string(),
+                "--connect-timeout=2",
+                "ping",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
     /// Stops the server (SIGTERM) and waits until it is gone.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -383,12 +383,21 @@ pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> an
             password: (!pass.is_empty()).then(|| pass.to_owned()),
             pool_size: 2,
         },
-        zone: valvulad::store::Zone::local().unwrap_or_default(),
+        // The zone the daemon will count in: the database must agree with it.
+        zone: valvulad::config::load_file(&g.config)
+            .map(|l| l.config.storage.zone)
+            .or_else(|_| valvulad::store::Zone::local())
+            .unwrap_or_default(),
         timeout: valvulad::store::DEFAULT_TIMEOUT,
     };
-    crate::admin::with_store(&storage, |s| s.ping().map_err(anyhow::Error::from)).with_context(
-        || format!("ERROR: credentials provided aren't working for {url}; previous values kept"),
-    )?;
+    crate::admin::with_store(&storage, |s| match s.ping() {
+        Err(e @ valvulad::store::StoreError::Refused(_)) => {
+            Err(anyhow::anyhow!("ERROR: {url} belongs to other daemons: {e}"))
+        }
+        r => r.with_context(|| {
+            format!("ERROR: credentials provided aren't working for {url}; previous values kept")
+        }),
+    })?;
     edit(g, |doc, path| {
         if !doc.contains_key("storage") {
             doc.insert("storage", Item::Table(Table::new()));

@@ -1,0 +1,360 @@
+//! Issue 13, defects 2, 3 and the storage part of 12: what a database that restarts or
+//! stalls under load, and daemons configured with other time zones, do to a daemon.
+//!
+//! A restart or a stall must cost about as long as the database is away: calls fail
+//! within the storage timeout (not the module timeout), the module is never quarantined
+//! for it, service returns within a second or two of the database's return, the log
+//! says so once a second with a count, and nothing is stored that was answered as
+//! refused or failed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use valvula_tests::client::{Client, postfix_request};
+use valvula_tests::daemon::Proc;
+use valvula_tests::db::{PrivateMariadb, TestDb};
+use valvula_tests::module_path;
+
+const ON_ERROR: &str = "action=defer 4.3.0 db down\n\n";
+
+fn config(storage: &str, server: &str) -> String {
+    format!(
+        "[server]\nmodule_dirs = [{:?}]\nmodule_timeout = \"5s\"\nquarantine_after = 3\nquarantine_for = \"30s\"\n{server}\n\
+         [log]\nlevel = \"warn,valvulad=info\"\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n\
+         on_error = \"defer\"\non_error_text = \"4.3.0 db down\"\n\
+         {storage}\n",
+        module_path("mod_test")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    )
+}
+
+fn mysql(url: &str, extra: &str) -> String {
+    format!("[storage]\nbackend = \"mysql\"\nurl = \"{url}\"\npool_size = 16\n{extra}\n")
+}
+
+fn charge(key: &str, amount: i64) -> Vec<u8> {
+    postfix_request(&[
+        ("x_test_consume", key),
+        ("x_test_limit", "1000000000"),
+        ("x_test_amount", &amount.to_string()),
+        ("x_test_window", "day"),
+    ])
+}
+
+/// Steady load from `conns` connections: charges admitted, answers with the on-error
+/// action, the slowest answer, and when the last admitted one came.
+struct Load {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    slowest_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: &str, conns: usize) -> Load {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let slowest_ms = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..conns)
+            .map(|_| {
+                let (addr, ok, failed, slowest, stop) = (
+                    addr.to_owned(),
+                    ok.clone(),
+                    failed.clone(),
+                    slowest_ms.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut c = Client::connect(&addr).await;
+                    while !stop.load(Ordering::SeqCst) {
+                        let t = Instant::now();
+                        let r = c.ask(&charge("outage", 1)).await;
+                        slowest.fetch_max(t.elapsed().as_millis() as u64, Ordering::SeqCst);
+                        if r.starts_with("action=ok") {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            assert_eq!(r, ON_ERROR, "neither admitted nor the on-error answer");
+                            failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failed,
+            slowest_ms,
+            stop,
+            tasks,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Polls until `cond` holds; panics with `what` and the log after `within`.
+    async fn until(&self, p: &Proc, within: Duration, what: &str, cond: impl Fn(&Load) -> bool) {
+        let end = Instant::now() + within;
+        while !cond(self) {
+            assert!(
+                Instant::now() < end,
+                "{what} (ok {}, failed {}) within {within:?}\n{}",
+                self.ok(),
+                self.failed(),
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("load task");
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            self.slowest_ms.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// `used` of the key, asked through the daemon with a zero charge.
+async fn stored(addr: &str) -> i64 {
+    let mut c = Client::connect(addr).await;
+    let r = c.ask(&charge("outage", 0)).await;
+    r.trim_end()
+        .rsplit("used=")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {r:?}"))
+}
+
+/// The log of an outage: no quarantine, and lines once a second, not once a request.
+fn check_log(p: &Proc, seconds: f64, failed: u64) {
+    let log = p.log();
+    assert!(
+        !log.contains("module quarantined"),
+        "the module was quarantined for the database's outage:\n{log}"
+    );
+    let limit = seconds.ceil() as usize + 3;
+    for needle in ["module failed", "database still unavailable"] {
+        let n = p.count_log(needle);
+        assert!(
+            n <= limit,
+            "{n} {needle:?} lines for {failed} failed requests in {seconds:.1} s (at most {limit}):\n{log}"
+        );
+    }
+    assert!(
+        log.contains("database reachable again"),
+        "no recovery line:\n{log}"
+    );
+}
+
+/// MariaDB stopped and started again under load (a restart): the requests meanwhile get
+/// the on-error answer at once, service returns within seconds of the database (not
+/// after a 30 s quarantine), every admitted charge is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
+    let mut m = PrivateMariadb::start();
+    let p = Proc::start(
+        &config(&mysql(&format!("{}/valvula", m.url()), ""), ""),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let load = Load::start(&addr, 8);
+    load.until(&p, Duration::from_secs(30), "no charge admitted before the restart", |l| {
+        l.ok() > 50
+    })
+    .await;
+    let down = Instant::now();
+    m = tokio::task::spawn_blocking(move || {
+        m.stop();
+        m
+    })
+    .await
+    .unwrap();
+    load.until(&p, Duration::from_secs(10), "no on-error answer while the database was down", |l| {
+        l.failed() > 0
+    })
+    .await;
+    m = tokio::task::spawn_blocking(move || {
+        m.resume();
+        m
+    })
+    .await
+    .unwrap();
+    let back = Instant::now();
+    let ok_then = load.ok();
+    load.until(&p, Duration::from_secs(20), "service did not return", |l| {
+        l.ok() >= ok_then + 20
+    })
+    .await;
+    let recovery = back.elapsed();
+    let outage = down.elapsed().as_secs_f64();
+    let (ok, failed, _) = load.finish().await;
+    // Old: the module was quarantined for 30 s after the first five failures.
+    assert!(
+        recovery < Duration::from_secs(5),
+        "service returned {recovery:?} after the database\n{}",
+        p.log()
+    );
+    let used = stored(&addr).await as u64;
+    // A COMMIT whose answer the stop cut off may be kept: at most one per connection.
+    assert!(
+        used >= ok && used <= ok + 8,
+        "stored {used}, admitted {ok}\n{}",
+        p.log()
+    );
+    check_log(&p, outage, failed);
+    eprintln!(
+        "restart: outage {outage:.1} s, {failed} on-error answers, service back {:.2} s after the database",
+        recovery.as_secs_f64()
+    );
+    drop(m);
+}
+
+/// MariaDB stalled (SIGSTOP) under load: calls fail within the storage timeout, far
+/// under the module timeout; service returns within seconds of SIGCONT; and, the stall
+/// being shorter than the module timeout, every request's answer is its charge's real
+/// outcome: stored equals admitted exactly (before, requests answered `defer` were
+/// committed after the stall).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_fails_fast_and_stores_only_what_was_admitted() {
+    let m = PrivateMariadb::start();
+    let p = Proc::start(
+        &config(
+            &mysql(&format!("{}/valvula", m.url()), "timeout = \"500ms\""),
+            "",
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let load = Load::start(&addr, 8);
+    load.until(&p, Duration::from_secs(30), "no charge admitted before the stall", |l| {
+        l.ok() > 50
+    })
+    .await;
+    m.signal(Signal::SIGSTOP);
+    let stalled = Instant::now();
+    load.until(&p, Duration::from_secs(10), "no on-error answer while stalled", |l| {
+        l.failed() > 0
+    })
+    .await;
+    // The stall itself: the fault under test, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(stalled.elapsed())).await;
+    m.signal(Signal::SIGCONT);
+    let back = Instant::now();
+    let outage = stalled.elapsed().as_secs_f64();
+    let ok_then = load.ok();
+    load.until(&p, Duration::from_secs(20), "service did not return", |l| {
+        l.ok() >= ok_then + 20
+    })
+    .await;
+    let recovery = back.elapsed();
+    let (ok, failed, slowest) = load.finish().await;
+    // Old: 19 s.
+    assert!(
+        recovery < Duration::from_secs(5),
+        "service returned {recovery:?} after SIGCONT\n{}",
+        p.log()
+    );
+    // Old: the first requests waited for the whole module timeout (5 s). Now a call
+    // fails after the storage timeout, or (its COMMIT already sent) gets its outcome
+    // when the database goes on.
+    assert!(
+        slowest < 4_000,
+        "a request waited {slowest} ms in a {outage:.1} s stall\n{}",
+        p.log()
+    );
+    let used = stored(&addr).await as u64;
+    assert_eq!(
+        used,
+        ok,
+        "stored {used}, admitted {ok}, {failed} on-error answers\n{}",
+        p.log()
+    );
+    check_log(&p, outage, failed);
+    eprintln!(
+        "stall: {outage:.1} s, {failed} on-error answers, slowest {slowest} ms, service back {:.2} s after SIGCONT",
+        recovery.as_secs_f64()
+    );
+}
+
+/// Two daemons whose calendar windows would start at other times must not share a
+/// database: the first records its zone, a daemon in another zone refuses to start
+/// with a message that says what to set; "local" is compared by the zone it names.
+#[test]
+fn daemons_in_other_time_zones_refuse_to_share_a_database() {
+    let db = TestDb::new();
+    let storage = |zone: &str| mysql(&db.url(), &format!("time_zone = \"{zone}\""));
+    let utc = Proc::start(&config(&storage("UTC"), ""), &[]);
+    for (zone, env) in [
+        ("Asia/Tokyo", None),
+        ("Pacific/Honolulu", None),
+        // The default, "local", on a server whose system zone differs.
+        ("local", Some("Asia/Tokyo")),
+    ] {
+        let env: Vec<(&str, &str)> = env.map(|tz| ("TZ", tz)).into_iter().collect();
+        let mut p = Proc::spawn_env(&config(&storage(zone), ""), &[], &env);
+        let status = p.wait_exit(Duration::from_secs(30));
+        let log = p.log();
+        assert_eq!(status.code(), Some(1), "{zone} {env:?} started:\n{log}");
+        assert!(
+            log.contains("\"UTC\"") && log.contains("time_zone") && log.contains("vlv_meta"),
+            "{zone} {env:?}: the refusal does not say what to do:\n{log}"
+        );
+    }
+    // The same calendar under another name, and "local" on a UTC machine, are fine.
+    for (zone, env) in [("Etc/UTC", vec![]), ("local", vec![("TZ", "UTC")])] {
+        let p = Proc::spawn_env(&config(&storage(zone), ""), &[], &env);
+        assert!(
+            p.wait_for_log("valvulad ready", Duration::from_secs(30)),
+            "{zone} {env:?} refused:\n{}",
+            p.log()
+        );
+    }
+    drop(utc);
+}
+
+/// mod-ticket's rollover row records its zone too: a daemon whose mod-ticket would see
+/// another date refuses to start instead of resetting every day counter once a minute.
+#[test]
+fn mod_ticket_in_another_time_zone_refuses_to_start() {
+    let db = TestDb::new();
+    let cfg = |ticket_zone: &str| {
+        format!(
+            "[server]\nmodules = [{:?}]\n[[listener]]\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ticket\"]\n\
+             [module.mod-ticket]\n{ticket_zone}\n{}",
+            module_path("mod_ticket").display().to_string(),
+            mysql(&db.url(), "time_zone = \"UTC\"")
+        )
+    };
+    let first = Proc::start(&cfg(""), &[]);
+    let mut p = Proc::spawn(&cfg("time_zone = \"Pacific/Honolulu\""), &[]);
+    let status = p.wait_exit(Duration::from_secs(30));
+    let log = p.log();
+    assert_eq!(status.code(), Some(1), "started:\n{log}");
+    assert!(
+        log.contains("Pacific/Honolulu") && log.contains("time_tracking"),
+        "the refusal does not say why:\n{log}"
+    );
+    let tz = db.sql("SELECT time_zone FROM time_tracking");
+    assert_eq!(tz.trim(), "UTC", "the recorded zone changed");
+    drop(first);
+}
