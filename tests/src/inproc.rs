@@ -234,8 +234,12 @@ fn long(v: &str) -> String {
     out
 }
 
-/// `{now}`, `{now+N}`, `{now-N}` in test data → numbers.
+/// `{now}`, `{now+N}`, `{now-N}` in test data → numbers (and `{long:N:C}` → C N times).
 pub fn expand(s: &str, now: i64) -> String {
+    long(&expand_now(s, now))
+}
+
+fn expand_now(s: &str, now: i64) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find("{now") {

@@ -111,10 +111,21 @@ unsafe extern "C" fn process<M: Module>(state: *mut c_void, req: *mut vlv_reques
     let r = catch_unwind(AssertUnwindSafe(|| slot.module.process(&request)));
     match r {
         Ok(Ok(v)) if v.action == Action::Dunno && v.text.is_empty() => abi::VLV_OK,
-        Ok(Ok(v)) => {
+        Ok(Ok(mut v)) => {
             let Some(set) = api.reply_set else {
                 return abi::VLV_E_FAILED;
             };
+            // A text built from request data (a 2,000-byte sender) may pass the host's
+            // limit: cut it rather than fail the request over its length.
+            let max = abi::VLV_REPLY_TEXT_MAX as usize;
+            if v.text.len() > max {
+                let mut cut = max - 3;
+                while !v.text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                v.text.truncate(cut);
+                v.text.push_str("...");
+            }
             // SAFETY: req is the live request of this call; the text is copied by the
             // host before reply_set returns.
             let rc = unsafe {

@@ -42,8 +42,9 @@ fn load(host: &Host) -> Result<Settings, Error> {
 /// What one request is worth in a metric: recipients are `recipient_count` (1 per RCPT
 /// request, where Postfix sends 0), bytes are `size`.
 fn amount(metric: Metric, req: &Request<'_>) -> i64 {
-    let rcpts = req.recipient_count().max(1) as i64;
-    let size = req.size() as i64;
+    // Saturated, never wrapped: a size of 2^64-1 is huge, not negative.
+    let rcpts = i64::try_from(req.recipient_count().max(1)).unwrap_or(i64::MAX);
+    let size = i64::try_from(req.size()).unwrap_or(i64::MAX);
     match metric {
         Metric::Messages => 1,
         Metric::Recipients => rcpts,
@@ -175,6 +176,10 @@ fn config_rule<'a>(p: &'a Policy, ident: &Ident, req: &Request<'_>) -> &'a Rule 
 }
 
 /// Fills a reply text's placeholders from the window that decided.
+/// Bytes of an identity written into a reply text: a sender of 2,000 bytes must not
+/// push the reply past what the host accepts (which would fail the request).
+const IDENTITY_IN_TEXT: usize = 200;
+
 fn render(
     text: &str,
     ident: &str,
@@ -183,7 +188,16 @@ fn render(
     window: &str,
     retry_after: i64,
 ) -> String {
-    text.replace("{identity}", ident)
+    let ident = if ident.len() > IDENTITY_IN_TEXT {
+        let mut cut = IDENTITY_IN_TEXT;
+        while !ident.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}...", &ident[..cut])
+    } else {
+        ident.to_owned()
+    };
+    text.replace("{identity}", &ident)
         .replace("{limit}", &limit.to_string())
         .replace("{used}", &used.to_string())
         .replace("{remaining}", &(limit - used).max(0).to_string())
