@@ -219,7 +219,7 @@ pub fn status(d: &Daemon) -> String {
 mod metrics_limits {
     use std::time::Duration;
     /// Connections served at once; more are closed as soon as they are accepted.
-    pub const CONNECTIONS: usize = 16;
+    pub const CONNECTIONS: usize = 64;
     /// Time to send a request's head (request line and headers). hyper starts it when it
     /// waits for a head, so it also closes a keep-alive connection idle this long.
     pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
