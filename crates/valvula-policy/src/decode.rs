@@ -307,7 +307,11 @@ mod tests {
         assert_eq!(r.get("b"), Some("2"), "request {r:?}");
         // ...and without '=' a malformed line.
         let (f, e, _) = decode_all(b"a=1\ncheckserver\n\n", Limits::default());
-        assert_eq!(e, Some(DecodeError::MissingEquals { line: 2 }), "frames {f:?}");
+        assert_eq!(
+            e,
+            Some(DecodeError::MissingEquals { line: 2 }),
+            "frames {f:?}"
+        );
         assert!(f.is_empty(), "frames {f:?}");
     }
 
