@@ -161,16 +161,31 @@ async fn sigterm_finishes_requests_in_flight_then_exits_zero() {
         ("x_test_action", "ok"),
     ]))
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Signal once the module is running the request (its second call).
+    let sock = p.dir.path().join("admin.sock");
+    let t = std::time::Instant::now();
+    let mut last = String::new();
+    while !last.contains("\"calls\":2") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the request never reached the module; status: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        last = admin_status(&sock);
+    }
     p.signal(Signal::SIGTERM);
     // The request in flight is answered; the idle connection is closed.
+    let got = busy.answer(Duration::from_secs(20)).await;
     assert_eq!(
-        busy.answer(Duration::from_secs(5)).await,
-        Answer::Reply("action=ok\n\n".into())
+        got,
+        Answer::Reply("action=ok\n\n".into()),
+        "the request in flight at SIGTERM got {got:?}"
     );
+    let got = idle.answer(Duration::from_secs(20)).await;
     assert_eq!(
-        idle.answer(Duration::from_secs(5)).await,
-        Answer::Closed(String::new())
+        got,
+        Answer::Closed(String::new()),
+        "the idle connection at SIGTERM gave {got:?}"
     );
     let status = tokio::task::spawn_blocking(move || {
         let s = p.wait_exit(Duration::from_secs(10));
@@ -1070,4 +1085,50 @@ async fn out_of_file_descriptors_the_longest_idle_connection_gives_way() {
         t.elapsed(),
         p.log()
     );
+}
+
+/// The daemon's status JSON from its admin socket ("" if it does not answer).
+fn admin_status(sock: &std::path::Path) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let _ = s.write_all(b"status\n");
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A flood of connections from outside the allowed networks is refused and counted, and
+/// logged once a second, not once per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_by_network_are_logged_once_a_second() {
+    let p = Proc::start(&base("", "allow = [\"192.0.2.0/24\"]\n"), &[]);
+    let addr = p.addrs()[0].clone();
+    let t = std::time::Instant::now();
+    for i in 0..200 {
+        let mut c = Client::connect(&addr).await;
+        let got = c.answer(Duration::from_secs(20)).await;
+        assert_eq!(
+            got,
+            Answer::Closed(String::new()),
+            "connection {i} from outside the allowed networks gave {got:?}"
+        );
+    }
+    let took = t.elapsed();
+    assert!(
+        p.wait_for_log(
+            "not in the listener's allowed networks",
+            Duration::from_secs(20)
+        ),
+        "no refusal logged:\n{}",
+        p.log()
+    );
+    let lines = p.count_log("not in the listener's allowed networks");
+    assert!(
+        lines as u64 <= took.as_secs() + 2,
+        "{lines} refusal lines for 200 connections in {took:?}"
+    );
+    let status = admin_status(&p.dir.path().join("admin.sock"));
+    assert!(status.contains("\"listeners\""), "status: {status}");
 }

@@ -785,6 +785,45 @@ async fn stalled_requests_give_way_when_no_connection_is_idle() {
     }
 }
 
+/// A client that sends requests and never reads its replies: once its socket buffers
+/// are full the reply cannot be written, and the connection is closed after
+/// request_timeout instead of holding its task (and the requests behind it) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_closed() {
+    let (d, a, m) = echo_daemon("sender", "[limits]\nrequest_timeout = \"1s\"").await;
+    let mut c = Client::connect(&a).await;
+    let batch: Vec<u8> = (0..1000)
+        .flat_map(|_| b"sender=a@b\n\n".iter().copied())
+        .collect();
+    let t = Instant::now();
+    let mut sent = 0usize;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.stream.write_all(&batch)).await {
+            Ok(Ok(())) => sent += 1000,
+            Ok(Err(_)) => break true,
+            // Both directions are full: the daemon waits on its write, we on ours.
+            Err(_) => {}
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            break false;
+        }
+    };
+    assert!(
+        closed,
+        "still open after {:?}, {sent} requests sent, {} processed",
+        t.elapsed(),
+        m.calls()
+    );
+    assert!(
+        eventually(W, || d
+            .metrics()
+            .contains("valvulad_connections{listener=\"l\"} 0\n"))
+        .await,
+        "the connection is still counted open:\n{}",
+        d.metrics()
+    );
+}
+
 #[tokio::test]
 async fn ipv6_and_unix_socket_listeners() {
     let dir = tempfile::tempdir().unwrap();
