@@ -14,6 +14,17 @@ use crate::fakes::{Behaviour, Fake, reply, set};
 /// answer that comes sooner ends the wait at once.
 const W: Duration = Duration::from_secs(20);
 
+/// Waits until listener "l" counts `n` connections waiting between requests: a client
+/// has its reply a moment before the daemon files its connection as idle.
+async fn wait_idle(d: &valvulad::server::Daemon, n: usize) {
+    let want = format!("valvulad_connections_idle{{listener=\"l\"}} {n}\n");
+    assert!(
+        eventually(W, || d.metrics().contains(&want)).await,
+        "not {n} idle connections:\n{}",
+        d.metrics()
+    );
+}
+
 /// Polls `cond` every 20 ms until it holds or `deadline` passes; returns whether it held.
 async fn eventually(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
@@ -538,8 +549,10 @@ async fn connection_cap() {
     let mut c2 = Client::connect(&a[0]).await;
     let got = c1.ask(b"x=1\n\n").await;
     assert_eq!(got, "action=dunno\n\n", "c1 got {got:?}");
+    wait_idle(&d, 2).await;
     let got = c2.ask(b"x=1\n\n").await;
     assert_eq!(got, "action=dunno\n\n", "c2 got {got:?}");
+    wait_idle(&d, 2).await;
     // At the cap: c1, idle longest, is closed and c3 is served.
     let mut c3 = Client::connect(&a[0]).await;
     let got = c3.ask(b"x=1\n\n").await;
@@ -600,6 +613,8 @@ async fn at_the_cap_the_longest_idle_connection_gives_way() {
             format!("action=info sender=idle{i}\n\n"),
             "idle {i} got {r:?}"
         );
+        // Idle before the next one connects, so the order they became idle is known.
+        wait_idle(&d, i + 1).await;
         idle.push(c);
     }
     let mut partial = Vec::new();
@@ -737,7 +752,7 @@ async fn a_request_being_processed_is_never_evicted() {
 /// a new client, which is served well before request_timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_requests_give_way_when_no_connection_is_idle() {
-    let (_d, a, _) = echo_daemon_with(
+    let (d, a, _) = echo_daemon_with(
         "sender",
         "[limits]\nrequest_timeout = \"120s\"",
         "max_connections = 3",
@@ -748,6 +763,19 @@ async fn stalled_requests_give_way_when_no_connection_is_idle() {
         let mut c = Client::connect(&a).await;
         c.send(format!("request=smtpd_access_policy\nsender=t{i}").as_bytes())
             .await;
+        // Its bytes read (a connection whose bytes are still unread counts as idle).
+        assert!(
+            eventually(W, || {
+                let m = d.metrics();
+                m.contains(&format!(
+                    "valvulad_connections{{listener=\"l\"}} {}\n",
+                    i + 1
+                )) && m.contains("valvulad_connections_idle{listener=\"l\"} 0\n")
+            })
+            .await,
+            "trickler {i} is not in a request:\n{}",
+            d.metrics()
+        );
         tricklers.push(c);
     }
     let t = Instant::now();

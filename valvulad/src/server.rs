@@ -246,7 +246,7 @@ impl Daemon {
             &'static str,
             fn(&ListenerShared) -> u64,
         );
-        let series: [Series; 5] = [
+        let series: [Series; 6] = [
             (
                 "valvulad_connections_refused_total",
                 "Connections refused, by listener and reason.",
@@ -281,6 +281,13 @@ impl Daemon {
                 "gauge",
                 "",
                 |l| l.conns.open() as u64,
+            ),
+            (
+                "valvulad_connections_idle",
+                "Open connections waiting between requests, by listener (the first to give way at the connection cap).",
+                "gauge",
+                "",
+                |l| l.conns.idle() as u64,
             ),
         ];
         for (metric, help, kind, label, value) in series {

@@ -118,6 +118,11 @@ impl Connections {
         self.evicted.load(Ordering::Relaxed)
     }
 
+    /// Connections waiting between requests: the first to give way at the cap.
+    pub fn idle(&self) -> usize {
+        self.lock().idle.len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Sets> {
         self.sets.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -290,6 +295,7 @@ mod tests {
         assert!(e.evicted().is_cancelled(), "e was kept");
         assert!(!d.evicted().is_cancelled(), "a busy connection was evicted");
         assert_eq!(c.evicted(), 3);
+        assert_eq!(c.idle(), 2, "idle: f and g");
         // An evicted connection cannot start a request, and frees nothing on release.
         let mut b = b;
         assert!(
