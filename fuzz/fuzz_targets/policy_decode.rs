@@ -1,10 +1,11 @@
 //! The policy codec on arbitrary bytes, fed in arbitrary chunks as a socket would: no
-//! panic, and the buffer never holds more than the limits allow.
+//! panic, the buffer never holds more than the limits allow, and no decoded attribute
+//! holds a NUL byte.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use valvula_policy::{Decoder, Limits};
+use valvula_policy::{Decoder, Frame, Limits};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits {
@@ -22,7 +23,15 @@ fuzz_target!(|data: &[u8]| {
         buf.extend_from_slice(chunk);
         loop {
             match d.decode(&mut buf) {
-                Ok(Some(_)) => continue,
+                Ok(Some(Frame::Request(r))) => {
+                    for a in r.attributes() {
+                        assert!(
+                            !a.name.contains('\0') && !a.value.contains('\0'),
+                            "a NUL got through: {a:?}"
+                        );
+                    }
+                }
+                Ok(Some(Frame::CheckServer)) => continue,
                 Ok(None) => break,
                 Err(_) => return,
             }

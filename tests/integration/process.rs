@@ -161,16 +161,31 @@ async fn sigterm_finishes_requests_in_flight_then_exits_zero() {
         ("x_test_action", "ok"),
     ]))
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Signal once the module is running the request (its second call).
+    let sock = p.dir.path().join("admin.sock");
+    let t = std::time::Instant::now();
+    let mut last = String::new();
+    while !last.contains("\"calls\":2") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the request never reached the module; status: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        last = admin_status(&sock);
+    }
     p.signal(Signal::SIGTERM);
     // The request in flight is answered; the idle connection is closed.
+    let got = busy.answer(Duration::from_secs(20)).await;
     assert_eq!(
-        busy.answer(Duration::from_secs(5)).await,
-        Answer::Reply("action=ok\n\n".into())
+        got,
+        Answer::Reply("action=ok\n\n".into()),
+        "the request in flight at SIGTERM got {got:?}"
     );
+    let got = idle.answer(Duration::from_secs(20)).await;
     assert_eq!(
-        idle.answer(Duration::from_secs(5)).await,
-        Answer::Closed(String::new())
+        got,
+        Answer::Closed(String::new()),
+        "the idle connection at SIGTERM gave {got:?}"
     );
     let status = tokio::task::spawn_blocking(move || {
         let s = p.wait_exit(Duration::from_secs(10));
@@ -607,4 +622,513 @@ fn admin_socket_refuses_other_users() {
         "{}",
         p.log()
     );
+}
+
+/// The address of the `/metrics` listener, from its "ready" log line.
+fn metrics_addr(p: &Proc) -> String {
+    let log = p.log();
+    log.lines()
+        .find(|l| l.contains("metrics listener ready"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no metrics listener:\n{log}"))
+}
+
+fn with_metrics() -> String {
+    base("\"mod-test\"", "").replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n")
+}
+
+/// Sends `request` and returns everything the server sends until it closes (or 20 s).
+async fn http(addr: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.write_all(request).await.expect("send the request");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Resident memory of a process, in MB.
+fn rss_mb(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// GET and HEAD on /metrics, 404 elsewhere, 405 for other methods, 431 for oversized
+/// headers, keep-alive, and connections beyond the cap closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listener_speaks_bounded_http() {
+    let p = Proc::start(&with_metrics(), &[]);
+    let m = metrics_addr(&p);
+    let r = http(
+        &m,
+        b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 OK\r\n")
+            && r.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4\r\n")
+            && r.contains("\nvalvulad_uptime_seconds "),
+        "GET /metrics answered:\n{r}"
+    );
+    let r = http(
+        &m,
+        b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 OK\r\n") && r.ends_with("\r\n\r\n") && !r.contains("valvulad_"),
+        "HEAD /metrics answered:\n{r}"
+    );
+    let r = http(
+        &m,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 404 "), "GET / answered:\n{r}");
+    let r = http(
+        &m,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 405 ") && r.to_ascii_lowercase().contains("allow: get, head\r\n"),
+        "POST /metrics answered:\n{r}"
+    );
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(20_000)
+    );
+    let r = http(&m, big.as_bytes()).await;
+    assert!(
+        r.starts_with("HTTP/1.1 431 "),
+        "a 20 KB header answered:\n{r}"
+    );
+    // Two requests on one connection (the second closes it).
+    let r = http(
+        &m,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        r.matches("HTTP/1.1 200 OK\r\n").count(),
+        2,
+        "two requests on one connection answered:\n{r}"
+    );
+    // 64 connections are served at once; the 65th and later are closed straight away,
+    // and a connection that sends no request is closed after the header timeout.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(&m).await.unwrap());
+    }
+    let t = std::time::Instant::now();
+    let r = http(
+        &m,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r, "", "a connection beyond the cap was answered:\n{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a connection beyond the cap was kept {:?}",
+        t.elapsed()
+    );
+    let mut buf = [0u8; 16];
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(Duration::from_secs(30), held[0].read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection was not closed: {n:?}"
+    );
+    drop(held);
+    let mut answered = false;
+    let t = std::time::Instant::now();
+    while !answered && t.elapsed() < Duration::from_secs(20) {
+        let r = http(
+            &m,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        answered = r.starts_with("HTTP/1.1 200 OK\r\n");
+    }
+    assert!(
+        answered,
+        "no scrape answered once the silent connections were gone"
+    );
+}
+
+/// Clients streaming bytes without a newline and one sending its headers a byte at a
+/// time cost the daemon no memory to speak of; scrapes and policy requests are answered
+/// throughout. (A hand-written reader once buffered such a line: 2.7 GB in 4.7 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listener_survives_endless_and_slow_requests() {
+    use tokio::io::AsyncWriteExt;
+    let p = Proc::start(&with_metrics(), &[]);
+    let m = metrics_addr(&p);
+    let pid = p.child.id();
+    let rss_before = rss_mb(pid);
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let m = m.clone();
+        streams.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&m).await.unwrap();
+            let chunk = vec![b'a'; 64 * 1024];
+            let mut sent = 0usize;
+            // Bounded (48 MiB each), yet far beyond what a bounded reader keeps.
+            while sent < 48 << 20 {
+                match tokio::time::timeout(Duration::from_secs(10), s.write_all(&chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len(),
+                    _ => break,
+                }
+            }
+            sent
+        });
+    }
+    let slow = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(&m).await.unwrap();
+            let t = std::time::Instant::now();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            while t.elapsed() < Duration::from_secs(60) {
+                if s.write_all(b"X").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            t.elapsed()
+        })
+    };
+    let mut c = Client::connect(&p.addrs()[0]).await;
+    let t = std::time::Instant::now();
+    let mut max_rss = rss_before;
+    let mut rounds = 0;
+    while t.elapsed() < Duration::from_secs(4) || !slow.is_finished() {
+        max_rss = max_rss.max(rss_mb(pid));
+        let r = http(
+            &m,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK\r\n") && r.contains("\nvalvulad_uptime_seconds "),
+            "a scrape during the attack (round {rounds}) got:\n{r}"
+        );
+        let r = c.ask(&postfix_request(&[])).await;
+        assert_eq!(
+            r, "action=dunno\n\n",
+            "a policy request during the attack got {r:?}"
+        );
+        rounds += 1;
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the slow-headers client was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let slow_for = slow.await.unwrap();
+    let mut sent = Vec::new();
+    while let Some(s) = streams.join_next().await {
+        sent.push(s.unwrap());
+    }
+    eprintln!(
+        "RELIABILITY: /metrics under 8 endless lines and a slow-headers client: rss {rss_before:.1} MB before, at most {max_rss:.1} MB during; {rounds} scrapes and policy requests answered; slow client cut after {slow_for:?}; bytes taken per stream {sent:?}"
+    );
+    assert!(
+        max_rss < 100.0,
+        "resident memory reached {max_rss:.1} MB (from {rss_before:.1} MB)"
+    );
+    assert!(
+        sent.iter().all(|&s| s < 48 << 20),
+        "a stream without a newline was read to its end: {sent:?}"
+    );
+    assert!(
+        slow_for < Duration::from_secs(20),
+        "the slow-headers client was kept {slow_for:?}"
+    );
+    assert!(
+        p.child.id() == pid && rss_mb(pid) > 0.0,
+        "the daemon is gone:\n{}",
+        p.log()
+    );
+}
+
+/// A path at `server.admin_socket` that is not a socket (a regular file, a symbolic
+/// link to anything) is a configuration error for `-t` and for startup alike, and is
+/// left as it is; a stale socket there is replaced.
+#[test]
+fn admin_socket_path_that_is_not_a_socket_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "do not delete").unwrap();
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let cases = [
+        ("a regular file", dir.path().join("file.sock"), None),
+        (
+            "a symbolic link",
+            dir.path().join("link-to-file.sock"),
+            Some(&precious),
+        ),
+        (
+            "a symbolic link",
+            dir.path().join("link-to-socket.sock"),
+            Some(&stale),
+        ),
+    ];
+    for (kind, path, target) in &cases {
+        match target {
+            None => std::fs::copy(&precious, path).map(|_| ()).unwrap(),
+            Some(t) => std::os::unix::fs::symlink(t, path).unwrap(),
+        }
+        let cfg = base("", "").replace(
+            "[server]\n",
+            &format!(
+                "[server]\nadmin_socket = {:?}\n",
+                path.display().to_string()
+            ),
+        );
+        for args in [&["-t"][..], &[]] {
+            let mut p = Proc::spawn(&cfg, args);
+            let s = p.wait_exit(Duration::from_secs(20));
+            let log = p.log();
+            let want = format!(
+                "server.admin_socket: {} exists and is {kind}",
+                path.display()
+            );
+            assert_eq!(
+                s.code(),
+                Some(1),
+                "valvulad {args:?} with {kind} there: {s:?}\n{log}"
+            );
+            assert!(
+                log.contains(&want),
+                "valvulad {args:?}: {want:?} missing from:\n{log}"
+            );
+            let meta = std::fs::symlink_metadata(path).unwrap();
+            assert_eq!(
+                meta.file_type().is_symlink(),
+                target.is_some(),
+                "{} was replaced",
+                path.display()
+            );
+        }
+        if target.is_none() {
+            assert_eq!(
+                std::fs::read_to_string(path).unwrap(),
+                "do not delete",
+                "the regular file was changed"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        "do not delete",
+        "a link's target was changed"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&stale)
+            .unwrap()
+            .file_type()
+            .is_socket(),
+        "a link's target socket was removed"
+    );
+    // The stale socket itself (nobody listening) is replaced, and served.
+    let cfg = base("", "").replace(
+        "[server]\n",
+        &format!(
+            "[server]\nadmin_socket = {:?}\n",
+            stale.display().to_string()
+        ),
+    );
+    let p = Proc::start(&cfg, &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&stale)
+        .unwrap_or_else(|e| panic!("the replaced socket does not answer: {e}\n{}", p.log()));
+    use std::io::{Read, Write};
+    s.write_all(b"status\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.contains("\"listeners\""),
+        "status over the replaced socket: {out}"
+    );
+}
+
+/// The admin socket reads at most one short line, within a few seconds: a command that
+/// never ends is answered with an error instead of being buffered, and a silent client
+/// is closed.
+#[test]
+fn admin_socket_reads_a_bounded_command_in_bounded_time() {
+    use std::io::{Read, Write};
+    let p = Proc::start(&base("", ""), &[]);
+    let sock = p.dir.path().join("admin.sock");
+    let read_all = |s: &mut std::os::unix::net::UnixStream| {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("no answer ({e}); got {:?}", String::from_utf8_lossy(&out)),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let pid = p.child.id();
+    let before = rss_mb(pid);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0;
+        while sent < 64 && w.write_all(&chunk).is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    let got = read_all(&mut s);
+    let sent = writer.join().unwrap();
+    let after = rss_mb(pid);
+    assert_eq!(
+        got, "error command longer than 1024 bytes\n",
+        "a command without end ({sent} MiB sent) got {got:?}; rss {before:.1} -> {after:.1} MB"
+    );
+    assert!(sent < 64, "the daemon read all 64 MiB of one command");
+    let t = std::time::Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let got = read_all(&mut s);
+    assert_eq!(
+        got,
+        "error no command within 5s\n",
+        "a silent client got {got:?} after {:?}",
+        t.elapsed()
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"status\n").unwrap();
+    let got = read_all(&mut s);
+    assert!(got.contains("\"listeners\""), "status afterwards: {got}");
+}
+
+/// Out of file descriptors (the hard limit lowered under a running daemon), a new
+/// client is still served: the connection idle longest is closed to make room, and the
+/// failing accept is logged once a second, not on every retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_longest_idle_connection_gives_way() {
+    let p = Proc::start(&base("\"mod-test\"", ""), &[]);
+    let pid = p.child.id();
+    let addr = p.addrs()[0].clone();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = open + 3;
+    let o = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .output()
+        .expect("run prlimit");
+    assert!(
+        o.status.success(),
+        "prlimit failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let t = std::time::Instant::now();
+    let mut conns = Vec::new();
+    for i in 0..10 {
+        let mut c = Client::connect(&addr).await;
+        let text = format!("c{i}");
+        c.send(&postfix_request(&[
+            ("x_test_action", "ok"),
+            ("x_test_text", &text),
+        ]))
+        .await;
+        let got = c.answer(Duration::from_secs(20)).await;
+        assert_eq!(
+            got,
+            Answer::Reply(format!("action=ok c{i}\n\n")),
+            "connection {i} with {open} descriptors open and a limit of {limit}:\n{}",
+            p.log()
+        );
+        conns.push(c);
+    }
+    let got = conns[0].answer(Duration::from_secs(20)).await;
+    assert_eq!(
+        got,
+        Answer::Closed(String::new()),
+        "the connection idle longest was not closed"
+    );
+    let r = conns[9].ask(&postfix_request(&[])).await;
+    assert_eq!(
+        r, "action=dunno\n\n",
+        "the newest connection afterwards got {r:?}"
+    );
+    let made_room = p.count_log("closed the connection idle longest to make room");
+    let warnings = p.count_log("accept failed");
+    assert!(made_room >= 1, "no eviction logged:\n{}", p.log());
+    assert!(
+        warnings as u64 <= t.elapsed().as_secs() + 2,
+        "{warnings} accept warnings in {:?}:\n{}",
+        t.elapsed(),
+        p.log()
+    );
+}
+
+/// The daemon's status JSON from its admin socket ("" if it does not answer).
+fn admin_status(sock: &std::path::Path) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let _ = s.write_all(b"status\n");
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A flood of connections from outside the allowed networks is refused and counted, and
+/// logged once a second, not once per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_by_network_are_logged_once_a_second() {
+    let p = Proc::start(&base("", "allow = [\"192.0.2.0/24\"]\n"), &[]);
+    let addr = p.addrs()[0].clone();
+    let t = std::time::Instant::now();
+    for i in 0..200 {
+        let mut c = Client::connect(&addr).await;
+        let got = c.answer(Duration::from_secs(20)).await;
+        assert_eq!(
+            got,
+            Answer::Closed(String::new()),
+            "connection {i} from outside the allowed networks gave {got:?}"
+        );
+    }
+    let took = t.elapsed();
+    assert!(
+        p.wait_for_log(
+            "not in the listener's allowed networks",
+            Duration::from_secs(20)
+        ),
+        "no refusal logged:\n{}",
+        p.log()
+    );
+    let lines = p.count_log("not in the listener's allowed networks");
+    assert!(
+        lines as u64 <= took.as_secs() + 2,
+        "{lines} refusal lines for 200 connections in {took:?}"
+    );
+    let status = admin_status(&p.dir.path().join("admin.sock"));
+    assert!(status.contains("\"listeners\""), "status: {status}");
 }

@@ -649,6 +649,12 @@ impl Walker {
                 PathBuf::from(s)
             }),
         };
+        if let Some(problem) = admin_socket
+            .as_deref()
+            .and_then(crate::admin::admin_socket_problem)
+        {
+            self.err("server.admin_socket", problem);
+        }
         ServerConfig {
             metrics_listen,
             admin_socket,

@@ -293,9 +293,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<valvulad::admin::ReloadRequest>(4);
-    if let Some(sock) = daemon.config().server.admin_socket.clone()
+    // The socket bound now is the one removed at stop, whatever a reload says later.
+    let mut admin_socket = daemon.config().server.admin_socket.clone();
+    if let Some(sock) = admin_socket.clone()
         && let Err(e) = valvulad::admin::spawn(&sock, daemon.clone(), reload_tx)
     {
+        admin_socket = None;
+        // Something other than a socket at the path is a configuration error, as
+        // `valvulad -t` reports it; other failures leave the policy service running.
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::bail!("server.admin_socket: {e}");
+        }
         tracing::error!(socket = %sock.display(), "admin socket not available (valvula-ctl status/reload will not work): {e}");
     }
     if let Some(addr) = daemon.config().server.metrics_listen {
@@ -338,10 +346,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    let admin_socket = daemon.config().server.admin_socket.clone();
     daemon.shutdown(grace).await;
     if let Some(sock) = admin_socket {
-        let _ = std::fs::remove_file(sock);
+        use std::os::unix::fs::FileTypeExt;
+        // Only our socket: if something else has been put at the path since, it stays.
+        if std::fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(sock);
+        }
     }
     tracing::info!("valvulad stopped");
     Ok(())

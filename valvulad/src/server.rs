@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,9 @@ use valvula_policy::{Action, CHECKSERVER_REPLY, Decoder, Frame, Reply, Request};
 use crate::config::{Config, LimitsConfig, ListenAddr, ListenerConfig, OnError};
 use crate::dispatch::Dispatcher;
 use crate::host::ModuleSet;
+
+mod connections;
+use connections::{Admission, Connections, Phase, Slot};
 
 /// What one listener runs; replaced as a whole on reload.
 #[derive(Debug)]
@@ -49,9 +52,14 @@ impl ListenerRuntime {
 /// State a listener's connections share across reloads.
 struct ListenerShared {
     runtime: ArcSwap<ListenerRuntime>,
-    active: AtomicUsize,
-    /// Last time (ms since start) a refusal was logged, so a flood logs once a second.
-    last_refusal_log: AtomicU64,
+    /// Open connections, and which one gives way to a new one at the cap.
+    conns: Connections,
+    /// Refusals, evictions and accept errors are logged at most once a second each, so a
+    /// flood cannot flood the log.
+    refusal_log: LogGate,
+    network_log: LogGate,
+    evict_log: LogGate,
+    accept_error_log: LogGate,
     /// Connections refused at the cap.
     refused: AtomicU64,
     /// Connections refused because the client is outside the allowed networks.
@@ -203,7 +211,7 @@ impl Daemon {
                     rt.config.name.clone(),
                     l.bound.clone(),
                     rt.config.modules.clone(),
-                    l.shared.active.load(Ordering::Relaxed),
+                    l.shared.conns.open(),
                 )
             })
             .collect();
@@ -238,7 +246,7 @@ impl Daemon {
             &'static str,
             fn(&ListenerShared) -> u64,
         );
-        let series: [Series; 4] = [
+        let series: [Series; 6] = [
             (
                 "valvulad_connections_refused_total",
                 "Connections refused, by listener and reason.",
@@ -254,6 +262,13 @@ impl Daemon {
                 |l| l.refused_network.load(Ordering::Relaxed),
             ),
             (
+                "valvulad_connections_evicted_total",
+                "Connections closed to make room for a new one at the connection cap or when out of file descriptors (the longest idle, else the oldest stalled request).",
+                "counter",
+                "",
+                |l| l.conns.evicted(),
+            ),
+            (
                 "valvulad_malformed_requests_total",
                 "Connections closed for a malformed or oversized request.",
                 "counter",
@@ -265,7 +280,14 @@ impl Daemon {
                 "Open connections, by listener.",
                 "gauge",
                 "",
-                |l| l.active.load(Ordering::Relaxed) as u64,
+                |l| l.conns.open() as u64,
+            ),
+            (
+                "valvulad_connections_idle",
+                "Open connections waiting between requests, by listener (the first to give way at the connection cap).",
+                "gauge",
+                "",
+                |l| l.conns.idle() as u64,
             ),
         ];
         for (metric, help, kind, label, value) in series {
@@ -432,8 +454,11 @@ impl Daemon {
         for (l, (bound, addr)) in fresh {
             let shared = Arc::new(ListenerShared {
                 runtime: ArcSwap::from_pointee(runtime_for(&l, &config, &modules)),
-                active: AtomicUsize::new(0),
-                last_refusal_log: AtomicU64::new(0),
+                conns: Connections::default(),
+                refusal_log: LogGate::default(),
+                network_log: LogGate::default(),
+                evict_log: LogGate::default(),
+                accept_error_log: LogGate::default(),
                 refused: AtomicU64::new(0),
                 refused_network: AtomicU64::new(0),
                 malformed: AtomicU64::new(0),
@@ -575,9 +600,7 @@ async fn accept_loop(
         let (stream, peer, ip) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                accept_failed(&e, &shared, started).await;
                 continue;
             }
         };
@@ -585,43 +608,117 @@ async fn accept_loop(
         if let Some(ip) = ip
             && !rt.config.allows(ip)
         {
-            shared.refused_network.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(listener = %rt.config.name, client = %peer, "connection refused: client is not in the listener's allowed networks");
-            continue;
-        }
-        let active = shared.active.fetch_add(1, Ordering::AcqRel);
-        if active >= rt.config.max_connections {
-            shared.active.fetch_sub(1, Ordering::AcqRel);
-            let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            let now_ms = started.elapsed().as_millis() as u64;
-            let last = shared.last_refusal_log.load(Ordering::Relaxed);
-            if now_ms.saturating_sub(last) >= 1000
-                && shared
-                    .last_refusal_log
-                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::warn!(listener = %rt.config.name, client = %peer, max_connections = rt.config.max_connections, refused_total = n, "connection refused: listener is at its connection cap");
+            let n = shared.refused_network.fetch_add(1, Ordering::Relaxed) + 1;
+            if shared.network_log.open(started) {
+                tracing::warn!(listener = %rt.config.name, client = %peer, refused_total = n, "connection refused: client is not in the listener's allowed networks");
             }
             continue;
         }
-        let shared = shared.clone();
+        let slot = match shared.conns.admit(rt.config.max_connections) {
+            Admission::Admitted(slot) => slot,
+            Admission::Replaced(slot, victim) => {
+                if shared.evict_log.open(started) {
+                    let which = match victim.phase {
+                        Phase::Partial => "the oldest stalled request",
+                        _ => "the connection idle longest",
+                    };
+                    tracing::warn!(listener = %rt.config.name, client = %peer, max_connections = rt.config.max_connections, waited = ?victim.waited, evicted_total = shared.conns.evicted(), "listener is at its connection cap: closed {which} to admit a new connection");
+                }
+                slot
+            }
+            Admission::Refused => {
+                let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if shared.refusal_log.open(started) {
+                    tracing::warn!(listener = %rt.config.name, client = %peer, max_connections = rt.config.max_connections, refused_total = n, "connection refused: listener is at its connection cap and every connection is in a request");
+                }
+                continue;
+            }
+        };
+        let conn = Admitted {
+            shared: shared.clone(),
+            slot,
+        };
         let shutdown = shutdown.clone();
         match stream {
             Stream::Tcp(s) => {
                 let _ = s.set_nodelay(true);
                 tracker.spawn(async move {
-                    serve(s, &peer, &shared, &shutdown).await;
-                    shared.active.fetch_sub(1, Ordering::AcqRel);
+                    let mut conn = conn;
+                    serve(s, &peer, &conn.shared, &shutdown, &mut conn.slot).await;
                 });
             }
             Stream::Unix(s) => {
                 tracker.spawn(async move {
-                    serve(s, &peer, &shared, &shutdown).await;
-                    shared.active.fetch_sub(1, Ordering::AcqRel);
+                    let mut conn = conn;
+                    serve(s, &peer, &conn.shared, &shutdown, &mut conn.slot).await;
                 });
             }
         }
+    }
+}
+
+/// An accept that failed. Out of file descriptors, the connection waits in the backlog
+/// while idle ones hold every descriptor: close the one idle longest (as at the cap) so
+/// it can be accepted, instead of leaving the new client unserved. Other resource
+/// errors back off; the warning is logged once a second, not on every retry.
+async fn accept_failed(e: &std::io::Error, shared: &ListenerShared, started: Instant) {
+    use nix::libc;
+    let code = e.raw_os_error().unwrap_or(0);
+    // Errors of the one connection being accepted: the next accept is unaffected.
+    if matches!(code, libc::ECONNABORTED | libc::ECONNRESET | libc::EPROTO) {
+        tracing::debug!("accept failed: {e}");
+        return;
+    }
+    let victim = if matches!(code, libc::EMFILE | libc::ENFILE) {
+        shared.conns.evict_one()
+    } else {
+        None
+    };
+    if shared.accept_error_log.open(started) {
+        let listener = shared.runtime.load().config.name.clone();
+        match &victim {
+            Some(v) => {
+                tracing::warn!(%listener, waited = ?v.waited, evicted_total = shared.conns.evicted(), "accept failed: {e}; closed the connection idle longest to make room")
+            }
+            None => tracing::warn!(%listener, "accept failed: {e}"),
+        }
+    }
+    match victim {
+        // Accept again once its descriptor is closed.
+        Some(v) => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), v.closed()).await;
+        }
+        None => tokio::time::sleep(Duration::from_millis(100)).await,
+    }
+}
+
+/// At most one warning a second from a flood of the same event.
+#[derive(Default)]
+struct LogGate(AtomicU64);
+
+impl LogGate {
+    /// True when the last warning was a second ago or more (ms since `started`; the
+    /// first call is always open).
+    fn open(&self, started: Instant) -> bool {
+        let now = started.elapsed().as_millis() as u64 + 1000;
+        let last = self.0.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// A connection's place in its listener, given back when its task ends (panics too).
+struct Admitted {
+    shared: Arc<ListenerShared>,
+    slot: Slot,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.shared.conns.release(&self.slot);
     }
 }
 
@@ -645,8 +742,13 @@ async fn accept(b: &Bound) -> std::io::Result<(Stream, String, Option<std::net::
 
 /// Serves one connection until the client closes, a limit or timeout is hit, or the
 /// daemon stops (between requests).
-async fn serve<S>(mut stream: S, peer: &str, shared: &ListenerShared, shutdown: &CancellationToken)
-where
+async fn serve<S>(
+    mut stream: S,
+    peer: &str,
+    shared: &ListenerShared,
+    shutdown: &CancellationToken,
+    slot: &mut Slot,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = shared.runtime.load().limits.clone();
@@ -668,21 +770,31 @@ where
                 return;
             }
             Ok(Some(Frame::CheckServer)) => {
+                if !shared.conns.enter(slot, Phase::Busy) {
+                    return;
+                }
                 let _ = stream.write_all(CHECKSERVER_REPLY).await;
                 let _ = stream.shutdown().await;
                 return;
             }
             Ok(Some(Frame::Request(req))) => {
+                // From here on the connection is never evicted; if it already was (it
+                // was idle or stalled when a new connection took its place), the request
+                // is dropped unanswered and Postfix sends it again on a new connection.
+                if !shared.conns.enter(slot, Phase::Busy) {
+                    tracing::debug!(client = %peer, "connection evicted before its request was processed");
+                    return;
+                }
                 let rt = shared.runtime.load_full();
                 let Some(reply) = run_chain(&rt, req).await else {
                     shared.answers[15].fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                let slot = Action::ALL
+                let kind = Action::ALL
                     .iter()
                     .position(|a| *a == reply.action())
                     .unwrap_or(15);
-                shared.answers[slot].fetch_add(1, Ordering::Relaxed);
+                shared.answers[kind].fetch_add(1, Ordering::Relaxed);
                 out.clear();
                 reply.encode(&mut out);
                 match tokio::time::timeout(limits.request_timeout, stream.write_all(&out)).await {
@@ -700,6 +812,12 @@ where
             Ok(None) => {}
         }
         let partial = decoder.in_progress(&buf);
+        if !shared
+            .conns
+            .enter(slot, if partial { Phase::Partial } else { Phase::Idle })
+        {
+            return;
+        }
         // A request must be complete within request_timeout of its first byte, however
         // it trickles in: a timeout per read would let one byte every few seconds hold
         // the connection for ever (slowloris).
@@ -718,6 +836,10 @@ where
         let read = tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !partial => return,
+            _ = slot.evicted().cancelled() => {
+                tracing::debug!(client = %peer, partial, "connection closed to make room for a new one");
+                return;
+            }
             r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
         };
         match read {

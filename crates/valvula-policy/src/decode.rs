@@ -30,7 +30,8 @@ impl Default for Limits {
 pub enum Frame {
     /// A complete request, ended by its empty line.
     Request(Request),
-    /// A line starting with `checkserver`: answer [`crate::CHECKSERVER_REPLY`] and close.
+    /// A line starting with `checkserver` where a request would start (no attribute of
+    /// the current request read yet): answer [`crate::CHECKSERVER_REPLY`] and close.
     CheckServer,
 }
 
@@ -46,6 +47,8 @@ pub enum DecodeError {
     RequestTooLarge { limit: usize },
     #[error("the request has more than {limit} attributes")]
     TooManyAttributes { limit: usize },
+    #[error("line {line} of the request holds a NUL byte")]
+    Nul { line: usize },
 }
 
 /// Incremental request decoder: feed it the connection's read buffer after each read.
@@ -120,10 +123,20 @@ impl Decoder {
                     limit: self.limits.max_request_bytes,
                 });
             }
+            // valvula's probe is the first line of what would be a request; inside a
+            // request the same bytes are an ordinary line, so an attribute value or name
+            // that happens to start with it cannot make the daemon drop the request.
+            let first_line = self.lines == 0;
             self.lines += 1;
             let line_no = self.lines;
 
-            if content.starts_with(b"checkserver") {
+            // Postfix never sends a NUL (its attributes are C strings); one on the wire
+            // means a broken or hostile client, and the modules would see a name or value
+            // that Postfix and C modules read as cut short at the NUL.
+            if content.contains(&0) {
+                return Err(DecodeError::Nul { line: line_no });
+            }
+            if first_line && content.starts_with(b"checkserver") {
                 buf.advance(end + 1);
                 self.reset();
                 return Ok(Some(Frame::CheckServer));
@@ -273,11 +286,33 @@ mod tests {
     }
 
     #[test]
-    fn checkserver_anywhere() {
-        let (f, _, _) = decode_all(b"checkserver\n", Limits::default());
-        assert_eq!(f, vec![Frame::CheckServer]);
-        let (f, _, _) = decode_all(b"a=1\ncheckserverfoo=1\n", Limits::default());
-        assert_eq!(f, vec![Frame::CheckServer]);
+    fn checkserver_only_where_a_request_starts() {
+        let (f, e, _) = decode_all(b"checkserver\n", Limits::default());
+        assert_eq!((f.clone(), e.clone()), (vec![Frame::CheckServer], None));
+        // valvula's probe matches on the first 11 bytes.
+        let (f, e, _) = decode_all(b"checkserverfoo=1\n", Limits::default());
+        assert_eq!((f.clone(), e.clone()), (vec![Frame::CheckServer], None));
+        // After a complete request, the next line starts a request again.
+        let (f, e, _) = decode_all(b"a=1\n\ncheckserver\n", Limits::default());
+        assert_eq!(e, None, "frames {f:?}");
+        assert_eq!(f.len(), 2, "frames {f:?}");
+        assert_eq!(f[1], Frame::CheckServer, "frames {f:?}");
+        // Inside a request it is an attribute like any other...
+        let (f, e, rest) = decode_all(b"a=1\ncheckserverfoo=1\nb=2\n\n", Limits::default());
+        assert_eq!(e, None, "frames {f:?}");
+        assert!(rest.is_empty(), "left over: {rest:?}");
+        assert_eq!(f.len(), 1, "frames {f:?}");
+        let r = req(&f, 0);
+        assert_eq!(r.get("checkserverfoo"), Some("1"), "request {r:?}");
+        assert_eq!(r.get("b"), Some("2"), "request {r:?}");
+        // ...and without '=' a malformed line.
+        let (f, e, _) = decode_all(b"a=1\ncheckserver\n\n", Limits::default());
+        assert_eq!(
+            e,
+            Some(DecodeError::MissingEquals { line: 2 }),
+            "frames {f:?}"
+        );
+        assert!(f.is_empty(), "frames {f:?}");
     }
 
     #[test]
@@ -326,12 +361,32 @@ mod tests {
     }
 
     #[test]
-    fn non_utf8_and_nul_survive() {
-        let (f, e, _) = decode_all(b"helo_name=caf\xe9\nx=a\0b\n\n", Limits::default());
-        assert!(e.is_none());
+    fn non_utf8_survives() {
+        let (f, e, _) = decode_all(b"helo_name=caf\xe9\n\n", Limits::default());
+        assert!(e.is_none(), "{e:?}");
         let r = req(&f, 0);
-        assert_eq!(r.get("helo_name"), Some("caf\u{fffd}"));
-        assert_eq!(r.get("x"), Some("a\0b"));
+        assert_eq!(r.get("helo_name"), Some("caf\u{fffd}"), "request {r:?}");
+    }
+
+    #[test]
+    fn nul_is_refused_in_names_values_and_probes() {
+        for (input, line) in [
+            (&b"request=x\nx=a\0b\n\n"[..], 2),
+            (b"a\0=b\n\n", 1),
+            (b"\0\n\n", 1),
+            (b"checkserver\0\n", 1),
+            (b"a=1\r\nb=\0\r\n\r\n", 2),
+        ] {
+            let (f, e, _) = decode_all(input, Limits::default());
+            assert_eq!(e, Some(DecodeError::Nul { line }), "{input:?} gave {f:?}");
+            assert!(f.is_empty(), "{input:?} gave {f:?}");
+        }
+        // A NUL in a line still arriving is refused once its line is complete.
+        let mut d = Decoder::new(Limits::default());
+        let mut buf = BytesMut::from(&b"x=a\0"[..]);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+        buf.extend_from_slice(b"b\n");
+        assert_eq!(d.decode(&mut buf), Err(DecodeError::Nul { line: 1 }));
     }
 
     #[test]

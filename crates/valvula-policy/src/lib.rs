@@ -12,7 +12,10 @@
 //!   as in valvula;
 //! - attributes are kept in wire order, unknown ones included; lookups take the last
 //!   duplicate;
-//! - a line starting with `checkserver` is valvula's health probe ([`Frame::CheckServer`]);
+//! - a line starting with `checkserver` where a request starts (no attribute of the
+//!   current request read yet) is valvula's health probe ([`Frame::CheckServer`]); inside
+//!   a request it is an ordinary line;
+//! - a line holding a NUL byte is an error (Postfix never sends one);
 //! - bytes per line, bytes per request and attributes per request are limited
 //!   ([`Limits`]); a violation is an error and the caller closes the connection without
 //!   a reply, which makes Postfix retry and then apply its default action;
