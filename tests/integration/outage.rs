@@ -178,9 +178,12 @@ async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
     );
     let addr = p.addrs()[0].clone();
     let load = Load::start(&addr, 8);
-    load.until(&p, Duration::from_secs(30), "no charge admitted before the restart", |l| {
-        l.ok() > 50
-    })
+    load.until(
+        &p,
+        Duration::from_secs(30),
+        "no charge admitted before the restart",
+        |l| l.ok() > 50,
+    )
     .await;
     let down = Instant::now();
     m = tokio::task::spawn_blocking(move || {
@@ -189,9 +192,12 @@ async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
     })
     .await
     .unwrap();
-    load.until(&p, Duration::from_secs(10), "no on-error answer while the database was down", |l| {
-        l.failed() > 0
-    })
+    load.until(
+        &p,
+        Duration::from_secs(10),
+        "no on-error answer while the database was down",
+        |l| l.failed() > 0,
+    )
     .await;
     m = tokio::task::spawn_blocking(move || {
         m.resume();
@@ -246,15 +252,21 @@ async fn a_stalled_database_fails_fast_and_stores_only_what_was_admitted() {
     );
     let addr = p.addrs()[0].clone();
     let load = Load::start(&addr, 8);
-    load.until(&p, Duration::from_secs(30), "no charge admitted before the stall", |l| {
-        l.ok() > 50
-    })
+    load.until(
+        &p,
+        Duration::from_secs(30),
+        "no charge admitted before the stall",
+        |l| l.ok() > 50,
+    )
     .await;
     m.signal(Signal::SIGSTOP);
     let stalled = Instant::now();
-    load.until(&p, Duration::from_secs(10), "no on-error answer while stalled", |l| {
-        l.failed() > 0
-    })
+    load.until(
+        &p,
+        Duration::from_secs(10),
+        "no on-error answer while stalled",
+        |l| l.failed() > 0,
+    )
     .await;
     // The stall itself: the fault under test, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(stalled.elapsed())).await;

@@ -177,7 +177,10 @@ fn first_refusal_notifies_once() {
         text = std::fs::read_to_string(&out).unwrap_or_default();
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(text, "n alice@example.com hour 1\n", "what the command wrote");
+    assert_eq!(
+        text, "n alice@example.com hour 1\n",
+        "what the command wrote"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,7 +200,8 @@ fn rollover_is_atomic_retried_and_done_by_the_first_request_of_a_day() {
         assert_eq!(counters(&e), "2\t22", "{label}");
 
         // The history table is gone when the day changes: the rollover fails...
-        e.raw.exec("ALTER TABLE domain_ticket_history RENAME TO history_away");
+        e.raw
+            .exec("ALTER TABLE domain_ticket_history RENAME TO history_away");
         e.advance(12 * 3600 + 30); // 2026-11-23 00:00:30 UTC, with the ticks
         let answer = ask(&e, &user);
         // ... and leaves nothing half-done: neither the tracking row nor the counters.
@@ -211,23 +212,32 @@ fn rollover_is_atomic_retried_and_done_by_the_first_request_of_a_day() {
         );
         // Repaired: the next request rolls over first and is charged in the new day,
         // with no tick in between.
-        e.raw.exec("ALTER TABLE history_away RENAME TO domain_ticket_history");
+        e.raw
+            .exec("ALTER TABLE history_away RENAME TO domain_ticket_history");
         e.jump(1);
-        assert_eq!(ask(&e, &user), "action=dunno", "{label}: still refused after repair");
+        assert_eq!(
+            ask(&e, &user),
+            "action=dunno",
+            "{label}: still refused after repair"
+        );
         assert_eq!(counters(&e), "1\t23", "{label}");
         assert_eq!(
-            e.raw.row("SELECT day_usage FROM domain_ticket_history WHERE domain_ticket_id = 1"),
+            e.raw
+                .row("SELECT day_usage FROM domain_ticket_history WHERE domain_ticket_id = 1"),
             "2",
             "{label}: history of the day that ended"
         );
         assert_eq!(
-            e.raw.row("SELECT current_day_usage, current_month_usage FROM domain_ticket WHERE id = 2"),
+            e.raw.row(
+                "SELECT current_day_usage, current_month_usage FROM domain_ticket WHERE id = 2"
+            ),
             "0\tNULL",
             "{label}: NULL day counter not set to 0 (the month did not change)"
         );
 
         // The next midnight, no tick at all: the first request of the day rolls over.
-        e.raw.exec("UPDATE domain_ticket SET current_day_usage = 2 WHERE id = 1");
+        e.raw
+            .exec("UPDATE domain_ticket SET current_day_usage = 2 WHERE id = 1");
         assert_eq!(ask(&e, &user), full, "{label}");
         e.jump(86_400);
         assert_eq!(

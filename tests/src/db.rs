@@ -116,9 +116,14 @@ impl PrivateMariadb {
     pub fn start() -> PrivateMariadb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
+        // Temporary tables of its own: two servers bootstrapping at once in the shared
+        // /tmp removed each other's (seen when two of these tests ran in parallel).
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
         let out = Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args([
                 "--user=root",
                 "--auth-root-authentication-method=normal",
@@ -163,6 +168,7 @@ impl PrivateMariadb {
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", d.join("mysqld.sock").display()))
             .arg(format!("--pid-file={}", d.join("mysqld.pid").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .args([
                 "--bind-address=127.0.0.1",

@@ -391,9 +391,9 @@ pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> an
         timeout: valvulad::store::DEFAULT_TIMEOUT,
     };
     crate::admin::with_store(&storage, |s| match s.ping() {
-        Err(e @ valvulad::store::StoreError::Refused(_)) => {
-            Err(anyhow::anyhow!("ERROR: {url} belongs to other daemons: {e}"))
-        }
+        Err(e @ valvulad::store::StoreError::Refused(_)) => Err(anyhow::anyhow!(
+            "ERROR: {url} belongs to other daemons: {e}"
+        )),
         r => r.with_context(|| {
             format!("ERROR: credentials provided aren't working for {url}; previous values kept")
         }),

@@ -250,7 +250,9 @@ async fn open_store(
     let s = store.clone();
     let ping = tokio::task::spawn_blocking(move || s.ping()).await?;
     match &ping {
-        Ok(()) => tracing::info!(database = store.describe(), zone = %store.zone(), "database reachable"),
+        Ok(()) => {
+            tracing::info!(database = store.describe(), zone = %store.zone(), "database reachable")
+        }
         // Counting in a database configured for other daemons would corrupt both.
         Err(e @ valvulad::store::StoreError::Refused(_)) => {
             anyhow::bail!("storage ({}): {e}", store.describe())

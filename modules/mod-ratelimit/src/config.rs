@@ -385,8 +385,7 @@ pub fn settings(c: Config) -> Result<Settings, Error> {
                 .map_err(|_| format!("exempt_networks: {n:?} is not a network"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if c
-        .recipient_delimiter
+    if c.recipient_delimiter
         .chars()
         .any(|ch| ch == '@' || ch.is_whitespace() || ch.is_control())
     {

@@ -42,7 +42,6 @@ struct Config {
     debug: bool,
 }
 
-
 struct Settings {
     charge_states: Vec<String>,
     zone: valvula_calendar::Zone,

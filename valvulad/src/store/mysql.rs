@@ -293,11 +293,12 @@ impl Shared {
         {
             return Err(e);
         }
-        if self.outage.is_down() {
-            self.outage.failed("still away (a probe retries it)");
+        if self.outage.is_down()
+            && let Some(d) = self.outage.refused("still away (a probe retries it)")
+        {
             return Err(StoreError::Unavailable(format!(
                 "database away for {:.1} s",
-                self.outage.down_for().unwrap_or_default().as_secs_f64()
+                d.as_secs_f64()
             )));
         }
         Ok(())
@@ -330,6 +331,15 @@ impl Shared {
         self.runtime.spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
+                if !me.outage.is_down() {
+                    me.probing.store(false, Ordering::Release);
+                    // A new outage that began while this probe was ending found it
+                    // still running and started none: go on probing for it.
+                    if me.outage.is_down() && !me.probing.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
+                }
                 let (_, pool) = me.pool();
                 let ok = tokio::time::timeout(PROBE_TIMEOUT.min(me.timeout), async {
                     let mut c = pool.get_conn().await?;
@@ -338,10 +348,8 @@ impl Shared {
                 .await;
                 if let Ok(Ok(())) = ok {
                     me.outage.ok();
-                    break;
                 }
             }
-            me.probing.store(false, Ordering::Release);
         });
     }
 
@@ -439,7 +447,7 @@ impl Shared {
 
     /// One try of a lane's transaction: the statements within the storage timeout (or
     /// they are rolled back), then the COMMIT, whose outcome is waited for.
-    async fn lane_once(&self, batch: &LaneBatch) -> Result<LaneResults> {
+    async fn lane_once(self: &Arc<Self>, batch: &LaneBatch) -> Result<LaneResults> {
         let deadline = Instant::now() + self.timeout;
         let (generation, pool) = self.pool();
         let committing = AtomicBool::new(false);
@@ -508,6 +516,12 @@ impl Shared {
                     jobs = batch.writes.len() + batch.consumes.len(),
                     "the database stopped answering after a COMMIT went out; waiting for its outcome"
                 );
+                // A COMMIT unanswered for the storage timeout: the database is away.
+                // Other calls fail at once and the probe watches for its return.
+                self.record::<()>(&Err(StoreError::Unavailable(format!(
+                    "no answer to a COMMIT within {:?} (storage timeout)",
+                    self.timeout
+                ))));
                 let r = tokio::time::timeout(IN_DOUBT_MAX, work).await.unwrap_or_else(|_| {
                     Err(StoreError::InDoubt(format!(
                         "no answer to a COMMIT within {IN_DOUBT_MAX:?}"

@@ -46,11 +46,6 @@ impl Outage {
         self.down.load(Ordering::Acquire)
     }
 
-    /// How long the database has been away (`None`: it is not).
-    pub fn down_for(&self) -> Option<Duration> {
-        self.state().since.map(|s| s.elapsed())
-    }
-
     /// The database failed a call (`cause`) or a call was refused because it is away.
     /// Returns true when this call starts the outage.
     pub fn failed(&self, cause: &str) -> bool {
@@ -82,6 +77,29 @@ impl Outage {
             st.pending = 0;
         }
         false
+    }
+
+    /// A call refused because the database is away: counted (and logged once a second)
+    /// while the outage lasts. `None` when the outage ended meanwhile: the call goes
+    /// ahead (a refusal must never start an outage, or nothing would end it).
+    pub fn refused(&self, why: &str) -> Option<Duration> {
+        let mut st = self.state();
+        let since = st.since?;
+        let now = Instant::now();
+        st.total += 1;
+        st.pending += 1;
+        if st.last_line.is_none_or(|l| now.duration_since(l) >= EVERY) {
+            tracing::warn!(
+                database = %self.database,
+                down_s = format!("{:.1}", now.duration_since(since).as_secs_f64()),
+                failed = st.pending,
+                failed_total = st.total,
+                "database still unavailable: {why}"
+            );
+            st.last_line = Some(now);
+            st.pending = 0;
+        }
+        Some(now.duration_since(since))
     }
 
     /// A call succeeded: ends an outage, if there was one.
