@@ -164,6 +164,23 @@ fn check_log(p: &Proc, seconds: f64, failed: u64) {
         log.contains("database reachable again"),
         "no recovery line:\n{log}"
     );
+    // Status counts the failures as the database's, and the module as healthy.
+    let status = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(p.dir.path().join("admin.sock"))
+            .expect("admin socket");
+        s.write_all(b"status\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let m = &v["modules"][0];
+    assert_eq!(m["quarantined"], false, "{status}");
+    assert!(
+        m["unavailable"].as_u64().unwrap_or(0) > 0,
+        "no failure counted as the database's: {status}"
+    );
 }
 
 /// MariaDB stopped and started again under load (a restart): the requests meanwhile get

@@ -196,6 +196,7 @@ pub fn status(d: &Daemon) -> String {
                 "answers": s.answers.load(Ordering::Relaxed),
                 "failures": s.failures.load(Ordering::Relaxed),
                 "timeouts": s.timeouts.load(Ordering::Relaxed),
+                "unavailable": s.unavailable.load(Ordering::Relaxed),
                 "latency_us": {
                     "min": if min == u64::MAX { 0 } else { min },
                     "avg": s.total_us.load(Ordering::Relaxed).checked_div(calls).unwrap_or(0),

@@ -326,12 +326,17 @@ impl Daemon {
                 "Module calls that ran past the module timeout.",
                 3,
             ),
+            (
+                "valvulad_module_unavailable_total",
+                "Module calls that failed because the database was unavailable (never quarantined).",
+                4,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
             for m in &modules {
                 let s = &m.stats;
-                let v =
-                    [&s.calls, &s.answers, &s.failures, &s.timeouts][get].load(Ordering::Relaxed);
+                let v = [&s.calls, &s.answers, &s.failures, &s.timeouts, &s.unavailable][get]
+                    .load(Ordering::Relaxed);
                 let _ = writeln!(o, "{metric}{{module=\"{}\"}} {v}", esc(m.name()));
             }
         }
