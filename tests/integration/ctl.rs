@@ -1019,6 +1019,25 @@ fn script(path: &Path, text: &str) {
 /// then answers what Postfix would read if the hook were missing. Then a program that
 /// does not take the lock (an editor) changes main.cf while A edits: A writes nothing
 /// and says so.
+/// Admin A: `-c smtpd_data_restrictions 3579 last` with `bin` first in PATH (its
+/// `postconf`); its output and what it said.
+fn admin_a_hooks(cfg: &str, pf: &Path, bin: &Path, path: &str) -> (std::process::Output, String) {
+    let a = Command::new(ctl_bin())
+        .args(["--config", cfg, "--postfix-dir"])
+        .arg(pf)
+        .args(["--yes", "-c", "smtpd_data_restrictions", "3579", "last"])
+        .env("PATH", format!("{}:{path}", bin.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&a.stderr)
+    );
+    (a, said)
+}
+
 #[test]
 fn a_failed_edit_never_undoes_another_admins() {
     let dir = tempfile::tempdir().unwrap();
@@ -1052,19 +1071,7 @@ fn a_failed_edit_never_undoes_another_admins() {
             main = main.display(),
         ),
     );
-    let a = Command::new(ctl_bin())
-        .args(["--config", &cfg, "--postfix-dir"])
-        .arg(&pf)
-        .args(["--yes", "-c", "smtpd_data_restrictions", "3579", "last"])
-        .env("PATH", format!("{}:{path}", bin.display()))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let a_said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&a.stdout),
-        String::from_utf8_lossy(&a.stderr)
-    );
+    let (a, a_said) = admin_a_hooks(&cfg, &pf, &bin, &path);
     assert_eq!(a.status.code(), Some(1), "admin A: {a_said}");
     assert!(a_said.contains("not what was meant"), "admin A: {a_said}");
     wait_until("admin B to finish", || {
@@ -1098,19 +1105,7 @@ fn a_failed_edit_never_undoes_another_admins() {
         ),
     );
     let before = std::fs::read_to_string(&main).unwrap();
-    let a = Command::new(ctl_bin())
-        .args(["--config", &cfg, "--postfix-dir"])
-        .arg(&pf)
-        .args(["--yes", "-c", "smtpd_data_restrictions", "3579", "last"])
-        .env("PATH", format!("{}:{path}", bin.display()))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let a_said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&a.stdout),
-        String::from_utf8_lossy(&a.stderr)
-    );
+    let (a, a_said) = admin_a_hooks(&cfg, &pf, &bin, &path);
     assert_eq!(a.status.code(), Some(1), "admin A: {a_said}");
     assert!(
         a_said.contains("changed while valvula-ctl was editing it"),

@@ -145,6 +145,35 @@ async fn stored(addr: &str) -> i64 {
         .unwrap_or_else(|| panic!("no count in {r:?}"))
 }
 
+/// A daemon on `m` (storage options `extra`) under steady load, once charges go through.
+async fn under_load(m: &PrivateMariadb, extra: &str) -> (Proc, String, Load) {
+    let p = Proc::start(
+        &config(&mysql(&format!("{}/valvula", m.url()), extra), ""),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let load = Load::start(&addr, 8);
+    load.until(
+        &p,
+        Duration::from_secs(30),
+        "no charge admitted before the fault",
+        |l| l.ok() > 50,
+    )
+    .await;
+    (p, addr, load)
+}
+
+/// How long after now service returns (20 more charges admitted).
+async fn recovery(load: &Load, p: &Proc) -> Duration {
+    let back = Instant::now();
+    let ok_then = load.ok();
+    load.until(p, Duration::from_secs(20), "service did not return", |l| {
+        l.ok() >= ok_then + 20
+    })
+    .await;
+    back.elapsed()
+}
+
 /// The log of an outage: no quarantine, and lines once a second, not once a request.
 fn check_log(p: &Proc, seconds: f64, failed: u64) {
     let log = p.log();
@@ -189,19 +218,7 @@ fn check_log(p: &Proc, seconds: f64, failed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
     let mut m = PrivateMariadb::start();
-    let p = Proc::start(
-        &config(&mysql(&format!("{}/valvula", m.url()), ""), ""),
-        &[],
-    );
-    let addr = p.addrs()[0].clone();
-    let load = Load::start(&addr, 8);
-    load.until(
-        &p,
-        Duration::from_secs(30),
-        "no charge admitted before the restart",
-        |l| l.ok() > 50,
-    )
-    .await;
+    let (p, addr, load) = under_load(&m, "").await;
     let down = Instant::now();
     m = tokio::task::spawn_blocking(move || {
         m.stop();
@@ -222,13 +239,7 @@ async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
     })
     .await
     .unwrap();
-    let back = Instant::now();
-    let ok_then = load.ok();
-    load.until(&p, Duration::from_secs(20), "service did not return", |l| {
-        l.ok() >= ok_then + 20
-    })
-    .await;
-    let recovery = back.elapsed();
+    let recovery = recovery(&load, &p).await;
     let outage = down.elapsed().as_secs_f64();
     let (ok, failed, _) = load.finish().await;
     // Old: the module was quarantined for 30 s after the first five failures.
@@ -260,22 +271,7 @@ async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_database_fails_fast_and_stores_only_what_was_admitted() {
     let m = PrivateMariadb::start();
-    let p = Proc::start(
-        &config(
-            &mysql(&format!("{}/valvula", m.url()), "timeout = \"500ms\""),
-            "",
-        ),
-        &[],
-    );
-    let addr = p.addrs()[0].clone();
-    let load = Load::start(&addr, 8);
-    load.until(
-        &p,
-        Duration::from_secs(30),
-        "no charge admitted before the stall",
-        |l| l.ok() > 50,
-    )
-    .await;
+    let (p, addr, load) = under_load(&m, "timeout = \"500ms\"").await;
     m.signal(Signal::SIGSTOP);
     let stalled = Instant::now();
     load.until(
@@ -288,14 +284,8 @@ async fn a_stalled_database_fails_fast_and_stores_only_what_was_admitted() {
     // The stall itself: the fault under test, not a wait for a condition.
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(stalled.elapsed())).await;
     m.signal(Signal::SIGCONT);
-    let back = Instant::now();
     let outage = stalled.elapsed().as_secs_f64();
-    let ok_then = load.ok();
-    load.until(&p, Duration::from_secs(20), "service did not return", |l| {
-        l.ok() >= ok_then + 20
-    })
-    .await;
-    let recovery = back.elapsed();
+    let recovery = recovery(&load, &p).await;
     let (ok, failed, slowest) = load.finish().await;
     // Old: 19 s.
     assert!(

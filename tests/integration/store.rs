@@ -63,6 +63,32 @@ fn open(mysql: bool) -> Bench {
     }
 }
 
+/// Another store on the bench's database (another daemon), with calendar zone `zone`.
+fn reopen(b: &Bench, zone: Zone) -> Arc<Store> {
+    let backend = match &b._db {
+        Some(db) => Backend::Mysql {
+            url: db.url(),
+            password: None,
+            pool_size: 8,
+        },
+        None => Backend::Sqlite {
+            path: b._dir.path().join("v.db"),
+            synchronous_full: true,
+        },
+    };
+    let cfg = StorageConfig {
+        backend,
+        zone,
+        timeout: std::time::Duration::from_secs(10),
+    };
+    Store::open(&cfg, b._rt.handle().clone()).unwrap()
+}
+
+/// On MariaDB, a second daemon's store on the same database.
+fn second(b: &Bench) -> Option<Arc<Store>> {
+    b._db.as_ref().map(|_| reopen(b, Zone::UTC))
+}
+
 fn both(f: impl Fn(&Bench)) {
     for mysql in [false, true] {
         f(&open(mysql));
@@ -498,18 +524,7 @@ fn consume_once_charges_a_token_once_and_forgets_refusals() {
 #[test]
 fn consume_once_is_exact_under_concurrency_and_across_daemons() {
     both(|b| {
-        let second = (b.label == "mysql").then(|| {
-            let cfg = StorageConfig {
-                backend: Backend::Mysql {
-                    url: b._db.as_ref().unwrap().url(),
-                    password: None,
-                    pool_size: 16,
-                },
-                zone: Zone::parse("UTC").unwrap(),
-                timeout: std::time::Duration::from_secs(10),
-            };
-            Store::open(&cfg, b._rt.handle().clone()).unwrap()
-        });
+        let second = second(b);
         let ws = [w(WindowKind::Day, -1), w(WindowKind::Sliding(600), -1)];
         let repeats = Arc::new(AtomicI64::new(0));
         std::thread::scope(|scope| {
@@ -587,21 +602,7 @@ fn exec_once_runs_a_write_once_per_token() {
         ));
 
         // Many callers, ten tokens each sent by all of them.
-        let second = b._db.as_ref().map(|db| {
-            Store::open(
-                &StorageConfig {
-                    backend: Backend::Mysql {
-                        url: db.url(),
-                        password: None,
-                        pool_size: 8,
-                    },
-                    zone: Zone::parse("UTC").unwrap(),
-                    timeout: std::time::Duration::from_secs(10),
-                },
-                b._rt.handle().clone(),
-            )
-            .unwrap()
-        });
+        let second = second(b);
         std::thread::scope(|scope| {
             for t in 0..24 {
                 let st = match &second {
@@ -734,22 +735,8 @@ fn consume_all_charges_every_key_or_none() {
             Err(StoreError::Invalid(_))
         ));
 
-        // Many callers: the domain's count is the sum of its users', never above 20.
-        let second = b._db.as_ref().map(|db| {
-            Store::open(
-                &StorageConfig {
-                    backend: Backend::Mysql {
-                        url: db.url(),
-                        password: None,
-                        pool_size: 8,
-                    },
-                    zone: Zone::parse("UTC").unwrap(),
-                    timeout: std::time::Duration::from_secs(10),
-                },
-                b._rt.handle().clone(),
-            )
-            .unwrap()
-        });
+        // Many callers: the domain's count is the sum of its users', never above 40.
+        let second = second(b);
         let domain = [w(WindowKind::Day, 40)];
         let users = [w(WindowKind::Day, 4)];
         std::thread::scope(|scope| {
@@ -846,28 +833,7 @@ fn maintenance_deletes_what_no_longer_counts() {
 fn a_daemon_with_another_calendar_zone_is_refused() {
     both(|b| {
         let tokyo = Zone::parse("Asia/Tokyo").unwrap();
-        let open_with = |zone: Zone| {
-            let backend = match &b._db {
-                Some(db) => Backend::Mysql {
-                    url: db.url(),
-                    password: None,
-                    pool_size: 2,
-                },
-                None => Backend::Sqlite {
-                    path: b._dir.path().join("v.db"),
-                    synchronous_full: true,
-                },
-            };
-            Store::open(
-                &StorageConfig {
-                    backend,
-                    zone,
-                    timeout: std::time::Duration::from_secs(10),
-                },
-                b._rt.handle().clone(),
-            )
-            .unwrap()
-        };
+        let open_with = |zone: Zone| reopen(b, zone);
         // The bench's store (UTC) recorded the zone.
         let same = open_with(Zone::parse("Etc/UTC").unwrap());
         same.ping()

@@ -184,19 +184,7 @@ impl PrivateMariadb {
         self.child = Some(child);
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            let ok = Command::new("mariadb-admin")
-                .args([
-                    "-u",
-                    "root",
-                    "-h",
-                    "127.0.0.1",
-                    "-P",
-                    &self.port.to_string(),
-                    "ping",
-                ])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
+            if self.answers() {
                 return;
             }
             assert!(

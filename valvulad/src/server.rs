@@ -335,7 +335,13 @@ impl Daemon {
             let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
             for m in &modules {
                 let s = &m.stats;
-                let v = [&s.calls, &s.answers, &s.failures, &s.timeouts, &s.unavailable][get]
+                let v = [
+                    &s.calls,
+                    &s.answers,
+                    &s.failures,
+                    &s.timeouts,
+                    &s.unavailable,
+                ][get]
                     .load(Ordering::Relaxed);
                 let _ = writeln!(o, "{metric}{{module=\"{}\"}} {v}", esc(m.name()));
             }

@@ -241,6 +241,18 @@ fn raw_window(w: &Window) -> vlv_window {
     }
 }
 
+fn cooked_states(states: &[vlv_window_state]) -> Vec<WindowState> {
+    states
+        .iter()
+        .map(|s| WindowState {
+            used: s.used,
+            remaining: s.remaining,
+            resets_at: s.resets_at,
+            admitted: s.admitted != 0,
+        })
+        .collect()
+}
+
 /// The host's table when it reaches the function pointer at `offset` (an older daemon's
 /// table is shorter), e.g. `offset_of!(vlv_host_api, reset)`.
 fn reaching(api: &vlv_host_api, offset: usize) -> Result<&vlv_host_api, StorageError> {
@@ -458,15 +470,7 @@ impl Host {
         Ok(Consumption {
             admitted: admitted != 0,
             repeated: repeated != 0,
-            windows: states
-                .iter()
-                .map(|s| WindowState {
-                    used: s.used,
-                    remaining: s.remaining,
-                    resets_at: s.resets_at,
-                    admitted: s.admitted != 0,
-                })
-                .collect(),
+            windows: cooked_states(&states),
         })
     }
 
@@ -562,15 +566,7 @@ impl Host {
                 .map(|(st, ok)| Consumption {
                     admitted: ok,
                     repeated: repeated != 0,
-                    windows: st
-                        .iter()
-                        .map(|s| WindowState {
-                            used: s.used,
-                            remaining: s.remaining,
-                            resets_at: s.resets_at,
-                            admitted: s.admitted != 0,
-                        })
-                        .collect(),
+                    windows: cooked_states(st),
                 })
                 .collect(),
         })

@@ -335,6 +335,28 @@ fn windows_of(windows: *const vlv_window, n: usize) -> Result<Vec<Window>, Store
         .collect()
 }
 
+/// Fills the module's array of `n` window states (NULL: not wanted).
+///
+/// # Safety
+/// `states` is NULL or points at `n` writable `vlv_window_state`s of the module.
+unsafe fn write_states(states: *mut vlv_window_state, n: usize, from: &[store::WindowState]) {
+    if states.is_null() {
+        return;
+    }
+    for (i, s) in from.iter().enumerate().take(n) {
+        // SAFETY: i < n, and the caller vouches for n entries.
+        unsafe {
+            *states.add(i) = vlv_window_state {
+                used: s.used,
+                remaining: s.remaining,
+                resets_at: s.resets_at,
+                admitted: u32::from(s.admitted),
+                reserved: 0,
+            }
+        };
+    }
+}
+
 /// What the module asked: a charge, a charge under a token, or a peek.
 #[derive(Clone, Copy)]
 enum Charge {
@@ -377,17 +399,7 @@ fn consume_or_peek(
             if let Some(r) = repeated.as_mut() {
                 *r = u32::from(c.repeated);
             }
-            if !states.is_null() {
-                for (i, s) in c.windows.iter().enumerate() {
-                    *states.add(i) = vlv_window_state {
-                        used: s.used,
-                        remaining: s.remaining,
-                        resets_at: s.resets_at,
-                        admitted: u32::from(s.admitted),
-                        reserved: 0,
-                    };
-                }
-            }
+            write_states(states, n, &c.windows);
         }
         Ok(())
     })
@@ -527,17 +539,7 @@ pub(super) unsafe extern "C" fn host_consume_all(
             }
             for (c, part) in list.iter_mut().zip(&o.parts) {
                 c.admitted = u32::from(part.admitted);
-                if !c.states.is_null() {
-                    for (i, s) in part.windows.iter().enumerate().take(c.n_windows) {
-                        *c.states.add(i) = vlv_window_state {
-                            used: s.used,
-                            remaining: s.remaining,
-                            resets_at: s.resets_at,
-                            admitted: u32::from(s.admitted),
-                            reserved: 0,
-                        };
-                    }
-                }
+                write_states(c.states, c.n_windows, &part.windows);
             }
         }
         Ok(())

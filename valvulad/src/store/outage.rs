@@ -64,18 +64,7 @@ impl Outage {
             );
             return true;
         };
-        st.pending += 1;
-        if st.last_line.is_none_or(|l| now.duration_since(l) >= EVERY) {
-            tracing::warn!(
-                database = %self.database,
-                down_s = format!("{:.1}", now.duration_since(since).as_secs_f64()),
-                failed = st.pending,
-                failed_total = st.total,
-                "database still unavailable: {cause}"
-            );
-            st.last_line = Some(now);
-            st.pending = 0;
-        }
+        self.count(&mut st, since, now, cause);
         false
     }
 
@@ -87,6 +76,12 @@ impl Outage {
         let since = st.since?;
         let now = Instant::now();
         st.total += 1;
+        self.count(&mut st, since, now, why);
+        Some(now.duration_since(since))
+    }
+
+    /// One more failed call in the outage; a line when the last is a second old.
+    fn count(&self, st: &mut State, since: Instant, now: Instant, why: &str) {
         st.pending += 1;
         if st.last_line.is_none_or(|l| now.duration_since(l) >= EVERY) {
             tracing::warn!(
@@ -99,7 +94,6 @@ impl Outage {
             st.last_line = Some(now);
             st.pending = 0;
         }
-        Some(now.duration_since(since))
     }
 
     /// A call succeeded: ends an outage, if there was one.
