@@ -373,6 +373,14 @@ fn mod_ticket_in_another_time_zone_refuses_to_start() {
         log.contains("Pacific/Honolulu") && log.contains("time_tracking"),
         "the refusal does not say why:\n{log}"
     );
+    // A reload into another zone is refused the same way; the running settings stay.
+    first.rewrite_config(&cfg("time_zone = \"Pacific/Honolulu\""));
+    first.signal(Signal::SIGHUP);
+    assert!(
+        first.wait_for_log("reconf failed", Duration::from_secs(30)),
+        "a reload into another zone was accepted:\n{}",
+        first.log()
+    );
     let tz = db.sql("SELECT time_zone FROM time_tracking");
     assert_eq!(tz.trim(), "UTC", "the recorded zone changed");
     drop(first);

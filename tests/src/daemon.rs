@@ -78,6 +78,8 @@ pub struct Proc {
     pub dir: TempDir,
     pub config_path: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Output pipes read to their end (2: the process's output is all in `lines`).
+    drained: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Proc {
@@ -145,15 +147,17 @@ impl Proc {
             .spawn()
             .expect("spawn valvulad");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let drained = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for pipe in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
-            let lines = lines.clone();
+            let (lines, drained) = (lines.clone(), drained.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     lines.lock().unwrap().push(line);
                 }
+                drained.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
         Proc {
@@ -161,6 +165,7 @@ impl Proc {
             dir,
             config_path,
             lines,
+            drained,
         }
     }
 
@@ -211,10 +216,19 @@ impl Proc {
             .expect("kill");
     }
 
+    /// Waits for the process to exit, then for its output to be read to the end (a
+    /// test that reads the log right after the exit must see all of it).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let end = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
+                // A detached child may keep the pipes open: wait a while, not for ever.
+                let read = Instant::now() + Duration::from_secs(10);
+                while self.drained.load(std::sync::atomic::Ordering::SeqCst) < 2
+                    && Instant::now() < read
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return s;
             }
             if Instant::now() > end {

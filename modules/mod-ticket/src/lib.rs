@@ -559,6 +559,15 @@ impl Module for Ticket {
     fn reconf(&self) -> Result<(), Error> {
         let s = settings(&self.host)?;
         let zone_changed = self.settings.read().map_or(true, |old| old.zone != s.zone);
+        if zone_changed {
+            // Refuse a zone the database's rollover does not follow, keeping the old
+            // settings (a database away now is checked again by the next request).
+            if let Ok(rollover::ZoneCheck::Disagree(why)) =
+                rollover::agree_on_zone(&self.host, s.zone, self.host.now())
+            {
+                return Err(why.into());
+            }
+        }
         *self.settings.write().map_err(|_| "poisoned")? = s;
         if zone_changed {
             // Check the new zone against the database and the date in it.
