@@ -562,6 +562,22 @@ fn shell_in_a_terminal() {
         }
         panic!("{needle:?} not on screen:\n{}", screen());
     };
+    // Polls until `needle` is on screen more often than `before` times: the answer
+    // to a command that prints what an earlier one did (two `-l`) is its own.
+    let wait_more = |needle: &str, before: usize| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            if screen().matches(needle).count() > before {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{needle:?} not on screen {} times:\n{}",
+            before + 1,
+            screen()
+        );
+    };
     // tmux drops the prompt's trailing space.
     wait(">>");
     for (line, expect) in [
@@ -577,9 +593,13 @@ fn shell_in_a_terminal() {
         ("no-such-verb", "error"),
         ("-l", "Listen: 127.0.0.1:3579 (main)"),
     ] {
+        // Each command is typed at a fresh prompt, after the previous one answered.
+        let prompts = screen().matches(">>").count();
+        let seen = screen().matches(expect).count();
         tmux(&["send-keys", "-t", "s", "-l", "--", line]);
         tmux(&["send-keys", "-t", "s", "Enter"]);
-        wait(expect);
+        wait_more(expect, seen);
+        wait_more(">>", prompts);
     }
     // Completion of a stage name.
     tmux(&["send-keys", "-t", "s", "-l", "--", "-s smtpd_end_of"]);
