@@ -33,6 +33,10 @@ pub enum HandlerError {
     /// of the module, so it never counts towards quarantine.
     #[error("{0}")]
     Unavailable(String),
+    /// The database refused a value taken from the request (a character its column
+    /// cannot hold, a number out of range): the request's problem, not the module's.
+    #[error("{0}")]
+    RequestData(String),
     #[error("{0}")]
     Other(String),
 }
@@ -44,7 +48,10 @@ impl HandlerError {
     pub fn is_module_fault(&self) -> bool {
         !matches!(
             self,
-            HandlerError::Unavailable(_) | HandlerError::Busy(_) | HandlerError::Quarantined
+            HandlerError::Unavailable(_)
+                | HandlerError::RequestData(_)
+                | HandlerError::Busy(_)
+                | HandlerError::Quarantined
         )
     }
 }
@@ -56,6 +63,7 @@ impl HandlerError {
 pub struct CallWatch {
     in_storage: AtomicU32,
     outage: AtomicBool,
+    request_data: AtomicBool,
 }
 
 thread_local! {
@@ -90,6 +98,16 @@ pub(crate) fn note_storage_outage() {
     WATCH.with(|c| {
         if let Some(w) = &*c.borrow() {
             w.outage.store(true, Ordering::Release);
+        }
+    });
+}
+
+/// A storage call of the module call running on this thread had a value from the
+/// request refused by the database.
+pub(crate) fn note_request_data_problem() {
+    WATCH.with(|c| {
+        if let Some(w) = &*c.borrow() {
+            w.request_data.store(true, Ordering::Release);
         }
     });
 }
@@ -371,6 +389,14 @@ impl Dispatcher {
                 HandlerError::Status(_) | HandlerError::Timeout(_) | HandlerError::Other(_) => {
                     HandlerError::Unavailable(format!("{e} (the database was unavailable)"))
                 }
+                e => e,
+            });
+        }
+        if watch.request_data.load(Ordering::Acquire) {
+            return r.map_err(|e| match e {
+                HandlerError::Status(_) | HandlerError::Other(_) => HandlerError::RequestData(
+                    format!("{e} (the database refused a value from the request)"),
+                ),
                 e => e,
             });
         }

@@ -115,6 +115,19 @@ pub enum Part {
     ClientNetwork(u8, u8),
 }
 
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::SaslUser => f.write_str("sasl_user"),
+            Part::SaslDomain => f.write_str("sasl_domain"),
+            Part::Sender => f.write_str("sender"),
+            Part::SenderDomain => f.write_str("sender_domain"),
+            Part::ClientAddress => f.write_str("client_address"),
+            Part::ClientNetwork(v4, _) => write!(f, "client_network/{v4}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applies {
     Authenticated,
@@ -367,6 +380,12 @@ pub fn settings(c: Config) -> Result<Settings, Error> {
             Match::Domain(_) => (1, 0),
             Match::Network(n) => (2, 255 - n.prefix_len() as i32),
         });
+        if policies.iter().any(|q: &Policy| q.name == name) {
+            return Err(format!(
+                "{at}.name {name:?}: another policy has this name (they would share counters and overrides)"
+            )
+            .into());
+        }
         policies.push(Policy {
             name,
             applies,

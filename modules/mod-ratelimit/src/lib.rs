@@ -31,8 +31,17 @@ struct RateLimit {
     settings: RwLock<Arc<Settings>>,
     /// The zone of the daemon's calendar windows: temporary overrides end with them.
     zone: valvula_calendar::Zone,
-    /// Warnings about unusable override rows, at most one a minute.
+    /// Warnings about unusable override rows, and about accounting rows not written, at
+    /// most one a minute each.
     bad_override_warned: std::sync::atomic::AtomicI64,
+    accounting_warned: std::sync::atomic::AtomicI64,
+}
+
+/// True at most once a minute (of the host clock) per `last`.
+fn once_a_minute(last: &std::sync::atomic::AtomicI64, now: i64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = last.load(Relaxed);
+    now.saturating_sub(l) >= 60 && last.compare_exchange(l, now, Relaxed, Relaxed).is_ok()
 }
 
 fn load(host: &Host) -> Result<Settings, Error> {
@@ -89,6 +98,45 @@ fn fold(addr: &str, delimiters: &str) -> String {
     }
 }
 
+/// An envelope address as Postfix resolves it for its sender checks: lower case, a
+/// source route dropped, a UUCP path `host!user` as `user@host` (`swap_bangpath`) and
+/// `user%host` as `user@host` (`allow_percent_hack`, both on by default), and the
+/// domain without trailing dots. `alice@example.com.` or `example.com!alice` must not be
+/// an identity of its own with a quota of its own.
+fn canonical(addr: &str) -> String {
+    let mut a = addr.trim().to_ascii_lowercase();
+    if a.starts_with('@')
+        && let Some((_, rest)) = a.split_once(':')
+    {
+        a = rest.to_owned();
+    }
+    if !a.contains('@') {
+        if let Some((host, user)) = a.split_once('!') {
+            a = format!("{user}@{host}");
+        } else if let Some((user, host)) = a.rsplit_once('%') {
+            a = format!("{user}@{host}");
+        }
+    }
+    if let Some((local, domain)) = a.rsplit_once('@') {
+        a = format!("{local}@{}", domain.trim_end_matches('.'));
+    }
+    a
+}
+
+/// The sender a policy counts: the envelope sender in its canonical form (extension
+/// folded with `recipient_delimiter`). For authenticated mail, a sender that names no
+/// domain (the null sender `<>`, or `<alice>`, which Postfix qualifies and accepts as
+/// the login's own) counts as the login: else it would escape every sender limit.
+fn sender_of(req: &Request<'_>, sasl: Option<&str>, delimiters: &str) -> Option<String> {
+    let raw = req.sender().map(canonical).filter(|s| !s.is_empty());
+    let qualified = raw.as_deref().is_some_and(|s| domain_of(s).is_some());
+    let sender = match (qualified, sasl) {
+        (false, Some(login)) => Some(login.to_owned()),
+        _ => raw,
+    };
+    sender.map(|v| fold(&v, delimiters))
+}
+
 /// A request's identity under one policy: the values of the key's parts, kept apart.
 /// (Joined into one string and split again, `alice+bulk@example.com` once became the
 /// two parts `alice` and `bulk@example.com` and borrowed the rule of the latter.)
@@ -98,6 +146,10 @@ struct Ident {
     /// The policy has keys of several parts, so a part's own `+` must be escaped in
     /// the stored form for `a+b` (one part) and `a`,`b` (two) to stay apart.
     escaped: bool,
+    /// The key that matched (`sender`, `sasl_user+client_address`), when the policy has
+    /// a fallback list: an unauthenticated sender `alice@example.com` is not the SASL
+    /// user alice, and a sender `198.51.100.0/24` is not that network.
+    key: Option<String>,
 }
 
 impl Ident {
@@ -110,14 +162,19 @@ impl Ident {
     /// for keys of one part; for policies with combination keys, each part with `\` and
     /// `+` escaped, joined by `+`.
     fn stored(&self) -> String {
-        if !self.escaped {
-            return self.parts.join("+");
+        let body = if self.escaped {
+            self.parts
+                .iter()
+                .map(|p| p.replace('\\', "\\\\").replace('+', "\\+"))
+                .collect::<Vec<_>>()
+                .join("+")
+        } else {
+            self.parts.join("+")
+        };
+        match &self.key {
+            Some(k) => format!("{k}={body}"),
+            None => body,
         }
-        self.parts
-            .iter()
-            .map(|p| p.replace('\\', "\\\\").replace('+', "\\+"))
-            .collect::<Vec<_>>()
-            .join("+")
     }
 }
 
@@ -125,10 +182,7 @@ impl Ident {
 /// present.
 fn identity(p: &Policy, s: &Settings, req: &Request<'_>) -> Option<Ident> {
     let sasl = req.sasl_username().map(str::to_ascii_lowercase);
-    let sender = req
-        .sender()
-        .filter(|s| !s.is_empty())
-        .map(|v| fold(&v.to_ascii_lowercase(), &s.recipient_delimiter));
+    let sender = sender_of(req, sasl.as_deref(), &s.recipient_delimiter);
     let ip: Option<IpAddr> = req.client_address().and_then(|a| a.parse().ok());
     'keys: for key in &p.keys {
         let mut parts = Vec::new();
@@ -149,6 +203,12 @@ fn identity(p: &Policy, s: &Settings, req: &Request<'_>) -> Option<Ident> {
         return Some(Ident {
             parts,
             escaped: p.keys.iter().any(|k| k.len() > 1),
+            key: (p.keys.len() > 1).then(|| {
+                key.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("+")
+            }),
         });
     }
     None
@@ -200,7 +260,10 @@ fn render(
     text.replace("{identity}", &ident)
         .replace("{limit}", &limit.to_string())
         .replace("{used}", &used.to_string())
-        .replace("{remaining}", &(limit - used).max(0).to_string())
+        .replace(
+            "{remaining}",
+            &limit.saturating_sub(used).max(0).to_string(),
+        )
         .replace("{window}", window)
         .replace("{retry_after}", &retry_after.max(0).to_string())
         .replace(['\r', '\n'], " ")
@@ -213,6 +276,20 @@ fn verdict(action: Action, code: &str, text: String) -> Verdict {
         Action::Raw => Verdict::new(Action::Raw, format!("{code} {text}")),
         a => Verdict::new(a, text),
     }
+}
+
+/// The once-token of a charge: the message, stage and recipient (Postfix's `instance`
+/// and the rest, as a re-sent request repeats them) and what is charged, so a client
+/// that reuses another message's `instance` is not let through for free.
+fn token_of(req: &Request<'_>, scope: &str, charges: &[Charge<'_>]) -> Option<String> {
+    let mut t = req.once_token(scope)?;
+    for c in charges {
+        t.push('\x1f');
+        t.push_str(c.key);
+        t.push('\x1e');
+        t.push_str(&c.amount.to_string());
+    }
+    Some(t)
 }
 
 /// One policy that applies to the request, with its identity and rule.
@@ -279,18 +356,21 @@ impl RateLimit {
 
     /// Logs an override row that cannot be used, at most once a minute.
     fn warn_bad_override(&self, policy: &str, identity: &str, error: &str, now: i64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let last = self.bad_override_warned.load(Relaxed);
-        if now.saturating_sub(last) >= 60
-            && self
-                .bad_override_warned
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
+        if once_a_minute(&self.bad_override_warned, now) {
             tracing::error!(
                 policy,
                 identity,
                 "ratelimit_override row unusable ({error}); the configured rule applies until it is fixed"
+            );
+        }
+    }
+
+    /// Logs an accounting row that could not be written, at most once a minute.
+    fn warn_accounting(&self, policy: &str, error: &str, now: i64) {
+        if once_a_minute(&self.accounting_warned, now) {
+            tracing::warn!(
+                policy,
+                "accounting not written ({error}); the charge stands and the request was admitted"
             );
         }
     }
@@ -302,20 +382,21 @@ impl RateLimit {
             .iter()
             .zip(&a.rule.limits)
             .find_map(|(st, (_, limit, name))| {
-                (*limit > 0 && st.used * 100 >= *limit * pct as i64).then(|| {
-                    verdict(
-                        a.rule.soft_action,
-                        "",
-                        render(
-                            &a.rule.soft_text,
-                            &a.ident.shown(),
-                            *limit,
-                            st.used,
-                            name,
-                            st.resets_at - now,
-                        ),
-                    )
-                })
+                (*limit > 0 && st.used.saturating_mul(100) >= limit.saturating_mul(pct as i64))
+                    .then(|| {
+                        verdict(
+                            a.rule.soft_action,
+                            "",
+                            render(
+                                &a.rule.soft_text,
+                                &a.ident.shown(),
+                                *limit,
+                                st.used,
+                                name,
+                                st.resets_at - now,
+                            ),
+                        )
+                    })
             })
     }
 
@@ -339,7 +420,7 @@ impl RateLimit {
         // One charge per message (and recipient, for per-RCPT counting) and stage, for
         // all policies at once: the host records the token with the charges, in one
         // transaction.
-        let token = req.once_token("ratelimit");
+        let token = token_of(req, "ratelimit", &charges);
         let c = self.host.consume_all(token.as_deref(), &charges)?;
         if c.repeated {
             tracing::info!(
@@ -350,44 +431,42 @@ impl RateLimit {
             return Ok(Verdict::dunno());
         }
         if !c.admitted {
-            if s.count_refused {
-                // ratelimit-policyd's way: a refused attempt counts too, in every policy
-                // that applies, once per message and stage.
-                let unlimited: Vec<Vec<Window>> = applied
-                    .iter()
-                    .map(|a| {
-                        a.windows
-                            .iter()
-                            .map(|w| Window {
-                                kind: w.kind,
-                                limit: -1,
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let counted: Vec<Charge<'_>> = applied
-                    .iter()
-                    .zip(&unlimited)
-                    .map(|(a, w)| Charge {
-                        key: &a.key,
-                        amount: a.amount,
-                        windows: w,
-                    })
-                    .collect();
-                self.host
-                    .consume_all(req.once_token("ratelimit-refused").as_deref(), &counted)?;
-            }
             let (a, part) = applied
                 .iter()
                 .zip(&c.charges)
                 .find(|(_, p)| !p.admitted)
                 .unwrap_or((&applied[0], &c.charges[0]));
+            if s.count_refused {
+                // ratelimit-policyd's way: a refused attempt counts too, once per message
+                // and stage, in the policy that refused it only: in a shared one (the
+                // domain's) one user's retries would refuse everybody else.
+                let unlimited: Vec<Window> = a
+                    .windows
+                    .iter()
+                    .map(|w| Window {
+                        kind: w.kind,
+                        limit: -1,
+                    })
+                    .collect();
+                let counted = [Charge {
+                    key: &a.key,
+                    amount: a.amount,
+                    windows: &unlimited,
+                }];
+                self.host.consume_all(
+                    token_of(req, "ratelimit-refused", &counted).as_deref(),
+                    &counted,
+                )?;
+            }
             return Ok(self.refusal(s, a, part, now));
         }
         let mut soft = None;
         for (a, part) in applied.iter().zip(&c.charges) {
-            if s.accounting {
-                tables::account(
+            // The charge is committed: the request is admitted whatever happens to its
+            // accounting row. Failing it now would answer the on-error action for mail
+            // whose quota is already used.
+            if s.accounting
+                && let Err(e) = tables::account(
                     &self.host,
                     self.zone,
                     s,
@@ -395,7 +474,9 @@ impl RateLimit {
                     &a.ident.stored(),
                     req,
                     now,
-                )?;
+                )
+            {
+                self.warn_accounting(&a.policy.name, &e.to_string(), now);
             }
             soft = soft.or_else(|| Self::soft(a, part, now));
             tracing::info!(
@@ -472,6 +553,7 @@ impl Module for RateLimit {
             settings: RwLock::new(Arc::new(settings)),
             zone,
             bad_override_warned: std::sync::atomic::AtomicI64::new(i64::MIN),
+            accounting_warned: std::sync::atomic::AtomicI64::new(i64::MIN),
         })
     }
 
@@ -482,11 +564,8 @@ impl Module for RateLimit {
             return Ok(Verdict::dunno());
         }
         let sasl = req.sasl_username().map(str::to_ascii_lowercase);
-        let sender = req.sender().map(str::to_ascii_lowercase);
-        if [&sasl, &sender]
-            .iter()
-            .any(|v| v.as_ref().is_some_and(|v| s.exempt_users.contains(v)))
-        {
+        // Only a login exempts: an envelope sender is whatever the client writes.
+        if sasl.as_ref().is_some_and(|u| s.exempt_users.contains(u)) {
             return Ok(Verdict::dunno());
         }
         let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();

@@ -27,19 +27,29 @@ fn ignore(host: &Host) -> &'static str {
 }
 
 /// Creates the tables when missing (our own tables: full DDL, unique keys included).
+///
+/// On MySQL they are `utf8mb4` with the binary collation, whatever the database's
+/// default: identities compare byte for byte, as the host's counters do (`víp@` is not
+/// `vip@`, and does not get vip's override), and any sender Postfix passes fits (a
+/// `latin1` table made a UTF-8 sender fail every query). Tables of older versions are
+/// converted.
 pub fn ensure(host: &Host) -> Result<(), Error> {
     let mysql = host.dialect() == Dialect::Mysql;
-    let (id, text) = if mysql {
-        ("id INT AUTO_INCREMENT PRIMARY KEY", "VARCHAR(255)")
+    let (id, text, options) = if mysql {
+        (
+            "id INT AUTO_INCREMENT PRIMARY KEY",
+            "VARCHAR(255)",
+            " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+        )
     } else {
-        ("id INTEGER PRIMARY KEY", "TEXT")
+        ("id INTEGER PRIMARY KEY", "TEXT", "")
     };
     host.exec(
         &format!(
             "CREATE TABLE IF NOT EXISTS ratelimit_override ({id}, policy VARCHAR(64) NOT NULL, \
              identity {text} NOT NULL, limits {text} NULL, action {text} NULL, text {text} NULL, \
              persist INT NOT NULL DEFAULT 0, period_start BIGINT NULL, created BIGINT NULL, \
-             UNIQUE (policy, identity))"
+             UNIQUE (policy, identity)){options}"
         ),
         &[],
     )?;
@@ -48,10 +58,37 @@ pub fn ensure(host: &Host) -> Result<(), Error> {
             "CREATE TABLE IF NOT EXISTS ratelimit_accounting ({id}, policy VARCHAR(64) NOT NULL, \
              identity {text} NOT NULL, period BIGINT NOT NULL, messages BIGINT NOT NULL DEFAULT 0, \
              recipients BIGINT NOT NULL DEFAULT 0, bytes BIGINT NOT NULL DEFAULT 0, \
-             bytes_rcpt BIGINT NOT NULL DEFAULT 0, UNIQUE (policy, identity, period))"
+             bytes_rcpt BIGINT NOT NULL DEFAULT 0, UNIQUE (policy, identity, period)){options}"
         ),
         &[],
     )?;
+    if mysql {
+        let r = host.query(
+            "SELECT table_name, table_collation FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name IN (?, ?)",
+            &["ratelimit_override".into(), "ratelimit_accounting".into()],
+        )?;
+        for row in &r.rows {
+            let (Some(table), collation) = (row[0].as_str(), row[1].as_str()) else {
+                continue;
+            };
+            if collation != Some("utf8mb4_bin")
+                && matches!(table, "ratelimit_override" | "ratelimit_accounting")
+            {
+                host.exec(
+                    &format!(
+                        "ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                    ),
+                    &[],
+                )?;
+                tracing::info!(
+                    table,
+                    from = collation.unwrap_or(""),
+                    "table converted to utf8mb4_bin"
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -204,8 +241,21 @@ pub fn account(
             period.into(),
         ]
     };
-    let update = "UPDATE ratelimit_accounting SET messages = messages + ?, recipients = recipients + ?, \
-                  bytes = bytes + ?, bytes_rcpt = bytes_rcpt + ? WHERE policy = ? AND identity = ? AND period = ?";
+    // Saturating sums: a total never wraps, and never overflows into an SQL error.
+    let least = if host.dialect() == Dialect::Mysql {
+        "LEAST"
+    } else {
+        "MIN"
+    };
+    let add = |c: &str| format!("{c} = {c} + {least}(?, 9223372036854775807 - {c})");
+    let update = format!(
+        "UPDATE ratelimit_accounting SET {}, {}, {}, {} WHERE policy = ? AND identity = ? AND period = ?",
+        add("messages"),
+        add("recipients"),
+        add("bytes"),
+        add("bytes_rcpt")
+    );
+    let update = update.as_str();
     if host.exec(update, &params())?.affected == 0 {
         host.exec(
             &format!(

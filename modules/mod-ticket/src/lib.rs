@@ -139,7 +139,14 @@ fn units(req: &Request<'_>) -> i64 {
         .and_then(|v| v.trim().parse::<i64>().ok())
         .filter(|n| *n > 0)
         .unwrap_or(1)
+        // No message has more recipients (Postfix's smtpd_recipient_limit is 1000), and
+        // valvula's counters are INT: a hostile count must be refused by the limits,
+        // not overflow the arithmetic of the charge into an SQL error.
+        .min(MAX_UNITS)
 }
+
+/// The most recipients one request is charged for.
+const MAX_UNITS: i64 = 1_000_000;
 
 /// What a charge did.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -337,11 +344,21 @@ impl Ticket {
     }
 }
 
-/// The sender's domain: after the first `@`, or the whole sender (valvula's rule);
-/// absent when the sender is missing or the domain is empty.
-fn sender_domain(sender: Option<&str>) -> Option<&str> {
-    let s = sender?;
-    let d = s.split_once('@').map_or(s, |(_, d)| d);
+/// The sender's domain: after the first `@`, or the whole sender (valvula's rule),
+/// without trailing dots, a UUCP path `host!user` read as `user@host` (as Postfix does
+/// with `swap_bangpath`); absent when the sender is missing or the domain is empty.
+///
+/// For an authenticated request whose sender names no domain (the null sender, or an
+/// unqualified `alice`, which Postfix accepts as the login's own), the login's domain:
+/// else the login's own mail would escape its domain's ticket.
+fn sender_domain<'a>(sender: Option<&'a str>, user: Option<&'a str>) -> Option<&'a str> {
+    let s = sender.map(str::trim).unwrap_or("");
+    let d = match s.split_once('@') {
+        Some((_, d)) => d,
+        None if user.is_some() => user.and_then(|u| u.split_once('@')).map_or("", |(_, d)| d),
+        None => s.split_once('!').map_or(s, |(host, _)| host),
+    };
+    let d = d.trim_end_matches('.');
     (!d.is_empty()).then_some(d)
 }
 
@@ -471,7 +488,7 @@ impl Module for Ticket {
             .get("sasl_method")
             .and(req.get("sasl_username"))
             .filter(|u| !u.is_empty());
-        let domain = sender_domain(req.sender());
+        let domain = sender_domain(req.sender(), user);
         if debug {
             tracing::info!(
                 "(ticket): starting check for sender-domain={}, sender-sasl={}",
@@ -491,24 +508,30 @@ impl Module for Ticket {
         let row = &found.row;
         let now = self.host.now();
         let n = units(req);
-        let reject = |text: String| {
+        let reject = |text: String, limits: Option<(i64, i64, i64)>| {
             let v = Verdict::reject(text);
-            decision_log(user, domain, Some(row), None, n, &v, false);
+            decision_log(user, domain, Some(row), limits, n, &v, false);
             Ok(v)
         };
         if row.valid_until != -1 && now > row.valid_until {
-            return reject(format!(
-                "Rejecting operation because tickets are expired (valid_until {} < {now})",
-                row.valid_until
-            ));
+            return reject(
+                format!(
+                    "Rejecting operation because tickets are expired (valid_until {} < {now})",
+                    row.valid_until
+                ),
+                None,
+            );
         }
         if row.block != 0 {
-            return reject(format!(
-                "Rejecting operation because ticket ({}) is blocked({}) for user ({})",
-                row.plan_id,
-                row.block,
-                found.descriptive.as_deref().unwrap_or("<unknown>")
-            ));
+            return reject(
+                format!(
+                    "Rejecting operation because ticket ({}) is blocked({}) for user ({})",
+                    row.plan_id,
+                    row.block,
+                    found.descriptive.as_deref().unwrap_or("<unknown>")
+                ),
+                None,
+            );
         }
         let Some(limits) = self.plan(row.plan_id)? else {
             // No plan: accepted without counting, as valvula does.
@@ -518,7 +541,7 @@ impl Module for Ticket {
         };
         if !charge_here {
             if let Some(text) = Self::over(row, n, limits) {
-                return reject(text);
+                return reject(text, Some(limits));
             }
             let v = self.dunno_or_filter(row)?;
             decision_log(user, domain, Some(row), Some(limits), n, &v, false);

@@ -29,6 +29,11 @@ fn store_status(ctx: &ModuleCtx, e: &StoreError) -> i32 {
     }
     let (code, what) = match e {
         StoreError::Invalid(_) => (abi::VLV_E_INVALID, "invalid storage call"),
+        StoreError::Data(_) => {
+            // The request's data, not the module: noted so its failure is not a fault.
+            crate::dispatch::note_request_data_problem();
+            (abi::VLV_E_INVALID, "request data refused by the database")
+        }
         _ => (abi::VLV_E_FAILED, "SQL failed"),
     };
     if let Some(more) = ctx.storage_log.allow() {

@@ -541,18 +541,21 @@ fn decide(
                         .flat_map(|m| m.range(oldest..))
                         .filter(|(_, u)| **u > 0)
                 };
-                let sum: i64 = counted().map(|(_, u)| u).sum();
+                // Saturating everywhere: a hostile amount of i64::MAX (a count of 2^64-1)
+                // must refuse or fill a counter, never wrap it negative (unlimited).
+                let sum: i64 = counted().fold(0i64, |a, (_, u)| a.saturating_add(*u));
                 let first = counted().map(|(b, _)| *b).next();
-                let ok = !too_big && (w.limit < 0 || sum + part.amount <= w.limit);
+                let ok = !too_big && (w.limit < 0 || sum.saturating_add(part.amount) <= w.limit);
                 let mut used = sum;
                 if ok && !peek && admitted {
                     let m = st.slides.entry(k.clone()).or_default();
                     let before = m.get(&current).copied();
                     undo.buckets.push((k.clone(), current, before));
-                    *m.entry(current).or_insert(0) += part.amount;
+                    let b = m.entry(current).or_insert(0);
+                    *b = b.saturating_add(part.amount);
                     st.dirty_buckets
                         .insert((k.clone(), current), window::sliding_reset(w.kind, current));
-                    used += part.amount;
+                    used = used.saturating_add(part.amount);
                     charged[i] = true;
                 }
                 let oldest_counted = first.unwrap_or(current).min(current);
@@ -574,18 +577,18 @@ fn decide(
                 let mut ok = !too_big;
                 if ok && !peek && admitted {
                     let now_used = current(row);
-                    ok = w.limit < 0 || now_used + part.amount <= w.limit;
+                    ok = w.limit < 0 || now_used.saturating_add(part.amount) <= w.limit;
                     if ok {
                         undo.counters.push((k.clone(), row));
                         st.counters
-                            .insert(k.clone(), (start, now_used + part.amount));
+                            .insert(k.clone(), (start, now_used.saturating_add(part.amount)));
                         st.dirty.insert(k.clone());
                     }
                     charged[i] = ok;
                 }
                 let used = current(st.counters.get(&k).copied());
                 if peek || !admitted {
-                    ok = ok && (w.limit < 0 || used + part.amount <= w.limit);
+                    ok = ok && (w.limit < 0 || used.saturating_add(part.amount) <= w.limit);
                 }
                 admitted &= ok;
                 states[i] = Some(WindowState::new(w.limit, used, end, ok));
@@ -604,7 +607,12 @@ fn decide(
         // Report charged windows as they were before.
         for ((s, w), c) in windows.iter_mut().zip(&part.windows).zip(&charged) {
             if *c {
-                *s = WindowState::new(w.limit, s.used - part.amount, s.resets_at, true);
+                *s = WindowState::new(
+                    w.limit,
+                    s.used.saturating_sub(part.amount),
+                    s.resets_at,
+                    true,
+                );
             }
         }
     }

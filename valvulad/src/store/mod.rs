@@ -112,6 +112,16 @@ pub enum StoreError {
     /// may not have been kept.
     #[error("commit outcome unknown: {0}")]
     InDoubt(String),
+    /// The database is up but could not do this in time: a lock held by another
+    /// transaction (another daemon's, an operator's), deadlocks that retries did not
+    /// resolve. Only the calls that met it fail; it is no outage.
+    #[error("database busy: {0}")]
+    Busy(String),
+    /// A value the database cannot store or compare (a character outside a column's
+    /// charset, a number out of a column's range, a text too long): a problem of the
+    /// request's data, not of the module or the database.
+    #[error("value refused by the database: {0}")]
+    Data(String),
 }
 
 impl StoreError {
@@ -120,7 +130,10 @@ impl StoreError {
     pub fn is_outage(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable(_) | StoreError::Refused(_) | StoreError::InDoubt(_)
+            StoreError::Unavailable(_)
+                | StoreError::Busy(_)
+                | StoreError::Refused(_)
+                | StoreError::InDoubt(_)
         )
     }
 }

@@ -47,6 +47,8 @@ const IN_DOUBT_MAX: Duration = Duration::from_secs(30);
 const LANES: usize = 4;
 /// Consumptions one lane decides in one transaction at most.
 const MAX_BATCH: usize = 256;
+/// How long a lane waits for its batch before it starts the next one.
+const LANE_PATIENCE: Duration = Duration::from_millis(250);
 
 pub struct Mysql {
     shared: Arc<Shared>,
@@ -77,9 +79,45 @@ struct Shared {
 
 fn err(e: mysql_async::Error) -> StoreError {
     match e {
-        // The server is going away or refuses connections: an outage, not a bad call.
-        mysql_async::Error::Server(s) if matches!(s.code, 1040 | 1053 | 1077 | 1927) => {
+        // The server cannot serve now: going away, refusing connections or this account
+        // (limits, password, privileges, host), read-only (failover, maintenance), full,
+        // a cluster node not ready, a statement killed or past its time. An outage, not
+        // a bad call: the module must not be quarantined for it.
+        mysql_async::Error::Server(s)
+            if matches!(
+                s.code,
+                1021 | 1040
+                    | 1044
+                    | 1045
+                    | 1047
+                    | 1053
+                    | 1077
+                    | 1114
+                    | 1129
+                    | 1130
+                    | 1142
+                    | 1180
+                    | 1203
+                    | 1226
+                    | 1290
+                    | 1317
+                    | 1836
+                    | 1927
+                    | 1969
+                    | 4031
+            ) =>
+        {
             StoreError::Unavailable(format!("{} ({})", s.message, s.code))
+        }
+        // Charset and collation mismatches, values out of a column's range or too long:
+        // the data's fault (a sender in a script a latin1 table cannot hold).
+        mysql_async::Error::Server(s)
+            if matches!(
+                s.code,
+                1264 | 1265 | 1267 | 1270 | 1271 | 1292 | 1366 | 1406 | 1690
+            ) =>
+        {
+            StoreError::Data(format!("{} ({})", s.message, s.code))
         }
         mysql_async::Error::Server(s) => StoreError::Sql(format!("{} ({})", s.message, s.code)),
         other => StoreError::Unavailable(other.to_string()),
@@ -92,10 +130,10 @@ fn retryable(e: &StoreError) -> bool {
 }
 
 /// A conflict that retries did not resolve is the database being busy, not a fault of
-/// the call.
+/// the call, and no outage either.
 fn busy(e: StoreError) -> StoreError {
     if retryable(&e) {
-        StoreError::Unavailable(format!("database busy: {e}"))
+        StoreError::Busy(e.to_string())
     } else {
         e
     }
@@ -243,6 +281,33 @@ fn hex(out: &mut String, bytes: &[u8]) {
     out.push('\'');
 }
 
+/// What identifies the row a write touches, as far as its text tells: the first value
+/// its WHERE clause compares (`... WHERE id = ?`, `WHERE policy = ? AND identity = ?`),
+/// else the first value it inserts (`INSERT ... VALUES (?, ...)`): the leading column of
+/// the row's key in the statements modules write. The values a statement adds
+/// (sizes, counts) are left out: they change with every request.
+fn row_key(s: &Stmt) -> String {
+    let upper = s.sql.to_ascii_uppercase();
+    let at = upper
+        .match_indices("WHERE")
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let before = upper[..i].chars().next_back();
+            let after = upper[i + 5..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .unwrap_or(0);
+    let skip = s.sql[..at].matches('?').count();
+    let first = s.params.get(skip).or(s.params.first());
+    let table = upper
+        .split_whitespace()
+        .skip_while(|w| !matches!(*w, "INTO" | "UPDATE" | "FROM"))
+        .nth(1)
+        .unwrap_or("");
+    format!("{table}{first:?}")
+}
+
 fn hash_of(h: impl Hash) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     h.hash(&mut hasher);
@@ -304,20 +369,47 @@ impl Shared {
         Ok(())
     }
 
-    /// Records how a call went: an outage starts the probe.
-    fn record<T>(self: &Arc<Self>, r: &Result<T>) {
+    /// Records how a call went: an outage starts the probe. Only a write that succeeds
+    /// (or the probe's) ends an outage: reads may work while writes do not (a
+    /// read-only server).
+    fn record<T>(self: &Arc<Self>, r: &Result<T>, write: bool) {
         match r {
-            Err(StoreError::Unavailable(m)) => {
-                if self.outage.failed(m) {
-                    let (generation, _) = self.pool();
-                    self.renew_pool(generation);
-                    self.start_probe();
-                }
+            Err(StoreError::Unavailable(m)) | Err(StoreError::InDoubt(m))
+                if self.outage.failed(m) =>
+            {
+                let (generation, _) = self.pool();
+                self.renew_pool(generation);
+                self.start_probe();
             }
             Err(StoreError::Refused(m)) => {
                 self.outage.failed(m);
             }
-            _ => self.outage.ok(),
+            Ok(_) if write => self.outage.ok(),
+            _ => {}
+        }
+    }
+
+    /// What a call that ran out of time met: if a connection of its own answers at once,
+    /// the database is up and the call waited on a lock (another daemon's or an
+    /// operator's transaction) or a slow statement, which is no outage; else the
+    /// database is away.
+    async fn timed_out(&self, what: &str) -> StoreError {
+        let opts = self.opts.clone();
+        let alive = tokio::time::timeout(PROBE_TIMEOUT.min(self.timeout), async move {
+            let mut c = Conn::new(opts).await?;
+            c.query_drop("SELECT 1").await?;
+            c.disconnect().await
+        })
+        .await;
+        match alive {
+            Ok(Ok(())) => StoreError::Busy(format!(
+                "{what} within {:?} (storage timeout), the database answering: a lock held by another transaction, or a slow statement",
+                self.timeout
+            )),
+            _ => StoreError::Unavailable(format!(
+                "{what} within {:?} (storage timeout)",
+                self.timeout
+            )),
         }
     }
 
@@ -341,9 +433,19 @@ impl Shared {
                     return;
                 }
                 let (_, pool) = me.pool();
+                let write = me.schema_ready.load(Ordering::Acquire);
                 let ok = tokio::time::timeout(PROBE_TIMEOUT.min(me.timeout), async {
                     let mut c = pool.get_conn().await?;
-                    c.query_drop("SELECT 1").await
+                    c.query_drop("SELECT 1").await?;
+                    // A write that changes nothing: a read-only server is still away.
+                    if write {
+                        c.exec_drop(
+                            "UPDATE vlv_meta SET value = value WHERE name = ?",
+                            ("time_zone",),
+                        )
+                        .await?;
+                    }
+                    Ok::<(), mysql_async::Error>(())
                 })
                 .await;
                 if let Ok(Ok(())) = ok {
@@ -396,59 +498,54 @@ impl Shared {
     }
 
     /// Runs `f` on a pooled connection within the storage timeout, once more on a fresh
-    /// connection when the first one turned out dead.
-    async fn attempt<T>(self: &Arc<Self>, f: impl Fn(&mut Conn) -> BoxFut<'_, T>) -> Result<T> {
+    /// connection when the first one turned out dead, deadlocks retried while time is
+    /// left. `write`: whether its success shows the database takes writes again.
+    async fn attempt<T>(
+        self: &Arc<Self>,
+        write: bool,
+        f: impl Fn(&mut Conn) -> BoxFut<'_, T>,
+    ) -> Result<T> {
         self.fail_fast()?;
         let deadline = Instant::now() + self.timeout;
         let mut fresh = false;
+        let mut conflicts = 0;
         let r = loop {
             let (generation, pool) = self.pool();
-            let r = tokio::time::timeout_at(deadline, async {
+            let r = match tokio::time::timeout_at(deadline, async {
                 let mut conn = pool.get_conn().await.map_err(err)?;
                 self.prepare(&mut conn).await?;
                 f(&mut conn).await
             })
             .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer within {:?} (storage timeout)",
-                    self.timeout
-                )))
-            });
+            {
+                Ok(r) => r,
+                Err(_) => Err(self.timed_out("no answer").await),
+            };
+            let time_left = Instant::now() < deadline;
             match r {
-                Err(StoreError::Unavailable(_)) if !fresh && Instant::now() < deadline => {
+                Err(StoreError::Unavailable(_)) if !fresh && time_left => {
                     // Perhaps a connection the server closed when it restarted.
                     fresh = true;
                     self.renew_pool(generation);
                 }
-                r => break r,
+                Err(e) if retryable(&e) && conflicts < RETRIES && time_left => {
+                    conflicts += 1;
+                    tokio::time::sleep(Duration::from_millis(2 << conflicts)).await;
+                }
+                r => break r.map_err(busy),
             }
         };
-        self.record(&r);
+        self.record(&r, write);
         r
-    }
-
-    /// [`Shared::attempt`] with deadlocks retried.
-    async fn attempt_retried<T>(
-        self: &Arc<Self>,
-        f: impl Fn(&mut Conn) -> BoxFut<'_, T>,
-    ) -> Result<T> {
-        let mut attempt = 0;
-        loop {
-            match self.attempt(&f).await {
-                Err(e) if retryable(&e) && attempt < RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
-                }
-                r => return r.map_err(busy),
-            }
-        }
     }
 
     /// One try of a lane's transaction: the statements within the storage timeout (or
     /// they are rolled back), then the COMMIT, whose outcome is waited for.
-    async fn lane_once(self: &Arc<Self>, batch: &LaneBatch) -> Result<LaneResults> {
-        let deadline = Instant::now() + self.timeout;
+    async fn lane_once(
+        self: &Arc<Self>,
+        batch: &LaneBatch,
+        deadline: Instant,
+    ) -> Result<LaneResults> {
         let (generation, pool) = self.pool();
         let committing = AtomicBool::new(false);
         let work = async {
@@ -495,73 +592,90 @@ impl Shared {
             committing.store(true, Ordering::Release);
             tx.commit().await.map_err(|e| match err(e) {
                 // The server said no: nothing was kept.
-                StoreError::Sql(m) => StoreError::Sql(m),
+                e @ (StoreError::Sql(_) | StoreError::Data(_)) => e,
                 // The connection broke after COMMIT went out: kept or not, nobody knows.
                 other => StoreError::InDoubt(other.to_string()),
             })?;
             Ok(LaneResults { writes, consumed })
         };
-        let mut work = std::pin::pin!(work);
-        tokio::select! {
-            r = &mut work => r,
-            () = tokio::time::sleep_until(deadline) => {
-                if !committing.load(Ordering::Acquire) {
-                    // Dropping the transaction rolls it back: nothing of it is kept.
-                    return Err(StoreError::Unavailable(format!(
-                        "no answer within {:?} (storage timeout); transaction rolled back",
-                        self.timeout
-                    )));
+        // `None`: the time ran out before the COMMIT; the transaction (with the future
+        // that holds it) is dropped at the end of this block, which rolls it back
+        // before anything else happens.
+        let ended = {
+            let mut work = std::pin::pin!(work);
+            tokio::select! {
+                r = &mut work => Some(r),
+                () = tokio::time::sleep_until(deadline) => {
+                    if committing.load(Ordering::Acquire) {
+                        tracing::warn!(
+                            jobs = batch.writes.len() + batch.consumes.len(),
+                            "the database stopped answering after a COMMIT went out; waiting for its outcome"
+                        );
+                        // A COMMIT unanswered for the storage timeout: the database is
+                        // away. Other calls fail at once and the probe watches for it.
+                        self.record::<()>(
+                            &Err(StoreError::Unavailable(format!(
+                                "no answer to a COMMIT within {:?} (storage timeout)",
+                                self.timeout
+                            ))),
+                            true,
+                        );
+                        let r = tokio::time::timeout(IN_DOUBT_MAX, work).await.unwrap_or_else(|_| {
+                            Err(StoreError::InDoubt(format!(
+                                "no answer to a COMMIT within {IN_DOUBT_MAX:?}"
+                            )))
+                        });
+                        if r.is_err() {
+                            self.renew_pool(generation);
+                        }
+                        Some(r)
+                    } else {
+                        None
+                    }
                 }
-                tracing::warn!(
-                    jobs = batch.writes.len() + batch.consumes.len(),
-                    "the database stopped answering after a COMMIT went out; waiting for its outcome"
-                );
-                // A COMMIT unanswered for the storage timeout: the database is away.
-                // Other calls fail at once and the probe watches for its return.
-                self.record::<()>(&Err(StoreError::Unavailable(format!(
-                    "no answer to a COMMIT within {:?} (storage timeout)",
-                    self.timeout
-                ))));
-                let r = tokio::time::timeout(IN_DOUBT_MAX, work).await.unwrap_or_else(|_| {
-                    Err(StoreError::InDoubt(format!(
-                        "no answer to a COMMIT within {IN_DOUBT_MAX:?}"
-                    )))
-                });
-                if let Err(e) = &r {
-                    tracing::error!(
-                        jobs = batch.writes.len() + batch.consumes.len(),
-                        "{e}: the requests were answered with the on-error action, their charges may have been kept"
-                    );
-                    self.renew_pool(generation);
-                }
-                r
             }
+        };
+        let r = match ended {
+            Some(r) => r,
+            None => Err(self.timed_out("transaction rolled back: no answer").await),
+        };
+        if let Err(e @ StoreError::InDoubt(_)) = &r {
+            tracing::error!(
+                jobs = batch.writes.len() + batch.consumes.len(),
+                "{e}: the requests were answered with the on-error action, their charges may have been kept"
+            );
         }
+        r
     }
 
     /// Runs a batch of writes and consumptions in one transaction, retrying the whole
     /// batch on deadlock (InnoDB rolled all of it back) and once on a dead connection. A
     /// write's own failure (a constraint, say) undoes only that statement, as MySQL
     /// does, and is its answer.
-    async fn run_lane_batch(self: &Arc<Self>, batch: &LaneBatch) -> Result<LaneResults> {
+    async fn run_lane_batch(
+        self: &Arc<Self>,
+        batch: &LaneBatch,
+        deadline: Instant,
+    ) -> Result<LaneResults> {
         let mut attempt = 0;
         let mut fresh = false;
         loop {
             self.fail_fast()?;
             let (generation, _) = self.pool();
-            let r = self.lane_once(batch).await;
+            let r = self.lane_once(batch, deadline).await;
+            let time_left = Instant::now() < deadline;
             match r {
-                Err(e) if retryable(&e) && attempt < RETRIES => {
+                Err(e) if retryable(&e) && attempt < RETRIES && time_left => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
                 }
-                Err(StoreError::Unavailable(_)) if !fresh => {
+                Err(StoreError::Unavailable(_)) if !fresh && time_left => {
                     fresh = true;
                     self.renew_pool(generation);
                 }
                 r => {
                     let r = r.map_err(busy);
-                    self.record(&r);
+                    self.record(&r, true);
                     return r;
                 }
             }
@@ -581,18 +695,25 @@ enum Write {
     },
 }
 
-/// Work sent to a lane, with where its answer goes.
+/// Work sent to a lane, with where its answer goes and when its caller stops waiting
+/// for it to start.
 enum Work {
-    Consume(consume::Request, Promise<Result<Outcome>>),
-    Write(Write, Promise<Result<Option<Exec>>>),
+    Consume(consume::Request, Promise<Result<Outcome>>, Instant),
+    Write(Write, Promise<Result<Option<Exec>>>, Instant),
 }
 
 impl Work {
     /// Takes the job up; false when its caller already gave up waiting.
     fn claim(&self) -> bool {
         match self {
-            Work::Consume(_, p) => p.claim(),
-            Work::Write(_, p) => p.claim(),
+            Work::Consume(_, p, _) => p.claim(),
+            Work::Write(_, p, _) => p.claim(),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self {
+            Work::Consume(.., d) | Work::Write(.., d) => *d,
         }
     }
 }
@@ -620,17 +741,21 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
         let mut write_tx = Vec::new();
         let mut consumes = Vec::new();
         let mut consume_tx = Vec::new();
+        // The batch must end before the first of its callers stops waiting: within the
+        // storage timeout of the request that came first.
+        let mut deadline = Instant::now() + shared.timeout;
         for w in batch.drain(..) {
             // A job whose caller gave up must not run: its request was answered.
             if !w.claim() {
                 continue;
             }
+            deadline = deadline.min(w.deadline());
             match w {
-                Work::Write(w, tx) => {
+                Work::Write(w, tx, _) => {
                     writes.push(w);
                     write_tx.push(tx);
                 }
-                Work::Consume(r, tx) => {
+                Work::Consume(r, tx, _) => {
                     consumes.push(r);
                     consume_tx.push(tx);
                 }
@@ -642,7 +767,7 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
         let me = shared.clone();
         let run = tokio::spawn(async move {
             let batch = LaneBatch { writes, consumes };
-            match me.run_lane_batch(&batch).await {
+            match me.run_lane_batch(&batch, deadline).await {
                 Ok(r) => {
                     for (tx, w) in write_tx.into_iter().zip(r.writes) {
                         tx.send(w);
@@ -661,9 +786,12 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
                 }
             }
         });
-        // Statements end within the storage timeout; a COMMIT left in doubt finishes
-        // (and answers its callers) on its own while the lane goes on.
-        let _ = tokio::time::timeout(shared.timeout * 2 + Duration::from_millis(100), run).await;
+        // Usually the batch is done in milliseconds. One that waits (on a lock another
+        // daemon holds, on a COMMIT left in doubt) finishes on its own and answers its
+        // callers, while the lane goes on with the next one: the other keys of the lane
+        // do not wait behind it. (Concurrent batches lock their rows in one order, so
+        // they never deadlock on counters.)
+        let _ = tokio::time::timeout(LANE_PATIENCE.min(shared.timeout / 2), run).await;
     }
 }
 
@@ -694,8 +822,17 @@ impl Mysql {
             // Counting needs "rows changed", not "rows matched".
             .client_found_rows(false)
             // Read committed: no gap locks between concurrent first charges of new keys.
+            // A lock held by another transaction (a stalled daemon's) fails a statement
+            // after a second instead of the server's 50 s; MariaDB also rolls back a
+            // transaction of ours left idle (this daemon frozen mid-transaction), so its
+            // locks never hold the other daemons' requests for longer.
             .setup(vec![
-                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
+                format!(
+                    "SET SESSION innodb_lock_wait_timeout = {} /*M!100300 , idle_transaction_timeout = {} */",
+                    (timeout.as_secs() / 2).max(1),
+                    timeout.as_secs().max(1) * 5
+                ),
             ]);
         if password.is_some() {
             b = b.pass(password);
@@ -738,7 +875,7 @@ impl Mysql {
 
     /// Runs `f` with a pooled connection on the runtime and waits for it from this
     /// (non-runtime) thread; `f` may run twice (a retry on a fresh connection).
-    fn run<T, F>(&self, f: F) -> Result<T>
+    fn run<T, F>(&self, write: bool, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: for<'c> Fn(&'c mut Conn) -> BoxFut<'c, T> + Send + Sync + 'static,
@@ -756,7 +893,7 @@ impl Mysql {
         let shared = self.shared.clone();
         let (tx, rx) = crate::sync::oneshot();
         self.runtime.spawn(async move {
-            tx.send(shared.attempt_retried(f).await);
+            tx.send(shared.attempt(write, f).await);
         });
         // The task ends within the storage timeout (and the retries' pauses).
         block(|| rx.wait())
@@ -768,14 +905,18 @@ impl Mysql {
     /// and waits for the answer, sent after the lane's commit. A job still queued when
     /// the storage timeout passes is dropped and fails; one already in a transaction is
     /// waited for, since its outcome is what counts.
-    fn submit<T>(&self, h: u64, work: impl FnOnce(Promise<Result<T>>) -> Work) -> Result<T> {
+    fn submit<T>(
+        &self,
+        h: u64,
+        work: impl FnOnce(Promise<Result<T>>, Instant) -> Work,
+    ) -> Result<T> {
         self.shared.fail_fast()?;
         let lane = &self.lanes[h as usize % self.lanes.len()];
         let (tx, rx): (Promise<Result<T>>, Answer<Result<T>>) = crate::sync::oneshot();
-        if lane.send(work(tx)).is_err() {
+        let deadline = std::time::Instant::now() + self.shared.timeout;
+        if lane.send(work(tx, deadline.into())).is_err() {
             return Err(StoreError::Unavailable("the runtime stopped".into()));
         }
-        let deadline = std::time::Instant::now() + self.shared.timeout;
         match block(|| rx.wait_until(deadline)) {
             Waited::Value(r) => r,
             Waited::Dropped => Err(StoreError::Unavailable("the runtime stopped".into())),
@@ -786,12 +927,15 @@ impl Mysql {
         }
     }
 
-    /// A write goes to the lane of its statement and values.
+    /// A write goes to the lane of the row it most likely touches, so that two writes
+    /// of one row never wait on each other's locks from two lanes (two lane
+    /// transactions taking such rows in opposite orders deadlock: seen with
+    /// accounting rows, whose statements carry per-request sizes).
     fn write(&self, w: Write) -> Result<Option<Exec>> {
-        let key = match &w {
-            Write::Exec(s) | Write::Once { stmt: s, .. } => format!("{}{:?}", s.sql, s.params),
+        let s = match &w {
+            Write::Exec(s) | Write::Once { stmt: s, .. } => s,
         };
-        self.submit(hash_of(key), |tx| Work::Write(w, tx))
+        self.submit(hash_of(row_key(s)), |tx, d| Work::Write(w, tx, d))
     }
 }
 
@@ -800,7 +944,7 @@ impl Engine for Mysql {
         if super::is_dml(&stmt.sql) {
             return self.write(Write::Exec(stmt)).map(|e| e.unwrap_or_default());
         }
-        self.run(move |c| {
+        self.run(true, move |c| {
             let s = stmt.clone();
             Box::pin(async move {
                 c.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
@@ -822,7 +966,7 @@ impl Engine for Mysql {
     }
 
     fn batch(&self, stmts: Vec<Stmt>) -> Result<Vec<Exec>> {
-        self.run(move |c| {
+        self.run(true, move |c| {
             let stmts = stmts.clone();
             Box::pin(async move {
                 let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
@@ -841,7 +985,7 @@ impl Engine for Mysql {
     }
 
     fn query(&self, stmt: Stmt) -> Result<Rows> {
-        self.run(move |c| {
+        self.run(false, move |c| {
             let s = stmt.clone();
             Box::pin(async move { query_rows(c, &s.sql, s.params).await })
         })
@@ -849,12 +993,14 @@ impl Engine for Mysql {
 
     fn consume(&self, req: consume::Request) -> Result<Outcome> {
         let first = req.parts.first().map(|p| p.key.clone()).unwrap_or_default();
-        self.submit(hash_of((&req.ns, &first)), |tx| Work::Consume(req, tx))
+        self.submit(hash_of((&req.ns, &first)), |tx, d| {
+            Work::Consume(req, tx, d)
+        })
     }
 
     fn reset(&self, ns: &str, key: &str) -> Result<u64> {
         let (ns, key) = (ns.to_owned(), key.to_owned());
-        self.run(move |c| {
+        self.run(true, move |c| {
             let (ns, key) = (ns.clone(), key.clone());
             Box::pin(async move {
                 let mut tx = c.start_transaction(TxOpts::default()).await.map_err(err)?;
@@ -900,7 +1046,7 @@ impl Engine for Mysql {
                 vec![(*before).into(), limit.into()],
             ),
         };
-        self.run(move |c| {
+        self.run(true, move |c| {
             let p = p.clone();
             Box::pin(async move {
                 c.exec_drop(sql, params(p)).await.map_err(err)?;
@@ -910,6 +1056,47 @@ impl Engine for Mysql {
     }
 
     fn ping(&self) -> Result<()> {
-        self.run(|c| Box::pin(async move { c.query_drop("SELECT 1").await.map_err(err) }))
+        self.run(false, |c| {
+            Box::pin(async move { c.query_drop("SELECT 1").await.map_err(err) })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_of_one_row_share_a_lane_whatever_they_add() {
+        let upd = |size: i64| {
+            Stmt::new(
+                "UPDATE ratelimit_accounting SET messages = messages + ?, bytes = bytes + ? \
+                 WHERE policy = ? AND identity = ? AND period = ?",
+                vec![1.into(), size.into(), "p".into(), "alice".into(), 7.into()],
+            )
+        };
+        let ins = Stmt::new(
+            "INSERT IGNORE INTO ratelimit_accounting (policy, identity, period) VALUES (?, ?, ?)",
+            vec!["p".into(), "alice".into(), 7.into()],
+        );
+        assert_eq!(row_key(&upd(10)), row_key(&upd(99_999)));
+        assert_eq!(row_key(&upd(10)), row_key(&ins));
+        let ticket = |id: i64, n: i64| {
+            Stmt::new(
+                "UPDATE domain_ticket SET total_used = total_used + ? WHERE id = ? AND total_used + ? <= ?",
+                vec![n.into(), id.into(), n.into(), 10.into()],
+            )
+        };
+        assert_eq!(row_key(&ticket(3, 1)), row_key(&ticket(3, 5)));
+        assert_ne!(row_key(&ticket(3, 1)), row_key(&ticket(4, 1)));
+        // "WHERE" inside a name is no clause.
+        let odd = Stmt::new(
+            "UPDATE somewhere_t SET x = ? WHERE id = ?",
+            vec![5.into(), 1.into()],
+        );
+        assert_eq!(
+            row_key(&odd),
+            "SOMEWHERE_T".to_owned() + &format!("{:?}", Some(&Value::Int(1)))
+        );
     }
 }

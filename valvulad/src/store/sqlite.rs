@@ -62,10 +62,14 @@ pub struct Sqlite {
 fn sql_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
+        // Another process holding the write lock past the storage timeout: contention,
+        // not an outage.
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy(e.to_string()),
         Some(
-            CannotOpen | DatabaseBusy | DatabaseLocked | ReadOnly | DiskFull | SystemIoFailure
-            | NotADatabase | DatabaseCorrupt | PermissionDenied,
+            CannotOpen | ReadOnly | DiskFull | SystemIoFailure | NotADatabase | DatabaseCorrupt
+            | PermissionDenied,
         ) => StoreError::Unavailable(e.to_string()),
+        Some(TooBig) => StoreError::Data(e.to_string()),
         _ => StoreError::Sql(e.to_string()),
     }
 }
@@ -203,6 +207,8 @@ struct Writer {
     backoff: Duration,
     /// Set for good when the database belongs to differently configured daemons.
     refused: Option<StoreError>,
+    /// Failed commits, logged at most once a second.
+    commit_log: crate::logging::RateLog,
 }
 
 impl Writer {
@@ -380,10 +386,13 @@ impl Writer {
         }
         if let Err(e) = step(conn, "COMMIT") {
             let _ = step(conn, "ROLLBACK");
-            tracing::error!(
-                "commit failed, {} job(s) answered with an error: {e}",
-                done.len()
-            );
+            if let Some(more) = self.commit_log.allow() {
+                tracing::error!(
+                    failed_commits_since_last_line = more,
+                    "commit failed, {} job(s) answered with an error: {e}",
+                    done.len()
+                );
+            }
             self.failed(&e);
             for (job, _) in done {
                 answer(job, Done::Failed(e.clone()));
@@ -524,7 +533,16 @@ fn answer_all(jobs: Vec<Job>, e: &StoreError) {
 
 fn writer_loop(mut w: Writer, rx: Arc<Queue<Job>>) {
     while let Some(jobs) = rx.pop_many(MAX_BATCH) {
-        w.run(jobs);
+        // A bug in one batch must not end the writer: every later write would fail
+        // for good. Its jobs are answered as failed (their promises dropped), and the
+        // connection, perhaps inside a transaction, is opened afresh.
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(jobs))) {
+            tracing::error!(
+                "SQLite writer: a batch failed with a panic ({}); its requests got the on-error answer, the writer goes on",
+                crate::dispatch::panic_text(&*p)
+            );
+            w.conn = None;
+        }
     }
 }
 
@@ -541,6 +559,7 @@ impl Sqlite {
             retry_at: Instant::now(),
             backoff: Duration::from_millis(100),
             refused: None,
+            commit_log: crate::logging::RateLog::default(),
         };
         std::thread::Builder::new()
             .name("vlv-sqlite-writer".into())
@@ -557,12 +576,17 @@ impl Sqlite {
     }
 
     /// Records how a call went, for the outage log.
-    fn record<T>(&self, r: &Result<T>) {
+    /// Records how a call went, for the outage log. Only a write that succeeds ends an
+    /// outage: reads go on working on a full or read-only disk, and letting them end it
+    /// made every failed write start a new one (thousands of lines a second).
+    fn record<T>(&self, r: &Result<T>, write: bool) {
         match r {
-            Err(e) if e.is_outage() => {
-                self.outage.failed(&e.to_string());
+            Err(StoreError::Unavailable(m)) => {
+                self.outage.failed(m);
             }
-            _ => self.outage.ok(),
+            Err(StoreError::Busy(_)) => {}
+            Ok(_) if write => self.outage.ok(),
+            _ => {}
         }
     }
 
@@ -571,7 +595,8 @@ impl Sqlite {
     /// waited for, since its outcome is what counts.
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T> {
         let (tx, rx) = oneshot();
-        let stopped = || StoreError::Unavailable("the SQLite writer has stopped".into());
+        let stopped =
+            || StoreError::Unavailable("the SQLite writer dropped the job (see the log)".into());
         self.jobs.push(make(tx)).map_err(|_| stopped())?;
         let r = match rx.wait_until(Instant::now() + self.timeout) {
             Waited::Value(r) => r,
@@ -582,7 +607,7 @@ impl Sqlite {
                 self.timeout
             ))),
         };
-        self.record(&r);
+        self.record(&r, true);
         r
     }
 
@@ -619,7 +644,7 @@ impl Engine for Sqlite {
             }
             r
         });
-        self.record(&r);
+        self.record(&r, false);
         r
     }
     fn consume(&self, req: consume::Request) -> Result<Outcome> {

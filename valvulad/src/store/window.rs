@@ -95,7 +95,11 @@ impl WindowState {
     pub fn new(limit: i64, used: i64, resets_at: i64, admitted: bool) -> Self {
         WindowState {
             used,
-            remaining: if limit < 0 { -1 } else { (limit - used).max(0) },
+            remaining: if limit < 0 {
+                -1
+            } else {
+                limit.saturating_sub(used).max(0)
+            },
             resets_at,
             admitted,
         }
