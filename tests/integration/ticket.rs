@@ -130,6 +130,36 @@ fn conformance_mariadb() {
     run_conformance(true);
 }
 
+/// With `authenticated_only`, a stranger forging a customer's domain as sender
+/// (inbound mail through the same listener) neither uses up nor meets its ticket; the
+/// customer's own authenticated mail is counted.
+#[test]
+fn authenticated_only_ignores_forged_inbound_senders() {
+    let e = env(false, "authenticated_only = true");
+    e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 2, -1)");
+    e.raw.exec("INSERT INTO domain_ticket (id, domain, valid_until, ticket_plan_id) VALUES (1, 'example.com', -1, 1)");
+    let stranger = [
+        ("sasl_method".to_owned(), None),
+        ("sasl_username".to_owned(), None),
+        ("sender".to_owned(), Some("ceo@example.com".to_owned())),
+    ];
+    for i in 0..3 {
+        assert_eq!(ask(&e, &stranger), "action=dunno", "forged request {i}");
+    }
+    let counters = e.raw.row("SELECT COALESCE(total_used, 0) FROM domain_ticket WHERE id = 1");
+    assert_eq!(counters, "0", "a forged sender used the ticket");
+    let own = [
+        ("sasl_username".to_owned(), Some("alice@example.com".to_owned())),
+        ("sender".to_owned(), Some("alice@example.com".to_owned())),
+    ];
+    assert_eq!(ask(&e, &own), "action=dunno");
+    assert_eq!(ask(&e, &own), "action=dunno");
+    assert_eq!(
+        ask(&e, &own),
+        "action=reject Rejecting operation because day limit reached (2)"
+    );
+}
+
 #[test]
 fn charge_states_stop_double_counting() {
     for mysql in [false, true] {
@@ -247,6 +277,66 @@ fn rollover_is_atomic_retried_and_done_by_the_first_request_of_a_day() {
         );
         assert_eq!(counters(&e), "1\t24", "{label}");
     }
+}
+
+/// Rollovers while charges pour in (MariaDB, READ COMMITTED): every unit charged is in
+/// the day's history or in the new day's counter, never lost between the history's
+/// read and the reset (the reset now locks the rows first).
+#[test]
+fn rollover_under_load_loses_no_charge() {
+    let e = env(true, "");
+    e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, -1, -1)");
+    e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, total_used, current_day_usage) VALUES (1, 'a@x.com', -1, 1, 0, 0)");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..6 {
+        let (addr, stop, admitted) = (e.addr.clone(), stop.clone(), admitted.clone());
+        tasks.push(e.rt.spawn(async move {
+            let mut client = Client::connect(&addr).await;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let req = valvula_tests::client::postfix_request(&[
+                    ("sasl_username", "a@x.com"),
+                    ("recipient_count", "1"),
+                    ("instance", &format!("c{c}.{i}")),
+                ]);
+                let r = client.ask(&req).await;
+                assert_eq!(r, "action=dunno\n\n");
+                admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                i += 1;
+            }
+        }));
+    }
+    let charged = || admitted.load(std::sync::atomic::Ordering::SeqCst);
+    for round in 0..8 {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let before = charged();
+        while charged() < before + 30 {
+            assert!(std::time::Instant::now() < end, "no load in round {round}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        e.raw.exec("UPDATE time_tracking SET day = 0");
+        e.tick();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for t in tasks {
+        e.rt.block_on(t).unwrap();
+    }
+    let total: u64 = e.raw.row("SELECT total_used FROM domain_ticket WHERE id = 1").parse().unwrap();
+    let day: u64 = e.raw.row("SELECT current_day_usage FROM domain_ticket WHERE id = 1").parse().unwrap();
+    let history: u64 = e
+        .raw
+        .row("SELECT COALESCE(SUM(day_usage), 0) FROM domain_ticket_history WHERE domain_ticket_id = 1")
+        .parse()
+        .unwrap();
+    let rounds = e.raw.row("SELECT COUNT(*) FROM domain_ticket_history WHERE domain_ticket_id = 1");
+    assert_eq!(total, charged(), "total_used is not what was admitted");
+    assert_eq!(
+        history + day,
+        total,
+        "history {history} + current day {day} != total {total} ({rounds} rollovers): charges lost in a rollover"
+    );
 }
 
 /// valvula's documented administration SQL, on a database valvula itself created

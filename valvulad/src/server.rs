@@ -22,6 +22,7 @@ use valvula_policy::{Action, CHECKSERVER_REPLY, Decoder, Frame, Reply, Request};
 
 use crate::config::{Config, LimitsConfig, ListenAddr, ListenerConfig, OnError};
 use crate::dispatch::Dispatcher;
+use crate::logging::RateLog;
 use crate::host::ModuleSet;
 
 mod connections;
@@ -56,10 +57,12 @@ struct ListenerShared {
     conns: Connections,
     /// Refusals, evictions and accept errors are logged at most once a second each, so a
     /// flood cannot flood the log.
-    refusal_log: LogGate,
-    network_log: LogGate,
-    evict_log: LogGate,
-    accept_error_log: LogGate,
+    refusal_log: RateLog,
+    network_log: RateLog,
+    evict_log: RateLog,
+    accept_error_log: RateLog,
+    /// Connections closed for malformed requests, logged at most once a second.
+    malformed_log: RateLog,
     /// Connections refused at the cap.
     refused: AtomicU64,
     /// Connections refused because the client is outside the allowed networks.
@@ -466,10 +469,11 @@ impl Daemon {
             let shared = Arc::new(ListenerShared {
                 runtime: ArcSwap::from_pointee(runtime_for(&l, &config, &modules)),
                 conns: Connections::default(),
-                refusal_log: LogGate::default(),
-                network_log: LogGate::default(),
-                evict_log: LogGate::default(),
-                accept_error_log: LogGate::default(),
+                refusal_log: RateLog::default(),
+                network_log: RateLog::default(),
+                evict_log: RateLog::default(),
+                accept_error_log: RateLog::default(),
+                malformed_log: RateLog::default(),
                 refused: AtomicU64::new(0),
                 refused_network: AtomicU64::new(0),
                 malformed: AtomicU64::new(0),
@@ -487,7 +491,6 @@ impl Daemon {
                 stop.clone(),
                 self.shutdown.clone(),
                 self.tracker.clone(),
-                self.started,
             ));
             st.listeners.insert(
                 l.name.clone(),
@@ -600,7 +603,6 @@ async fn accept_loop(
     stop: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    started: Instant,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -611,7 +613,7 @@ async fn accept_loop(
         let (stream, peer, ip) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                accept_failed(&e, &shared, started).await;
+                accept_failed(&e, &shared).await;
                 continue;
             }
         };
@@ -620,7 +622,7 @@ async fn accept_loop(
             && !rt.config.allows(ip)
         {
             let n = shared.refused_network.fetch_add(1, Ordering::Relaxed) + 1;
-            if shared.network_log.open(started) {
+            if shared.network_log.allow().is_some() {
                 tracing::warn!(listener = %rt.config.name, client = %peer, refused_total = n, "connection refused: client is not in the listener's allowed networks");
             }
             continue;
@@ -628,7 +630,7 @@ async fn accept_loop(
         let slot = match shared.conns.admit(rt.config.max_connections) {
             Admission::Admitted(slot) => slot,
             Admission::Replaced(slot, victim) => {
-                if shared.evict_log.open(started) {
+                if shared.evict_log.allow().is_some() {
                     let which = match victim.phase {
                         Phase::Partial => "the oldest stalled request",
                         _ => "the connection idle longest",
@@ -639,7 +641,7 @@ async fn accept_loop(
             }
             Admission::Refused => {
                 let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                if shared.refusal_log.open(started) {
+                if shared.refusal_log.allow().is_some() {
                     tracing::warn!(listener = %rt.config.name, client = %peer, max_connections = rt.config.max_connections, refused_total = n, "connection refused: listener is at its connection cap and every connection is in a request");
                 }
                 continue;
@@ -672,7 +674,7 @@ async fn accept_loop(
 /// while idle ones hold every descriptor: close the one idle longest (as at the cap) so
 /// it can be accepted, instead of leaving the new client unserved. Other resource
 /// errors back off; the warning is logged once a second, not on every retry.
-async fn accept_failed(e: &std::io::Error, shared: &ListenerShared, started: Instant) {
+async fn accept_failed(e: &std::io::Error, shared: &ListenerShared) {
     use nix::libc;
     let code = e.raw_os_error().unwrap_or(0);
     // Errors of the one connection being accepted: the next accept is unaffected.
@@ -685,7 +687,7 @@ async fn accept_failed(e: &std::io::Error, shared: &ListenerShared, started: Ins
     } else {
         None
     };
-    if shared.accept_error_log.open(started) {
+    if shared.accept_error_log.allow().is_some() {
         let listener = shared.runtime.load().config.name.clone();
         match &victim {
             Some(v) => {
@@ -700,24 +702,6 @@ async fn accept_failed(e: &std::io::Error, shared: &ListenerShared, started: Ins
             let _ = tokio::time::timeout(Duration::from_secs(1), v.closed()).await;
         }
         None => tokio::time::sleep(Duration::from_millis(100)).await,
-    }
-}
-
-/// At most one warning a second from a flood of the same event.
-#[derive(Default)]
-struct LogGate(AtomicU64);
-
-impl LogGate {
-    /// True when the last warning was a second ago or more (ms since `started`; the
-    /// first call is always open).
-    fn open(&self, started: Instant) -> bool {
-        let now = started.elapsed().as_millis() as u64 + 1000;
-        let last = self.0.load(Ordering::Relaxed);
-        now.saturating_sub(last) >= 1000
-            && self
-                .0
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
     }
 }
 
@@ -777,7 +761,9 @@ async fn serve<S>(
             Err(e) => {
                 let rt = shared.runtime.load();
                 shared.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(listener = %rt.config.name, client = %peer, "closing connection without a reply: {e}");
+                if let Some(more) = shared.malformed_log.allow() {
+                    tracing::warn!(listener = %rt.config.name, client = %peer, closed_since_last_line = more, "closing connection without a reply: {e}");
+                }
                 return;
             }
             Ok(Some(Frame::CheckServer)) => {

@@ -40,12 +40,18 @@ struct Config {
     time_zone: Option<String>,
     /// Log the lookup steps of every request.
     debug: bool,
+    /// Apply tickets to authenticated (SASL) requests only. valvula applies domain
+    /// tickets to any request whose sender names the domain, so where the listener
+    /// also sees inbound mail, a stranger forging a customer's domain uses up its
+    /// ticket. Off by default (valvula's behaviour).
+    authenticated_only: bool,
 }
 
 struct Settings {
     charge_states: Vec<String>,
     zone: valvula_calendar::Zone,
     debug: bool,
+    authenticated_only: bool,
 }
 
 fn settings(host: &Host) -> Result<Settings, Error> {
@@ -58,6 +64,7 @@ fn settings(host: &Host) -> Result<Settings, Error> {
             .collect(),
         zone: rollover::zone(c.time_zone.as_deref(), host)?,
         debug: c.debug,
+        authenticated_only: c.authenticated_only,
     })
 }
 
@@ -474,12 +481,13 @@ impl Module for Ticket {
     }
 
     fn process(&self, req: &Request<'_>) -> Result<Verdict, Error> {
-        let (charge_here, debug) = {
+        let (charge_here, debug, authenticated_only) = {
             let s = self.settings.read().map_err(|_| "poisoned")?;
             let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
             (
                 s.charge_states.is_empty() || s.charge_states.contains(&state),
                 s.debug,
+                s.authenticated_only,
             )
         };
         // valvula's identities: the SASL user only when Postfix sent both SASL
@@ -496,7 +504,7 @@ impl Module for Ticket {
                 user.unwrap_or("<no-sasl-user>")
             );
         }
-        if user.is_none() && domain.is_none() {
+        if (user.is_none() && domain.is_none()) || (authenticated_only && user.is_none()) {
             return Ok(Verdict::dunno());
         }
         let zone = self.settings.read().map_err(|_| "poisoned")?.zone;

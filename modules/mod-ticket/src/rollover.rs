@@ -115,6 +115,14 @@ pub fn check(host: &Host, zone: Zone, now: i64) -> Result<(), Error> {
             format!("UPDATE time_tracking SET {col} = {col} WHERE {col} = ?"),
             vec![seen.into()],
         ));
+        // Lock every ticket row too: a charge committed between the history's read
+        // (a plain read under READ COMMITTED) and the reset would be zeroed without
+        // being in the history. Charges now wait for this transaction, then count in
+        // the new period.
+        stmts.push((
+            format!("UPDATE domain_ticket SET {counter} = {counter} WHERE {still}"),
+            vec![seen.into()],
+        ));
         stmts.push((
             format!(
                 "INSERT INTO {history} (domain_ticket_id, stamp, {usage}) \
