@@ -136,7 +136,9 @@ fn conformance_mariadb() {
 #[test]
 fn authenticated_only_ignores_forged_inbound_senders() {
     let e = env(false, "authenticated_only = true");
-    e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 2, -1)");
+    e.raw.exec(
+        "INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 2, -1)",
+    );
     e.raw.exec("INSERT INTO domain_ticket (id, domain, valid_until, ticket_plan_id) VALUES (1, 'example.com', -1, 1)");
     let stranger = [
         ("sasl_method".to_owned(), None),
@@ -146,10 +148,15 @@ fn authenticated_only_ignores_forged_inbound_senders() {
     for i in 0..3 {
         assert_eq!(ask(&e, &stranger), "action=dunno", "forged request {i}");
     }
-    let counters = e.raw.row("SELECT COALESCE(total_used, 0) FROM domain_ticket WHERE id = 1");
+    let counters = e
+        .raw
+        .row("SELECT COALESCE(total_used, 0) FROM domain_ticket WHERE id = 1");
     assert_eq!(counters, "0", "a forged sender used the ticket");
     let own = [
-        ("sasl_username".to_owned(), Some("alice@example.com".to_owned())),
+        (
+            "sasl_username".to_owned(),
+            Some("alice@example.com".to_owned()),
+        ),
         ("sender".to_owned(), Some("alice@example.com".to_owned())),
     ];
     assert_eq!(ask(&e, &own), "action=dunno");
@@ -285,7 +292,9 @@ fn rollover_is_atomic_retried_and_done_by_the_first_request_of_a_day() {
 #[test]
 fn rollover_under_load_loses_no_charge() {
     let e = env(true, "");
-    e.raw.exec("INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, -1, -1)");
+    e.raw.exec(
+        "INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, -1, -1)",
+    );
     e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, total_used, current_day_usage) VALUES (1, 'a@x.com', -1, 1, 0, 0)");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -323,14 +332,24 @@ fn rollover_under_load_loses_no_charge() {
     for t in tasks {
         e.rt.block_on(t).unwrap();
     }
-    let total: u64 = e.raw.row("SELECT total_used FROM domain_ticket WHERE id = 1").parse().unwrap();
-    let day: u64 = e.raw.row("SELECT current_day_usage FROM domain_ticket WHERE id = 1").parse().unwrap();
+    let total: u64 = e
+        .raw
+        .row("SELECT total_used FROM domain_ticket WHERE id = 1")
+        .parse()
+        .unwrap();
+    let day: u64 = e
+        .raw
+        .row("SELECT current_day_usage FROM domain_ticket WHERE id = 1")
+        .parse()
+        .unwrap();
     let history: u64 = e
         .raw
         .row("SELECT COALESCE(SUM(day_usage), 0) FROM domain_ticket_history WHERE domain_ticket_id = 1")
         .parse()
         .unwrap();
-    let rounds = e.raw.row("SELECT COUNT(*) FROM domain_ticket_history WHERE domain_ticket_id = 1");
+    let rounds = e
+        .raw
+        .row("SELECT COUNT(*) FROM domain_ticket_history WHERE domain_ticket_id = 1");
     assert_eq!(total, charged(), "total_used is not what was admitted");
     assert_eq!(
         history + day,

@@ -22,8 +22,8 @@ use valvula_policy::{Action, CHECKSERVER_REPLY, Decoder, Frame, Reply, Request};
 
 use crate::config::{Config, LimitsConfig, ListenAddr, ListenerConfig, OnError};
 use crate::dispatch::Dispatcher;
-use crate::logging::RateLog;
 use crate::host::ModuleSet;
+use crate::logging::RateLog;
 
 mod connections;
 use connections::{Admission, Connections, Phase, Slot};
