@@ -22,7 +22,7 @@ fn long() -> bool {
 
 fn config(cap: usize) -> String {
     format!(
-        "[server]\nmodule_dirs = [{:?}]\n\
+        "[server]\nmodule_dirs = [{:?}]\nmetrics_listen = \"127.0.0.1:0\"\n\
          [limits]\nmax_line_bytes = 4096\nmax_request_bytes = 65536\nmax_attributes = 1000\n\
          request_timeout = \"5s\"\n\
          [log]\nlevel = \"warn,valvulad=info\"\n\
@@ -271,13 +271,41 @@ async fn hostile_clients_do_not_stop_or_slow_the_others() {
         "the flood beyond the cap was not logged:\n{}",
         p.log()
     );
-    let refused = p.count_log("closing connection without a reply");
+    // Each closed and counted; logged, at most once a second.
+    let malformed = malformed_total(&p).await;
     assert!(
-        refused >= (tried - 1) * 5,
-        "{refused} hostile inputs logged as closed without a reply, of {} kinds x5:\n{}",
+        malformed >= ((tried - 1) * 5) as u64,
+        "{malformed} hostile inputs counted as closed without a reply, of {} kinds x5:\n{}",
         tried - 1,
         p.log()
     );
+    let lines = p.count_log("closing connection without a reply");
+    assert!(
+        lines >= 1 && (lines as u64) < malformed,
+        "{lines} log lines for {malformed} malformed requests (once a second wanted)"
+    );
+}
+
+/// `valvulad_malformed_requests_total` of the listener, from /metrics.
+async fn malformed_total(p: &Proc) -> u64 {
+    let log = p.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("metrics listener ready"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no metrics listener:\n{log}"));
+    let mut s = TcpStream::connect(&addr).await.expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_string(&mut out)).await;
+    out.lines()
+        .find(|l| l.starts_with("valvulad_malformed_requests_total{listener=\"main\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no malformed count in:\n{out}"))
 }
 
 /// A request that trickles in (one byte every 200 ms, each read well inside the timeout)
