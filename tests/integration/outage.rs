@@ -644,3 +644,46 @@ async fn a_read_only_database_is_an_outage_not_a_module_fault() {
     assert!(used >= ok && used <= ok + 8, "stored {used}, admitted {ok}");
     check_log(&p, outage, failed);
 }
+
+/// The admin socket's reload answer, as `valvula-ctl reload` shows it.
+fn admin_reload(p: &Proc) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(p.dir.path().join("admin.sock"))
+        .expect("admin socket");
+    s.write_all(b"reload\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A reload that a module refuses is reported as such, not as a success (the next
+/// restart would fail on it); a setting only a restart applies is named.
+#[test]
+fn a_reload_a_module_refuses_is_not_reported_as_done() {
+    let cfg = |metric: &str, sock: &str| {
+        format!(
+            "[server]\nmodule_dirs = [{:?}]\n{sock}\
+             [[listener]]\nname = \"r\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ratelimit\"]\n\
+             [module.mod-ratelimit]\n[[module.mod-ratelimit.policy]]\nname = \"s\"\nkey = \"sasl_user\"\n\
+             metric = \"{metric}\"\ndefault = {{ limits = [[\"hour\", 3]] }}\n",
+            module_path("mod_ratelimit")
+                .parent()
+                .unwrap()
+                .display()
+                .to_string()
+        )
+    };
+    let p = Proc::start(&cfg("messages", ""), &[]);
+    p.rewrite_config(&cfg("parcels", ""));
+    let answer = admin_reload(&p);
+    assert!(
+        answer.starts_with("error") && answer.contains("mod-ratelimit kept its previous settings"),
+        "reload answered {answer:?}"
+    );
+    p.rewrite_config(&cfg("messages", "metrics_listen = \"127.0.0.1:0\"\n"));
+    let answer = admin_reload(&p);
+    assert!(
+        answer.starts_with("ok") && answer.contains("at the next restart: server.metrics_listen"),
+        "reload answered {answer:?}"
+    );
+}

@@ -34,6 +34,8 @@ fn run_peers(mysql: bool) {
     let mut lines = text.lines().enumerate();
     let mut env: Option<Env> = None;
     let mut case = String::new();
+    let mut zone = "UTC".to_owned();
+    let mut setup = String::new();
     static INSTANCE: AtomicUsize = AtomicUsize::new(0);
     while let Some((no, line)) = lines.next() {
         let line = line.trim();
@@ -46,6 +48,13 @@ fn run_peers(mysql: bool) {
             "case" => {
                 case = rest.to_owned();
                 env = None;
+                zone = "UTC".to_owned();
+                setup.clear();
+            }
+            "zone" => zone = rest.to_owned(),
+            "setup" => {
+                setup.push_str(&expand(rest, NOW));
+                setup.push_str(";\n");
             }
             "config" => {
                 let mut section = String::new();
@@ -56,12 +65,14 @@ fn run_peers(mysql: bool) {
                     section.push_str(l.trim());
                     section.push('\n');
                 }
-                env = Some(Env::start(
+                env = Some(Env::start_with(
                     mysql,
                     "mod_ratelimit",
                     "mod-ratelimit",
                     &section,
                     NOW,
+                    &zone,
+                    &setup,
                 ));
             }
             _ => {

@@ -51,6 +51,7 @@ fn open(mysql: bool) -> Bench {
         backend,
         zone: Zone::parse("UTC").unwrap(),
         timeout: std::time::Duration::from_secs(10),
+        record_zone: true,
     };
     let store = Store::open(&cfg, rt.handle().clone()).unwrap();
     store.ping().unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -80,6 +81,7 @@ fn reopen(b: &Bench, zone: Zone) -> Arc<Store> {
         backend,
         zone,
         timeout: std::time::Duration::from_secs(10),
+        record_zone: true,
     };
     Store::open(&cfg, b._rt.handle().clone()).unwrap()
 }

@@ -66,13 +66,18 @@ impl Raw {
     /// The `[storage]` section that points valvulad at this database (calendar windows
     /// in UTC, so tests do not depend on the machine's zone).
     pub fn storage_toml(&self) -> String {
+        self.storage_toml_in("UTC")
+    }
+
+    /// The `[storage]` section with calendar windows in `zone`.
+    pub fn storage_toml_in(&self, zone: &str) -> String {
         match self {
             Raw::Sqlite(p) => format!(
-                "[storage]\npath = {:?}\ntime_zone = \"UTC\"\n",
+                "[storage]\npath = {:?}\ntime_zone = \"{zone}\"\n",
                 p.display().to_string()
             ),
             Raw::Mysql(db) => format!(
-                "[storage]\nbackend = \"mysql\"\nurl = \"{}\"\ntime_zone = \"UTC\"\n",
+                "[storage]\nbackend = \"mysql\"\nurl = \"{}\"\ntime_zone = \"{zone}\"\n",
                 db.url()
             ),
         }
@@ -99,13 +104,24 @@ fn nest(module: &str, section: &str) -> String {
 
 /// valvulad.toml running one module on one listener.
 pub fn daemon_toml(raw: &Raw, crate_name: &str, module: &str, section: &str) -> String {
+    daemon_toml_in(raw, crate_name, module, section, "UTC")
+}
+
+/// [`daemon_toml`] with calendar windows in `zone`.
+pub fn daemon_toml_in(
+    raw: &Raw,
+    crate_name: &str,
+    module: &str,
+    section: &str,
+    zone: &str,
+) -> String {
     let section = nest(module, section);
     format!(
         "[server]\nmodules = [{:?}]\nmodule_timeout = \"10s\"\n\
          [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"{module}\"]\n\
          [module.{module}]\n{section}\n{}",
         crate::module_path(crate_name).display().to_string(),
-        raw.storage_toml()
+        raw.storage_toml_in(zone)
     )
 }
 
@@ -122,6 +138,20 @@ pub struct Env {
 
 impl Env {
     pub fn start(mysql: bool, crate_name: &str, module: &str, section: &str, now: i64) -> Env {
+        Self::start_with(mysql, crate_name, module, section, now, "UTC", "")
+    }
+
+    /// [`Env::start`] with calendar windows in `zone`, after running `setup` (SQL, `;`
+    /// separated) on the new database: tables and rows of an older version, say.
+    pub fn start_with(
+        mysql: bool,
+        crate_name: &str,
+        module: &str,
+        section: &str,
+        now: i64,
+        zone: &str,
+        setup: &str,
+    ) -> Env {
         valvulad::host::freeze_clock(Some(now));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -134,7 +164,10 @@ impl Env {
         } else {
             Raw::Sqlite(dir.path().join("module.db"))
         };
-        let config = parse_config(&daemon_toml(&raw, crate_name, module, section));
+        if !setup.trim().is_empty() {
+            raw.exec(setup);
+        }
+        let config = parse_config(&daemon_toml_in(&raw, crate_name, module, section, zone));
         let store = Store::open(&config.storage, rt.handle().clone()).unwrap();
         let (modules, _) =
             ModuleSet::load(&config, None, Some(store.clone())).unwrap_or_else(|e| panic!("{e:?}"));

@@ -98,7 +98,10 @@ pub enum OverrideCmd {
     },
 }
 
-/// Runs `f` with a store opened on `storage` (a runtime of its own for MySQL).
+/// Runs `f` with a store opened on `storage` (a runtime of its own for MySQL). An
+/// administrator's command checks the database's calendar zone but never records its
+/// own (a shell's TZ must not become the database's), and may take longer than a
+/// request: it scans what a daemon looks up by key.
 pub fn with_store<T>(
     storage: &StorageConfig,
     f: impl FnOnce(&Arc<Store>) -> anyhow::Result<T>,
@@ -107,9 +110,17 @@ pub fn with_store<T>(
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let store = Store::open(storage, rt.handle().clone())?;
+    let storage = StorageConfig {
+        record_zone: false,
+        timeout: storage.timeout.max(ADMIN_TIMEOUT),
+        ..storage.clone()
+    };
+    let store = Store::open(&storage, rt.handle().clone())?;
     f(&store)
 }
+
+/// How long one of an administrator's storage calls may take.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn open<T>(config: &Path, f: impl FnOnce(&Arc<Store>) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let c = valvulad::config::load_file(config)?.config;
@@ -118,6 +129,44 @@ fn open<T>(config: &Path, f: impl FnOnce(&Arc<Store>) -> anyhow::Result<T>) -> a
             .with_context(|| format!("database {}", s.describe()))?;
         f(s)
     })
+}
+
+/// An identity as mod-ratelimit stores it, without the key a fallback list prefixes
+/// (`sender=alice@example.com`, `sasl_user+client_address=...`). Only known key names
+/// count as a prefix: a sender may hold `=` itself (`prvs=...`).
+fn bare_identity(stored: &str) -> &str {
+    let Some((key, rest)) = stored.split_once('=') else {
+        return stored;
+    };
+    let known = |p: &str| {
+        matches!(
+            p,
+            "sasl_user" | "sasl_domain" | "sender" | "sender_domain" | "client_address"
+        ) || p == "client_network"
+            || p.strip_prefix("client_network/")
+                .is_some_and(|n| n.parse::<u8>().is_ok())
+    };
+    if key.split('+').all(known) {
+        rest
+    } else {
+        stored
+    }
+}
+
+/// `None` when the table a query reads does not exist (the module never ran here);
+/// every other error is the command's (an unnoticed timeout once made `usage` say
+/// "nothing counted" for a customer being refused).
+fn absent_table_ok<T>(r: Result<T, valvulad::store::StoreError>) -> anyhow::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e)
+            if e.to_string().contains("no such table")
+                || e.to_string().contains("doesn't exist") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(hint(e)),
+    }
 }
 
 /// A storage error, with a hint when the module's tables do not exist yet.
@@ -432,6 +481,7 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             text,
         } => {
             check_limits(limits)?;
+            check_override_target(config, policy, identity)?;
             // As mod-ratelimit stores identities: lower case, and bounded (a longer one
             // is a prefix and a digest of the whole).
             let identity = identity.to_ascii_lowercase();
@@ -524,13 +574,52 @@ fn check_limits(l: &str) -> anyhow::Result<Vec<(WindowKind, i64)>> {
         .collect()
 }
 
+/// A window as mod-ratelimit reads it (one grammar: `valvula_calendar`).
 fn window_kind(w: &str) -> anyhow::Result<WindowKind> {
-    WindowKind::parse(
-        w.strip_suffix('s')
-            .filter(|n| n.parse::<i64>().is_ok())
-            .unwrap_or(w),
+    WindowKind::parse(w).map_err(anyhow::Error::msg)
+}
+
+/// Refuses an override mod-ratelimit would never apply: a policy the configuration
+/// does not have, or, for a policy with a fallback list of keys, an identity without
+/// the key it counts under (`sender=alice@example.com`).
+fn check_override_target(config: &Path, policy: &str, identity: &str) -> anyhow::Result<()> {
+    let c = valvulad::config::load_file(config)?.config;
+    let Some(section) = c.module_sections.get("mod-ratelimit") else {
+        return Ok(());
+    };
+    let policies = section
+        .get("policy")
+        .and_then(|p| p.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut names = Vec::new();
+    for (i, p) in policies.iter().enumerate() {
+        let name = p
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map_or_else(|| format!("policy{i}"), str::to_owned);
+        if name == policy {
+            let fallback = p
+                .get("key")
+                .and_then(|k| k.as_array())
+                .is_some_and(|k| k.len() > 1);
+            if fallback && bare_identity(identity) == identity {
+                bail!(
+                    "policy {policy} counts under a list of keys: write the identity with its key, e.g. sender={identity} or sasl_user={identity}"
+                );
+            }
+            return Ok(());
+        }
+        names.push(name);
+    }
+    bail!(
+        "mod-ratelimit has no policy {policy:?} (its policies: {})",
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
     )
-    .map_err(anyhow::Error::msg)
 }
 
 fn from_win(win: &str) -> Option<WindowKind> {
@@ -624,7 +713,7 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
                 vec![],
             )),
         };
-        if let Ok(r) = tickets {
+        if let Some(r) = absent_table_ok(tickets)? {
             let day_end = calendar_end(s, WindowKind::Day, now);
             let month_end = calendar_end(s, WindowKind::Month, now);
             for row in &r.rows {
@@ -654,10 +743,10 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
             }
         }
         // mod-ratelimit.
-        if let Ok(r) = s.query(Stmt::new(
+        if let Some(r) = absent_table_ok(s.query(Stmt::new(
             "SELECT DISTINCT ckey, win FROM vlv_counter WHERE ns = ? ORDER BY ckey, win",
             vec!["mod-ratelimit".into()],
-        )) {
+        )))? {
             for row in &r.rows {
                 let (Value::Text(key), Value::Text(win)) = (&row[0], &row[1]) else {
                     continue;
@@ -665,7 +754,9 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
                 let Some((policy, ident)) = key.split_once(':') else {
                     continue;
                 };
-                if policy == "notify" || identity.is_some_and(|i| !ident.eq_ignore_ascii_case(i)) {
+                if policy == "notify"
+                    || identity.is_some_and(|i| !bare_identity(ident).eq_ignore_ascii_case(i))
+                {
                     continue;
                 }
                 let Some(kind) = from_win(win) else { continue };
@@ -722,22 +813,22 @@ fn line(name: &str, used: i64, limit: i64, reset: Option<i64>) -> String {
 pub fn reset(config: &Path, identity: &str) -> anyhow::Result<()> {
     open(config, |s| {
         let mut n = 0u64;
-        if let Ok(t) = s.exec(Stmt::new(
+        if let Some(t) = absent_table_ok(s.exec(Stmt::new(
             "UPDATE domain_ticket SET current_day_usage = 0, current_month_usage = 0 \
              WHERE LOWER(sasl_user) = LOWER(?) OR LOWER(domain) = LOWER(?)",
             vec![identity.into(), identity.into()],
-        )) {
+        )))? {
             n += t.affected;
         }
-        if let Ok(r) = s.query(Stmt::new(
+        if let Some(r) = absent_table_ok(s.query(Stmt::new(
             "SELECT DISTINCT ckey FROM vlv_counter WHERE ns = ?",
             vec!["mod-ratelimit".into()],
-        )) {
+        )))? {
             for row in &r.rows {
                 if let Value::Text(key) = &row[0]
                     && key
                         .split_once(':')
-                        .is_some_and(|(_, i)| i.eq_ignore_ascii_case(identity))
+                        .is_some_and(|(_, i)| bare_identity(i).eq_ignore_ascii_case(identity))
                 {
                     n += s.reset("mod-ratelimit", key)?;
                 }

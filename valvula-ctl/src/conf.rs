@@ -389,6 +389,7 @@ pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> an
             .or_else(|_| valvulad::store::Zone::local())
             .unwrap_or_default(),
         timeout: valvulad::store::DEFAULT_TIMEOUT,
+        record_zone: false,
     };
     crate::admin::with_store(&storage, |s| match s.ping() {
         Err(e @ valvulad::store::StoreError::Refused(_)) => Err(anyhow::anyhow!(

@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::server::Daemon;
 
 /// A reload asked for over the socket; the main loop answers with the outcome.
-pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
 
 /// Longest command line read from the admin socket (`status`, `reload`).
 const ADMIN_MAX_LINE: usize = 1024;
@@ -35,7 +35,15 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// directory, a symbolic link, wherever it points) belongs to someone else and is never
 /// removed. `valvulad -t` reports the same text under `server.admin_socket`.
 pub fn admin_socket_problem(path: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::FileTypeExt;
+    // sockaddr_un holds 108 bytes, the final NUL included.
+    if path.as_os_str().as_bytes().len() > 107 {
+        return Some(format!(
+            "{} is longer than a unix socket path may be (107 bytes): choose a shorter one",
+            path.display()
+        ));
+    }
     // symlink_metadata: a symbolic link is judged as the link, never followed.
     let t = std::fs::symlink_metadata(path).ok()?.file_type();
     if t.is_socket() {
@@ -162,7 +170,7 @@ async fn answer(line: &str, daemon: &Daemon, reload: &mpsc::Sender<ReloadRequest
                 "error the daemon is stopping".to_owned()
             } else {
                 match rx.await {
-                    Ok(Ok(())) => "ok configuration reloaded".to_owned(),
+                    Ok(Ok(note)) => format!("ok configuration reloaded{note}"),
                     Ok(Err(e)) => format!("error {}", e.replace('\n', " ")),
                     Err(_) => "error the reload was abandoned".to_owned(),
                 }

@@ -22,6 +22,9 @@ pub const DEFAULT_PATH: &str = "/etc/valvula/valvulad.toml";
 pub const DEFAULT_MODULE_DIR: &str = "/usr/lib/valvulad/modules";
 /// Default admin socket.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/valvulad/admin.sock";
+/// The longest timeout or period any key takes: a day.
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
 /// Default SQLite file.
 pub const DEFAULT_SQLITE_PATH: &str = "/var/lib/valvula/valvula.db";
 
@@ -340,6 +343,14 @@ impl Walker {
             self.err(&p, "must be more than zero");
             return None;
         }
+        // A deadline that far away overflows the clock (every connection panicked).
+        if d > MAX_DURATION {
+            self.err(
+                &p,
+                format!("{d:?} is more than the most allowed, {MAX_DURATION:?}"),
+            );
+            return None;
+        }
         Some(d)
     }
 
@@ -553,6 +564,7 @@ impl Walker {
             backend,
             zone,
             timeout,
+            record_zone: true,
         }
     }
 
@@ -785,6 +797,10 @@ impl Walker {
             }
             None => None,
             Some(s) => match parse_address(&s) {
+                // `unix:./x`: relative to this file, as every other path in it.
+                Ok(ListenAddr::Unix(path)) if path.is_relative() => {
+                    Some(ListenAddr::Unix(self.base.join(path)))
+                }
                 Ok(a) => Some(a),
                 Err(e) => {
                     self.err(&join(p, "address"), e);
@@ -1058,6 +1074,43 @@ modules = ["x"]
             "mysql://u:***@h:3306/db"
         );
         assert_eq!(redact_url("mysql://u@h/db"), "mysql://u@h/db");
+    }
+
+    #[test]
+    fn hostile_settings_of_a_careless_operator() {
+        // A timeout so long its deadline overflows the clock.
+        let e = p("[server]\nmodule_timeout = 9223372036854775807\n[limits]\nidle_timeout = \"400 years\"\n[[listener]]\naddress = \"3579\"\n").unwrap_err();
+        let all = e.errors.join("\n");
+        assert!(all.contains("server.module_timeout:"), "{all}");
+        assert!(all.contains("limits.idle_timeout:"), "{all}");
+        // An admin socket path longer than a socket path may be.
+        let long = format!("/tmp/{}/admin.sock", "d".repeat(120));
+        let e = p(&format!(
+            "[server]\nadmin_socket = {long:?}\n[[listener]]\naddress = \"3579\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.errors.join("\n").contains("server.admin_socket:"),
+            "{:?}",
+            e.errors
+        );
+        // A storage timeout that is not under the module timeout.
+        let e = p("[server]\nmodule_timeout = \"1s\"\n[storage]\ntimeout = \"2s\"\n[[listener]]\naddress = \"3579\"\n").unwrap_err();
+        assert!(
+            e.errors.join("\n").contains("storage.timeout:"),
+            "{:?}",
+            e.errors
+        );
+        // A relative unix socket is relative to the file, as every other path.
+        let l = parse(
+            "[[listener]]\naddress = \"unix:./policy.sock\"\n",
+            Path::new("/etc/valvula/valvulad.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            l.config.listeners[0].address,
+            ListenAddr::Unix("/etc/valvula/./policy.sock".into())
+        );
     }
 
     #[test]

@@ -200,7 +200,12 @@ fn one_shot(args: &Args) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(format!("ERROR: {e}")),
     };
-    let ok = Store::open(&loaded.config.storage, rt.handle().clone()).and_then(|s| s.ping());
+    // A check writes nothing: it does not record this machine's zone in the database.
+    let storage = valvulad::store::StorageConfig {
+        record_zone: false,
+        ..loaded.config.storage.clone()
+    };
+    let ok = Store::open(&storage, rt.handle().clone()).and_then(|s| s.ping());
     match ok {
         Ok(()) => {
             println!("INFO: Database connection working OK");
@@ -222,7 +227,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    valvulad::logging::init(&pre.config.log, level).context("cannot set up logging")?;
+    // A check reports on the terminal that ran it, whatever the file says (syslog
+    // would hide why a module's init failed).
+    let log = if args.check {
+        valvulad::config::LogConfig {
+            target: valvulad::config::LogTarget::Stderr,
+            ..pre.config.log.clone()
+        }
+    } else {
+        pre.config.log.clone()
+    };
+    valvulad::logging::init(&log, level).context("cannot set up logging")?;
     let _pid = match &args.pid_file {
         Some(p) if !args.check => Some(valvulad::process::PidFile::create(p, args.skip_pid_check)?),
         _ => None,
@@ -267,7 +282,10 @@ async fn open_store(
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let first = config::load_file(&args.config)?;
-    let (store, ping) = open_store(&first.config).await?;
+    let mut first_config = first.config.clone();
+    // `-t` checks; only a daemon records its zone in a database that has none.
+    first_config.storage.record_zone = !args.check;
+    let (store, ping) = open_store(&first_config).await?;
     let path = args.config.clone();
     let s = store.clone();
     let (config, modules, _) = tokio::task::spawn_blocking(move || load(&path, None, &s)).await??;
@@ -303,7 +321,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         admin_socket = None;
         // Something other than a socket at the path is a configuration error, as
         // `valvulad -t` reports it; other failures leave the policy service running.
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
+        // So is a socket another valvulad serves: `valvula-ctl reload` would reload
+        // that daemon and report success for this one.
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::AddrInUse
+        ) {
             anyhow::bail!("server.admin_socket: {e}");
         }
         tracing::error!(socket = %sock.display(), "admin socket not available (valvula-ctl status/reload will not work): {e}");
@@ -361,7 +384,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: re-read the config; on any error keep running with the old one.
-async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) -> Result<(), String> {
+/// SIGHUP: re-read the config; on any error keep running with the old one. `Ok` holds
+/// what takes effect only at the next restart; `Err` also reports a module that kept
+/// its previous settings (the rest of the new configuration applies).
+async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) -> Result<String, String> {
     tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
     let previous = daemon.modules();
     let p = path.to_owned();
@@ -378,24 +404,55 @@ async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) -> Result<(), 
             return Err(e.to_string());
         }
     };
-    if config.storage != daemon.config().storage {
+    let old = daemon.config();
+    let later: Vec<&str> = [
+        ("[storage]", config.storage != old.storage),
+        (
+            "server.admin_socket",
+            config.server.admin_socket != old.server.admin_socket,
+        ),
+        (
+            "server.metrics_listen",
+            config.server.metrics_listen != old.server.metrics_listen,
+        ),
+        (
+            "server.user/group",
+            (&config.server.user, &config.server.group) != (&old.server.user, &old.server.group),
+        ),
+        ("[log]", config.log != old.log),
+    ]
+    .into_iter()
+    .filter_map(|(what, changed)| changed.then_some(what))
+    .collect();
+    if !later.is_empty() {
         tracing::warn!(
-            "[storage] changed: the new database settings take effect at the next restart"
+            "changed, in effect at the next restart (not by a reload): {}",
+            later.join(", ")
         );
     }
     let empty = toml::Table::new();
+    let mut kept = Vec::new();
     for name in &reused {
         if let Some(d) = modules.get(name) {
             let section = config.module_sections.get(name).unwrap_or(&empty).clone();
             if let Err(e) = d.reconf(section).await {
                 tracing::error!(module = %name, "reconf failed; the module keeps its previous settings: {e}");
+                kept.push(format!("{name} kept its previous settings ({e})"));
             }
         }
     }
     match daemon.apply(config, modules).await {
-        Ok(()) => {
+        Ok(()) if kept.is_empty() => {
             tracing::info!("configuration reloaded");
-            Ok(())
+            Ok(if later.is_empty() {
+                String::new()
+            } else {
+                format!("; at the next restart: {}", later.join(", "))
+            })
+        }
+        Ok(()) => {
+            tracing::warn!("configuration reloaded, but {}", kept.join("; "));
+            Err(format!("configuration reloaded, but {}", kept.join("; ")))
         }
         Err(e) => {
             tracing::error!("reload refused, the running configuration stays: {e}");

@@ -19,6 +19,28 @@ pub enum Period {
     Month,
 }
 
+/// The length of a sliding window, in seconds: an integer of seconds, or a duration
+/// such as `"90s"`, `"10m"`, `"1h30m"`, `"2hours"`, `"1w"`. One grammar for the
+/// daemon's configuration, mod-ratelimit's rules and overrides, and valvula-ctl.
+pub fn window_seconds(s: &str) -> Result<i64, String> {
+    let secs = match s.trim().parse::<i64>() {
+        Ok(n) => n,
+        Err(_) => humantime::parse_duration(s.trim())
+            .map_err(|_| {
+                format!(
+                    "{s:?} is not hour, day, week, month or a duration such as \"90s\" or \"1h\""
+                )
+            })?
+            .as_secs()
+            .try_into()
+            .map_err(|_| format!("{s:?} is too long"))?,
+    };
+    if secs < 1 {
+        return Err(format!("{s:?}: a sliding window needs at least one second"));
+    }
+    Ok(secs)
+}
+
 /// A named time zone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Zone(Tz);
@@ -65,11 +87,23 @@ impl Zone {
     pub fn local() -> Result<Zone, String> {
         if let Some(v) = std::env::var_os("TZ").filter(|v| !v.is_empty()) {
             let v = v.to_string_lossy();
-            return tz_variable(&v).map(Zone).ok_or_else(|| {
-                format!(
-                    "\"local\": TZ={v:?} names no time zone; set time_zone to a name such as \"Europe/Madrid\""
-                )
-            });
+            let file = v.trim_start_matches(':');
+            // A file (`:/etc/localtime`, a common setting): the zone it links to; the
+            // system's own file is the system's zone, looked up below.
+            let linked = file
+                .starts_with('/')
+                .then(|| std::fs::canonicalize(file).ok())
+                .flatten()
+                .and_then(|p| p.to_str().and_then(tz_variable));
+            match (linked, tz_variable(&v)) {
+                (Some(tz), _) | (None, Some(tz)) => return Ok(Zone(tz)),
+                _ if file == "/etc/localtime" => {}
+                _ => {
+                    return Err(format!(
+                        "\"local\": TZ={v:?} names no time zone; set time_zone to a name such as \"Europe/Madrid\""
+                    ));
+                }
+            }
         }
         let have_localtime = std::path::Path::new("/etc/localtime").exists()
             || std::path::Path::new("/etc/timezone").exists();
@@ -233,6 +267,33 @@ mod tests {
         // Same offset in winter, not in summer.
         let london = Zone::parse("Europe/London").unwrap();
         assert!(!utc_zone.same_calendar(&london, now));
+    }
+
+    #[test]
+    fn tz_naming_the_system_file_is_the_system_zone() {
+        // In a child process: tests run in threads, and TZ is process-wide.
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "tests::print_local_zone",
+                "--nocapture",
+                "--ignored",
+            ])
+            .env("TZ", ":/etc/localtime")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("local zone: Ok("),
+            "TZ=:/etc/localtime gave: {text}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by tz_naming_the_system_file_is_the_system_zone in a child process"]
+    fn print_local_zone() {
+        println!("local zone: {:?}", Zone::local());
     }
 
     #[test]

@@ -678,15 +678,24 @@ impl Host {
                 ),
                 &[],
             )?;
-            have.push(first.name.to_owned());
+            have = self.table_columns(table)?;
             added.push(first.name.to_owned());
         }
         for c in columns {
             if !have.iter().any(|h| h.eq_ignore_ascii_case(c.name)) {
-                self.exec(
+                let r = self.exec(
                     &format!("ALTER TABLE {table} ADD COLUMN {} {}", c.name, ty(mysql, c)),
                     &[],
-                )?;
+                );
+                if let Err(e) = r {
+                    // Another thread or daemon may have added it meanwhile ("duplicate
+                    // column"): what counts is that the column is there now.
+                    have = self.table_columns(table)?;
+                    if !have.iter().any(|h| h.eq_ignore_ascii_case(c.name)) {
+                        return Err(e);
+                    }
+                    continue;
+                }
                 added.push(c.name.to_owned());
             }
         }

@@ -196,31 +196,9 @@ pub fn window(s: &str) -> Result<WindowKind, Error> {
         "day" => WindowKind::Day,
         "week" => WindowKind::Week,
         "month" => WindowKind::Month,
-        other => {
-            let secs = if let Ok(n) = other.parse::<i64>() {
-                n
-            } else {
-                let (num, unit) = other.split_at(
-                    other
-                        .find(|c: char| !c.is_ascii_digit())
-                        .unwrap_or(other.len()),
-                );
-                let n: i64 = num.parse().map_err(|_| {
-                    format!("window {other:?}: hour, day, week, month or a duration")
-                })?;
-                n * match unit {
-                    "s" => 1,
-                    "m" => 60,
-                    "h" => 3600,
-                    "d" => 86_400,
-                    _ => return Err(format!("window {other:?}: unit must be s, m, h or d").into()),
-                }
-            };
-            if secs < 1 {
-                return Err(format!("window {other:?}: at least one second").into());
-            }
-            WindowKind::Sliding(secs)
-        }
+        other => WindowKind::Sliding(
+            valvula_calendar::window_seconds(other).map_err(|e| format!("window {e}"))?,
+        ),
     })
 }
 

@@ -35,6 +35,9 @@ struct RateLimit {
     /// most one a minute each.
     bad_override_warned: std::sync::atomic::AtomicI64,
     accounting_warned: std::sync::atomic::AtomicI64,
+    /// The housekeeping index exists; a tick is making it.
+    indexed: std::sync::atomic::AtomicBool,
+    indexing: std::sync::atomic::AtomicBool,
 }
 
 /// True at most once a minute (of the host clock) per `last`.
@@ -554,6 +557,8 @@ impl Module for RateLimit {
             zone,
             bad_override_warned: std::sync::atomic::AtomicI64::new(i64::MIN),
             accounting_warned: std::sync::atomic::AtomicI64::new(i64::MIN),
+            indexed: std::sync::atomic::AtomicBool::new(false),
+            indexing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -599,11 +604,30 @@ impl Module for RateLimit {
             tracing::debug!("tables not checked: {e}");
             return;
         }
-        if ticks.hour()
-            && let Ok(s) = self.settings()
-            && let Err(e) = tables::expire(&self.host, &s, now)
+        // The index housekeeping needs, built from a tick (one at a time), not at start.
+        if !self.indexed.load(std::sync::atomic::Ordering::Acquire)
+            && !self
+                .indexing
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            tracing::warn!("rate-limit housekeeping failed: {e}");
+            match tables::ensure_indexes(&self.host) {
+                Ok(()) => self
+                    .indexed
+                    .store(true, std::sync::atomic::Ordering::Release),
+                Err(e) => tracing::warn!("index of ratelimit_accounting not made yet: {e}"),
+            }
+            self.indexing
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        if ticks.minute()
+            && self.indexed.load(std::sync::atomic::Ordering::Acquire)
+            && let Ok(s) = self.settings()
+        {
+            match tables::expire(&self.host, &s, now) {
+                Ok(n) if n > 0 => tracing::debug!(rows = n, "rate-limit housekeeping"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("rate-limit housekeeping failed: {e}"),
+            }
         }
     }
 }

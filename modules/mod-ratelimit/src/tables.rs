@@ -92,6 +92,36 @@ pub fn ensure(host: &Host) -> Result<(), Error> {
     Ok(())
 }
 
+/// Creates index `name` on `table (column)` when missing (MySQL 8 has no CREATE INDEX
+/// IF NOT EXISTS): housekeeping deletes by it.
+fn ensure_index(host: &Host, table: &str, name: &str, column: &str) -> Result<(), Error> {
+    // (Not at init: on a large table of an older version this takes minutes.)
+    let exists = || -> Result<bool, Error> {
+        let r = match host.dialect() {
+            Dialect::Mysql => host.query(
+                "SELECT COUNT(*) FROM information_schema.statistics \
+                 WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+                &[table.into(), name.into()],
+            )?,
+            _ => host.query(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = ? AND name = ?",
+                &["index".into(), name.into()],
+            )?,
+        };
+        Ok(r.rows.first().and_then(|row| row[0].as_i64()).unwrap_or(0) > 0)
+    };
+    if exists()? {
+        return Ok(());
+    }
+    if let Err(e) = host.exec(&format!("CREATE INDEX {name} ON {table} ({column})"), &[]) {
+        // Another daemon may have made it meanwhile.
+        if !exists()? {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
 /// `hour=100,day=1000,3600s=50`.
 pub fn parse_limits(s: &str) -> Result<Vec<(WindowKind, i64, String)>, Error> {
     s.split(',')
@@ -159,6 +189,16 @@ pub fn effective_rule(
             host.exec(
                 "UPDATE ratelimit_override SET period_start = ? WHERE id = ? AND period_start IS NULL",
                 &[current.into(), id.into()],
+            )?;
+        }
+        // A row started by a version that reckoned periods in UTC: the same window,
+        // in this daemon's zone (else an upgrade ended every temporary override early).
+        Some(s)
+            if s != current && s == period_start(valvula_calendar::Zone::UTC, reference, now) =>
+        {
+            host.exec(
+                "UPDATE ratelimit_override SET period_start = ? WHERE id = ? AND period_start = ?",
+                &[current.into(), id.into(), s.into()],
             )?;
         }
         Some(s) if s != current => {
@@ -269,20 +309,65 @@ pub fn account(
     Ok(())
 }
 
-/// Hourly housekeeping: accounting rows past retention, and override rows that
-/// override nothing (a bare row an operator or an older version left).
-pub fn expire(host: &Host, s: &Settings, now: i64) -> Result<(), Error> {
+/// Rows one housekeeping statement deletes at most, and statements per tick: a few
+/// milliseconds each, so no request waits behind them (one DELETE of a million rows
+/// held the request lanes past the storage timeout), and a backlog left by an older
+/// version goes in a few hours.
+const BATCH: u64 = 500;
+const BATCHES_PER_TICK: usize = 40;
+
+/// Deletes the rows of `table` that match `cond`, [`BATCH`] at a time; the rows deleted.
+fn delete_batched(host: &Host, table: &str, cond: &str, params: &[Value]) -> Result<u64, Error> {
+    let sql = if host.dialect() == Dialect::Mysql {
+        format!("DELETE FROM {table} WHERE {cond} LIMIT {BATCH}")
+    } else {
+        format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {cond} LIMIT {BATCH})"
+        )
+    };
+    let mut total = 0;
+    for _ in 0..BATCHES_PER_TICK {
+        let n = host.exec(&sql, params)?.affected;
+        total += n;
+        if n < BATCH {
+            break;
+        }
+        // Let the requests' writes through between two batches.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(total)
+}
+
+/// The index housekeeping deletes accounting rows by.
+pub fn ensure_indexes(host: &Host) -> Result<(), Error> {
+    ensure_index(
+        host,
+        "ratelimit_accounting",
+        "ratelimit_accounting_period",
+        "period",
+    )
+}
+
+/// Housekeeping, each minute, in small batches: accounting rows past retention, and
+/// override rows that override nothing (left by an operator or by a version that made
+/// one per identity seen).
+pub fn expire(host: &Host, s: &Settings, now: i64) -> Result<u64, Error> {
+    let mut n = 0;
     if s.accounting_retention_days > 0 {
-        host.exec(
-            "DELETE FROM ratelimit_accounting WHERE period < ?",
+        n += delete_batched(
+            host,
+            "ratelimit_accounting",
+            "period < ?",
             &[(now - s.accounting_retention_days * 86_400).into()],
         )?;
     }
-    host.exec(
-        "DELETE FROM ratelimit_override WHERE limits IS NULL AND action IS NULL AND text IS NULL AND persist = 0",
+    n += delete_batched(
+        host,
+        "ratelimit_override",
+        "limits IS NULL AND action IS NULL AND text IS NULL AND persist = 0",
         &[],
     )?;
-    Ok(())
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -78,6 +78,8 @@ struct Ticket {
     /// One rollover check at a time in this daemon; the other requests wait for it
     /// rather than charge into a day that is about to be reset.
     rolling: Mutex<()>,
+    /// One preparation of the tables at a time.
+    preparing: Mutex<()>,
 }
 
 /// The columns of a ticket row this module reads, in this order.
@@ -420,6 +422,12 @@ impl Ticket {
         if self.prepared.load(Ordering::Acquire) {
             return Ok(());
         }
+        // One thread at a time: the others wait for it rather than all altering the
+        // same tables at once (the losers' "duplicate column" errors were failures).
+        let _one = self.preparing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.prepared.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let added = schema::ensure(&self.host)?;
         if !added.is_empty() {
             tracing::info!(columns = ?added, "tables and columns created");
@@ -468,6 +476,7 @@ impl Module for Ticket {
             prepared: AtomicBool::new(false),
             day_ends_at: AtomicI64::new(0),
             rolling: Mutex::new(()),
+            preparing: Mutex::new(()),
         };
         match t.roll_over_if_due(zone, t.host.now()) {
             Ok(()) => {}

@@ -160,10 +160,19 @@ fn ensure_index(host: &Host, name: &str, column: &str) -> Result<bool, Error> {
         ),
         Dialect::None => return Ok(false),
     };
-    let r = host.query(look, &[params[0].into(), params[1].into()])?;
-    if r.rows.first().and_then(|row| row[0].as_i64()).unwrap_or(0) > 0 {
+    let exists = || -> Result<bool, Error> {
+        let r = host.query(look, &[params[0].into(), params[1].into()])?;
+        Ok(r.rows.first().and_then(|row| row[0].as_i64()).unwrap_or(0) > 0)
+    };
+    if exists()? {
         return Ok(false);
     }
-    host.exec(&create, &[])?;
+    if let Err(e) = host.exec(&create, &[]) {
+        // Another daemon may have made it meanwhile ("duplicate key name").
+        if exists()? {
+            return Ok(false);
+        }
+        return Err(e.into());
+    }
     Ok(true)
 }

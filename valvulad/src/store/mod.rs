@@ -168,6 +168,10 @@ pub struct StorageConfig {
     /// stalled database gives Postfix the on-error answer quickly instead of holding
     /// every request for the whole module timeout.
     pub timeout: Duration,
+    /// Record `zone` in a database that has none yet: a daemon does; a tool
+    /// (valvula-ctl, `valvulad -t`) only checks, so an administrator's shell zone never
+    /// becomes the database's.
+    pub record_zone: bool,
 }
 
 /// The default of `[storage] timeout`.
@@ -331,6 +335,7 @@ impl Store {
                     *synchronous_full,
                     config.zone,
                     config.timeout,
+                    config.record_zone,
                 )),
                 Dialect::Sqlite,
             ),
@@ -345,6 +350,7 @@ impl Store {
                     *pool_size,
                     config.zone,
                     config.timeout,
+                    config.record_zone,
                     runtime,
                 )?),
                 Dialect::Mysql,
@@ -609,6 +615,9 @@ impl Store {
                 if n < EXPIRE_BATCH as u64 {
                     break;
                 }
+                // More to do (a backlog an older version left): the requests' writes
+                // go first between two batches.
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
         Ok(total)

@@ -40,6 +40,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long the outcome of a COMMIT that went out is waited for before its callers are
 /// told it is unknown.
 const IN_DOUBT_MAX: Duration = Duration::from_secs(30);
+/// How long a module's schema change may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long startup (and `valvulad -t`) waits for the host tables and the zone check.
+const PREPARE_WAIT: Duration = Duration::from_secs(30);
 
 /// Consumption lanes: a key always goes to the same lane, so this daemon's batches
 /// never wait on each other's row locks; several lanes keep the database busy while one
@@ -68,6 +72,13 @@ struct Shared {
     opts: Opts,
     pool: Mutex<Pooled>,
     schema_ready: AtomicBool,
+    /// A task is preparing the database, and what its last try met.
+    preparing: AtomicBool,
+    /// The index housekeeping deletes by exists (until then it waits).
+    index_ready: AtomicBool,
+    prepare_error: Mutex<Option<StoreError>>,
+    /// Record this daemon's zone in a database that has none (not for tools).
+    record_zone: bool,
     outage: Outage,
     probing: AtomicBool,
     timeout: Duration,
@@ -455,13 +466,125 @@ impl Shared {
         });
     }
 
-    /// Creates the host tables and checks the database's calendar zone, once.
-    async fn prepare(&self, conn: &mut Conn) -> Result<()> {
+    /// Whether calls may go ahead: the host tables exist and the database's calendar
+    /// zone agrees. The first call starts the preparation on a task of its own, without
+    /// the storage timeout (an index on the large table of an older version takes
+    /// minutes), and calls fail as busy meanwhile rather than wait for it.
+    fn ready(self: &Arc<Self>) -> Result<()> {
         if self.schema_ready.load(Ordering::Acquire) {
+            if !self.index_ready.load(Ordering::Acquire)
+                && !self.preparing.swap(true, Ordering::AcqRel)
+            {
+                let me = self.clone();
+                self.runtime.spawn(async move { me.prepare().await });
+            }
             return Ok(());
         }
-        for stmt in schema_statements(HOST_SCHEMA) {
-            conn.query_drop(stmt).await.map_err(err)?;
+        if let Some(e) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(e);
+        }
+        if !self.preparing.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            self.runtime.spawn(async move { me.prepare().await });
+        }
+        match self
+            .prepare_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            // The last try could not reach the database: it is away, not busy.
+            Some(e @ StoreError::Unavailable(_)) => Err(e),
+            _ => Err(StoreError::Busy(
+                "the database is being prepared (host tables and indexes)".into(),
+            )),
+        }
+    }
+
+    /// [`Shared::ready`], waiting up to `wait` for a preparation under way (startup,
+    /// `valvulad -t`).
+    async fn wait_ready(self: &Arc<Self>, wait: Duration) -> Result<()> {
+        self.wait_ready_until(Instant::now() + wait).await
+    }
+
+    /// [`Shared::ready`], waiting until `end` for a preparation under way: the tables
+    /// and the zone check take milliseconds, so a call made at start waits for them.
+    async fn wait_ready_until(self: &Arc<Self>, end: Instant) -> Result<()> {
+        loop {
+            match self.ready() {
+                Err(StoreError::Busy(m)) if Instant::now() >= end => {
+                    return Err(StoreError::Busy(m));
+                }
+                Err(StoreError::Busy(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                r => return r,
+            }
+        }
+    }
+
+    /// Creates the host tables, checks (and, for a daemon, records) the database's
+    /// calendar zone, then builds the indexes housekeeping needs; retried until done or
+    /// refused. Calls go ahead as soon as the tables and the zone are settled: an index
+    /// on the large table of an older version takes minutes, and counting needs none.
+    async fn prepare(self: Arc<Self>) {
+        let log = crate::logging::RateLog::default();
+        loop {
+            let r = self.prepare_once().await;
+            *self.prepare_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                r.as_ref().err().cloned();
+            match r {
+                Ok(()) => break,
+                Err(e @ StoreError::Refused(_)) => {
+                    tracing::error!("{e}");
+                    *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    if log.allow().is_some() {
+                        tracing::warn!(
+                            "cannot prepare the database yet (tried again each second): {e}"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.preparing.store(false, Ordering::Release);
+    }
+
+    async fn prepare_once(&self) -> Result<()> {
+        let (_, pool) = self.pool();
+        let mut conn = tokio::time::timeout(self.timeout, pool.get_conn())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "no connection within {:?} (storage timeout)",
+                    self.timeout
+                ))
+            })?
+            .map_err(err)?;
+        if !self.schema_ready.load(Ordering::Acquire) {
+            for stmt in schema_statements(HOST_SCHEMA) {
+                conn.query_drop(stmt).await.map_err(err)?;
+            }
+            if self.record_zone {
+                conn.exec_drop(
+                    "INSERT IGNORE INTO vlv_meta (name, value) VALUES (?, ?)",
+                    ("time_zone", self.zone.name()),
+                )
+                .await
+                .map_err(err)?;
+            }
+            let stored: Option<String> = conn
+                .exec_first("SELECT value FROM vlv_meta WHERE name = ?", ("time_zone",))
+                .await
+                .map_err(err)?;
+            super::agree_on_zone(stored.as_deref(), self.zone)?;
+            self.schema_ready.store(true, Ordering::Release);
         }
         // MySQL 8 has no CREATE INDEX IF NOT EXISTS: look first. (Tables made by
         // versions before the index.)
@@ -474,26 +597,20 @@ impl Shared {
             .await
             .map_err(err)?;
         if have.unwrap_or(0) == 0 {
+            tracing::info!(
+                "creating index vlv_counter_expiry (on a large table this takes a while; counting goes on meanwhile)"
+            );
+            // The session's lock wait is short; building an index waits for the table's
+            // metadata lock.
+            conn.query_drop("SET SESSION lock_wait_timeout = 31536000")
+                .await
+                .map_err(err)?;
             conn.query_drop("CREATE INDEX vlv_counter_expiry ON vlv_counter (win, period)")
                 .await
                 .map_err(err)?;
+            tracing::info!("index vlv_counter_expiry created");
         }
-        conn.exec_drop(
-            "INSERT IGNORE INTO vlv_meta (name, value) VALUES (?, ?)",
-            ("time_zone", self.zone.name()),
-        )
-        .await
-        .map_err(err)?;
-        let stored: Option<String> = conn
-            .exec_first("SELECT value FROM vlv_meta WHERE name = ?", ("time_zone",))
-            .await
-            .map_err(err)?;
-        if let Err(e) = super::agree_on_zone(stored.as_deref(), self.zone) {
-            tracing::error!("{e}");
-            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
-            return Err(e);
-        }
-        self.schema_ready.store(true, Ordering::Release);
+        self.index_ready.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -503,17 +620,18 @@ impl Shared {
     async fn attempt<T>(
         self: &Arc<Self>,
         write: bool,
+        timeout: Duration,
         f: impl Fn(&mut Conn) -> BoxFut<'_, T>,
     ) -> Result<T> {
         self.fail_fast()?;
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + timeout;
         let mut fresh = false;
         let mut conflicts = 0;
         let r = loop {
             let (generation, pool) = self.pool();
             let r = match tokio::time::timeout_at(deadline, async {
+                self.wait_ready_until(deadline).await?;
                 let mut conn = pool.get_conn().await.map_err(err)?;
-                self.prepare(&mut conn).await?;
                 f(&mut conn).await
             })
             .await
@@ -549,8 +667,8 @@ impl Shared {
         let (generation, pool) = self.pool();
         let committing = AtomicBool::new(false);
         let work = async {
+            self.wait_ready_until(deadline).await?;
             let mut conn = pool.get_conn().await.map_err(err)?;
-            self.prepare(&mut conn).await?;
             let mut tx = conn
                 .start_transaction(TxOpts::default())
                 .await
@@ -802,6 +920,7 @@ impl Mysql {
         pool_size: usize,
         zone: Zone,
         timeout: Duration,
+        record_zone: bool,
         runtime: tokio::runtime::Handle,
     ) -> Result<Mysql> {
         let opts =
@@ -852,6 +971,10 @@ impl Mysql {
             }),
             opts,
             schema_ready: AtomicBool::new(false),
+            preparing: AtomicBool::new(false),
+            index_ready: AtomicBool::new(false),
+            prepare_error: Mutex::new(None),
+            record_zone,
             outage: Outage::new(&describe),
             probing: AtomicBool::new(false),
             timeout,
@@ -880,6 +1003,15 @@ impl Mysql {
         T: Send + 'static,
         F: for<'c> Fn(&'c mut Conn) -> BoxFut<'c, T> + Send + Sync + 'static,
     {
+        self.run_for(write, self.shared.timeout, f)
+    }
+
+    /// [`Mysql::run`] with a timeout of its own.
+    fn run_for<T, F>(&self, write: bool, timeout: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> Fn(&'c mut Conn) -> BoxFut<'c, T> + Send + Sync + 'static,
+    {
         let on_current_thread_runtime = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         if on_current_thread_runtime {
@@ -893,9 +1025,9 @@ impl Mysql {
         let shared = self.shared.clone();
         let (tx, rx) = crate::sync::oneshot();
         self.runtime.spawn(async move {
-            tx.send(shared.attempt(write, f).await);
+            tx.send(shared.attempt(write, timeout, f).await);
         });
-        // The task ends within the storage timeout (and the retries' pauses).
+        // The task ends within the timeout.
         block(|| rx.wait())
             .unwrap_or_else(|| Err(StoreError::Unavailable("the runtime stopped".into())))
     }
@@ -944,7 +1076,9 @@ impl Engine for Mysql {
         if super::is_dml(&stmt.sql) {
             return self.write(Write::Exec(stmt)).map(|e| e.unwrap_or_default());
         }
-        self.run(true, move |c| {
+        // A schema change (a module's migration) on a large table takes its time, and
+        // runs at start or from a tick, not for a request.
+        self.run_for(true, MIGRATION_TIMEOUT, move |c| {
             let s = stmt.clone();
             Box::pin(async move {
                 c.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
@@ -1022,6 +1156,12 @@ impl Engine for Mysql {
     }
 
     fn expire(&self, what: &Expire, limit: usize) -> Result<u64> {
+        // Without its index a delete of past periods scans the whole table.
+        if matches!(what, Expire::Counters { .. } | Expire::SlidingHeads { .. })
+            && !self.shared.index_ready.load(Ordering::Acquire)
+        {
+            return Ok(0);
+        }
         let limit = limit as i64;
         let (sql, p): (&str, Vec<Value>) = match what {
             Expire::Counters { win, before } => (
@@ -1056,6 +1196,14 @@ impl Engine for Mysql {
     }
 
     fn ping(&self) -> Result<()> {
+        // At startup: wait for the tables and the zone check (not for indexes).
+        let shared = self.shared.clone();
+        let (tx, rx) = crate::sync::oneshot();
+        self.runtime.spawn(async move {
+            tx.send(shared.wait_ready(PREPARE_WAIT).await);
+        });
+        block(|| rx.wait())
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the runtime stopped".into())))?;
         self.run(false, |c| {
             Box::pin(async move { c.query_drop("SELECT 1").await.map_err(err) })
         })

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, params_from_iter};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter};
 
 use super::consume::{self, Outcome, Tx};
 use super::outage::Outage;
@@ -207,6 +207,8 @@ struct Writer {
     backoff: Duration,
     /// Set for good when the database belongs to differently configured daemons.
     refused: Option<StoreError>,
+    /// Record the zone in a database that has none (a daemon, not a tool).
+    record_zone: bool,
     /// Failed commits, logged at most once a second.
     commit_log: crate::logging::RateLog,
 }
@@ -224,20 +226,23 @@ impl Writer {
                     self.retry_at - Instant::now()
                 )));
             }
-            let zone = self.zone;
+            let (zone, record) = (self.zone, self.record_zone);
             match open_conn(&self.path, self.synchronous_full, self.timeout).and_then(|c| {
                 c.execute_batch(HOST_SCHEMA).map_err(sql_err)?;
-                c.execute(
-                    "INSERT OR IGNORE INTO vlv_meta (name, value) VALUES ('time_zone', ?1)",
-                    [zone.name()],
-                )
-                .map_err(sql_err)?;
+                if record {
+                    c.execute(
+                        "INSERT OR IGNORE INTO vlv_meta (name, value) VALUES ('time_zone', ?1)",
+                        [zone.name()],
+                    )
+                    .map_err(sql_err)?;
+                }
                 let stored: Option<String> = c
                     .query_row(
                         "SELECT value FROM vlv_meta WHERE name = 'time_zone'",
                         [],
                         |r| r.get(0),
                     )
+                    .optional()
                     .map_err(sql_err)?;
                 super::agree_on_zone(stored.as_deref(), zone)?;
                 Ok(c)
@@ -547,7 +552,13 @@ fn writer_loop(mut w: Writer, rx: Arc<Queue<Job>>) {
 }
 
 impl Sqlite {
-    pub fn open(path: PathBuf, synchronous_full: bool, zone: Zone, timeout: Duration) -> Sqlite {
+    pub fn open(
+        path: PathBuf,
+        synchronous_full: bool,
+        zone: Zone,
+        timeout: Duration,
+        record_zone: bool,
+    ) -> Sqlite {
         let jobs = Queue::new();
         let rx = jobs.clone();
         let writer = Writer {
@@ -559,6 +570,7 @@ impl Sqlite {
             retry_at: Instant::now(),
             backoff: Duration::from_millis(100),
             refused: None,
+            record_zone,
             commit_log: crate::logging::RateLog::default(),
         };
         std::thread::Builder::new()

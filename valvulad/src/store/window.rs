@@ -43,22 +43,7 @@ impl WindowKind {
             "day" => Ok(WindowKind::Day),
             "week" => Ok(WindowKind::Week),
             "month" => Ok(WindowKind::Month),
-            other => {
-                let secs = match other.parse::<i64>() {
-                    Ok(n) => n,
-                    Err(_) => humantime::parse_duration(other)
-                        .map_err(|_| {
-                            format!("{other:?} is not hour, day, week, month or a duration")
-                        })?
-                        .as_secs() as i64,
-                };
-                if secs < 1 {
-                    return Err(format!(
-                        "{other:?}: a sliding window needs at least one second"
-                    ));
-                }
-                Ok(WindowKind::Sliding(secs))
-            }
+            other => valvula_calendar::window_seconds(other).map(WindowKind::Sliding),
         }
     }
 
