@@ -521,28 +521,10 @@ async fn a_row_lock_held_elsewhere_fails_only_its_own_key() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // An operator's transaction holds the key's counter row for 4 s.
-    let (user, host, port) = {
-        let u = valvula_tests::db::server_url();
-        let rest = u.trim_start_matches("mysql://").to_owned();
-        let (user, hp) = rest
-            .split_once('@')
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
-            .unwrap();
-        let (h, port) = hp
-            .split_once(':')
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
-            .unwrap();
-        (user, h, port)
-    };
-    let mut holder = std::process::Command::new("mariadb")
-        .args(["-u", &user, "-h", &host, "-P", &port, &db.name, "-e"])
-        .arg(
-            "BEGIN; SELECT used FROM vlv_counter WHERE ns = 'mod-test' AND ckey = 'locked' FOR UPDATE; \
-             SELECT SLEEP(4); COMMIT;",
-        )
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("mariadb client");
+    let mut holder = db.spawn_sql(
+        "BEGIN; SELECT used FROM vlv_counter WHERE ns = 'mod-test' AND ckey = 'locked' FOR UPDATE; \
+         SELECT SLEEP(4); COMMIT;",
+    );
     let free_before = ok_of(1);
     let locked_before = ok_of(0);
     let held = tokio::task::spawn_blocking(move || holder.wait())
@@ -686,4 +668,254 @@ fn a_reload_a_module_refuses_is_not_reported_as_done() {
         answer.starts_with("ok") && answer.contains("at the next restart: server.metrics_listen"),
         "reload answered {answer:?}"
     );
+}
+
+/// Found in review: the housekeeping index, built at start on the large table of an
+/// older version, waited for the table's metadata lock behind a transaction left open
+/// elsewhere, and every statement on the table queued behind it: counting stopped for
+/// as long as that transaction stayed open. Now the index gives up after a second and
+/// is tried again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_waiting_for_the_table_never_stops_the_counting() {
+    let db = TestDb::new();
+    let cfg = config(&mysql(&db.url(), ""), "");
+    drop(Proc::start(&cfg, &[]));
+    // The tables as an older version left them, and an operator's open transaction.
+    db.sql("DROP INDEX vlv_counter_expiry ON vlv_counter");
+    let mut holder =
+        db.spawn_sql("BEGIN; SELECT COUNT(*) FROM vlv_counter; SELECT SLEEP(10); COMMIT;");
+    let end = Instant::now() + Duration::from_secs(30);
+    while db
+        .sql("SELECT COUNT(*) FROM information_schema.processlist WHERE info = 'SELECT SLEEP(10)'")
+        .trim()
+        != "1"
+    {
+        assert!(
+            Instant::now() < end,
+            "the holding transaction did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held_from = Instant::now();
+    let p = Proc::start(&cfg, &[]);
+    let load = Load::start(&p.addrs()[0], 4);
+    // While the transaction is open (its last two seconds left for slack).
+    while held_from.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, failed, slowest) = load.finish().await;
+    assert!(
+        failed == 0 && ok > 20,
+        "while a transaction held the table: {ok} admitted, {failed} on-error answers, slowest {slowest} ms\n{}",
+        p.log()
+    );
+    let held = tokio::task::spawn_blocking(move || holder.wait())
+        .await
+        .unwrap();
+    assert!(held.is_ok_and(|s| s.success()), "the holding client failed");
+    assert!(
+        p.log()
+            .contains("cannot build index vlv_counter_expiry yet"),
+        "no word of the index waiting\n{}",
+        p.log()
+    );
+    // Tried again (30 s later) once the table is free.
+    let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let n = db.sql(
+            "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
+             AND index_name = 'vlv_counter_expiry'",
+        );
+        if n.trim() != "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the index was never built\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Found in review: converting a large accounting table to utf8mb4 at start copies it,
+/// and every write to it (on every daemon, inside the transactions that charge) waits
+/// meanwhile. A large one is left as it is, with the statement to run at a quiet time;
+/// the override table, which decides, is converted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_accounting_table_is_not_copied_at_start() {
+    let db = TestDb::new();
+    db.sql(
+        "CREATE TABLE ratelimit_accounting (id INT AUTO_INCREMENT PRIMARY KEY, policy VARCHAR(64) NOT NULL, \
+         identity VARCHAR(255) NOT NULL, period BIGINT NOT NULL, messages BIGINT NOT NULL DEFAULT 0, \
+         recipients BIGINT NOT NULL DEFAULT 0, bytes BIGINT NOT NULL DEFAULT 0, \
+         bytes_rcpt BIGINT NOT NULL DEFAULT 0, UNIQUE (policy, identity, period)) \
+         CHARACTER SET latin1 COLLATE latin1_swedish_ci; \
+         CREATE TABLE ratelimit_override (id INT AUTO_INCREMENT PRIMARY KEY, policy VARCHAR(64) NOT NULL, \
+         identity VARCHAR(255) NOT NULL, limits VARCHAR(255) NULL, action VARCHAR(255) NULL, \
+         text VARCHAR(255) NULL, persist INT NOT NULL DEFAULT 0, period_start BIGINT NULL, \
+         created BIGINT NULL, UNIQUE (policy, identity)) CHARACTER SET latin1 COLLATE latin1_swedish_ci; \
+         INSERT INTO ratelimit_accounting (policy, identity, period, messages) \
+         SELECT 's', CONCAT('user', seq, '@example.com'), 0, 1 FROM seq_1_to_150000; \
+         ANALYZE TABLE ratelimit_accounting;",
+    );
+    let cfg = format!(
+        "[server]\nmodule_dirs = [{:?}]\n\
+         [[listener]]\nname = \"r\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ratelimit\"]\n\
+         [module.mod-ratelimit]\n[[module.mod-ratelimit.policy]]\nname = \"s\"\n\
+         applies_to = \"all\"\nkey = \"sender\"\nmetric = \"messages\"\ndefault = {{ limits = [[\"hour\", 3]] }}\n\
+         {}",
+        module_path("mod_ratelimit")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string(),
+        mysql(&db.url(), "time_zone = \"UTC\"")
+    );
+    let p = Proc::start(&cfg, &[]);
+    let collation = |table: &str| {
+        db.sql(&format!(
+            "SELECT table_collation FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = '{table}'"
+        ))
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(collation("ratelimit_accounting"), "latin1_swedish_ci");
+    assert_eq!(collation("ratelimit_override"), "utf8mb4_bin");
+    assert!(
+        p.log()
+            .contains("at a quiet time run: ALTER TABLE ratelimit_accounting"),
+        "no word of the accounting table left as it was\n{}",
+        p.log()
+    );
+    let mut c = Client::connect(&p.addrs()[0]).await;
+    for (i, want) in [
+        "action=dunno",
+        "action=dunno",
+        "action=dunno",
+        "action=defer_if_permit",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = c
+            .ask(&postfix_request(&[
+                ("sasl_method", ""),
+                ("sasl_username", ""),
+                ("sender", "bob@example.com"),
+                ("instance", &format!("large.{i}")),
+            ]))
+            .await;
+        assert!(r.starts_with(want), "request {i}: {r:?}\n{}", p.log());
+    }
+}
+
+/// Found in review: a module's schema change at start (an index mod-ticket adds to an
+/// older database) waited for the table's metadata lock behind a transaction left open
+/// elsewhere, and every other daemon's statements on the table queued behind it. Now it
+/// waits a second at a time and leaves the table to the others in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_waiting_for_a_table_never_stops_other_daemons() {
+    let db = TestDb::new();
+    let cfg = format!(
+        "[server]\nmodule_dirs = [{:?}]\nmodule_timeout = \"5s\"\n\
+         [[listener]]\nname = \"t\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ticket\"]\n\
+         on_error = \"defer\"\non_error_text = \"4.3.0 db down\"\n\
+         [module.mod-ticket]\ntime_zone = \"UTC\"\n{}",
+        module_path("mod_ticket")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string(),
+        mysql(&db.url(), "time_zone = \"UTC\"")
+    );
+    let a = Proc::start(&cfg, &[]);
+    db.sql(
+        "INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, -1, -1); \
+         INSERT INTO domain_ticket (id, domain, valid_until, ticket_plan_id) VALUES (1, 'example.com', -1, 1); \
+         DROP INDEX domain_ticket_domain ON domain_ticket",
+    );
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..4)
+        .map(|n| {
+            let (addr, ok, failed, stop) = (
+                a.addrs()[0].clone(),
+                ok.clone(),
+                failed.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut c = Client::connect(&addr).await;
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let r = c
+                        .ask(&postfix_request(&[
+                            ("sasl_method", ""),
+                            ("sasl_username", ""),
+                            ("sender", "ceo@example.com"),
+                            ("instance", &format!("{n}.{i}")),
+                        ]))
+                        .await;
+                    if r == ON_ERROR {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        assert!(r.starts_with("action=dunno"), "{r:?}");
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    let mut holder =
+        db.spawn_sql("BEGIN; SELECT COUNT(*) FROM domain_ticket; SELECT SLEEP(10); COMMIT;");
+    let end = Instant::now() + Duration::from_secs(30);
+    while db
+        .sql("SELECT COUNT(*) FROM information_schema.processlist WHERE info = 'SELECT SLEEP(10)'")
+        .trim()
+        != "1"
+    {
+        assert!(
+            Instant::now() < end,
+            "the holding transaction did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held_from = Instant::now();
+    // A second daemon starts: mod-ticket adds the index it misses.
+    let cfg_b = cfg.clone();
+    let b = tokio::task::spawn_blocking(move || Proc::start(&cfg_b, &[]));
+    let before = ok.load(Ordering::SeqCst);
+    while held_from.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = ok.load(Ordering::SeqCst) - before;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failed = failed.load(Ordering::SeqCst);
+    assert!(
+        failed == 0 && during > 20,
+        "while the second daemon's index waited: {during} answered, {failed} on-error answers\n{}",
+        a.log()
+    );
+    let held = tokio::task::spawn_blocking(move || holder.wait())
+        .await
+        .unwrap();
+    assert!(held.is_ok_and(|s| s.success()), "the holding client failed");
+    let b = b.await.unwrap();
+    assert!(
+        b.log().contains("schema change waiting for a table in use"),
+        "no word of the wait\n{}",
+        b.log()
+    );
+    let n = db.sql(
+        "SELECT COUNT(*) FROM information_schema.statistics WHERE table_schema = DATABASE() \
+         AND index_name = 'domain_ticket_domain'",
+    );
+    assert_ne!(n.trim(), "0", "the index was not built\n{}", b.log());
 }

@@ -77,6 +77,18 @@ impl TestDb {
     pub fn sql(&self, sql: &str) -> String {
         mariadb(&self.server, Some(&self.name), sql)
     }
+
+    /// Runs SQL with the `mariadb` client in the background (a transaction that holds
+    /// a lock while the test goes on); the caller waits for the child.
+    pub fn spawn_sql(&self, sql: &str) -> Child {
+        let (user, host, port) = host_port(&self.server);
+        Command::new("mariadb")
+            .args(["-u", &user, "-h", &host, "-P", &port, &self.name, "-e"])
+            .arg(sql)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cannot run the mariadb client")
+    }
 }
 
 impl Default for TestDb {

@@ -64,7 +64,7 @@ pub fn ensure(host: &Host) -> Result<(), Error> {
     )?;
     if mysql {
         let r = host.query(
-            "SELECT table_name, table_collation FROM information_schema.tables \
+            "SELECT table_name, table_collation, table_rows FROM information_schema.tables \
              WHERE table_schema = DATABASE() AND table_name IN (?, ?)",
             &["ratelimit_override".into(), "ratelimit_accounting".into()],
         )?;
@@ -72,25 +72,43 @@ pub fn ensure(host: &Host) -> Result<(), Error> {
             let (Some(table), collation) = (row[0].as_str(), row[1].as_str()) else {
                 continue;
             };
-            if collation != Some("utf8mb4_bin")
-                && matches!(table, "ratelimit_override" | "ratelimit_accounting")
+            let rows = row.get(2).and_then(|v| v.as_i64()).unwrap_or(0);
+            if collation == Some("utf8mb4_bin")
+                || !matches!(table, "ratelimit_override" | "ratelimit_accounting")
             {
-                host.exec(
-                    &format!(
-                        "ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-                    ),
-                    &[],
-                )?;
-                tracing::info!(
-                    table,
-                    from = collation.unwrap_or(""),
-                    "table converted to utf8mb4_bin"
-                );
+                continue;
             }
+            // Converting copies the table, and writes to it wait meanwhile: on every
+            // daemon, and in the transactions that charge. Accounting is a report, and
+            // a large one is left to the operator's quiet hour.
+            if table == "ratelimit_accounting" && rows > CONVERT_MAX_ROWS {
+                tracing::warn!(
+                    "ratelimit_accounting ({rows} rows) is {}: identities that differ only \
+                     in accents or case share accounting rows, and ones the character set \
+                     cannot hold are not accounted; at a quiet time run: ALTER TABLE \
+                     ratelimit_accounting CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+                    collation.unwrap_or("")
+                );
+                continue;
+            }
+            host.exec(
+                &format!(
+                    "ALTER TABLE {table} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                ),
+                &[],
+            )?;
+            tracing::info!(
+                table,
+                from = collation.unwrap_or(""),
+                "table converted to utf8mb4_bin"
+            );
         }
     }
     Ok(())
 }
+
+/// The largest accounting table converted to utf8mb4_bin at start.
+const CONVERT_MAX_ROWS: i64 = 100_000;
 
 /// Creates index `name` on `table (column)` when missing (MySQL 8 has no CREATE INDEX
 /// IF NOT EXISTS): housekeeping deletes by it.

@@ -44,6 +44,8 @@ const IN_DOUBT_MAX: Duration = Duration::from_secs(30);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long startup (and `valvulad -t`) waits for the host tables and the zone check.
 const PREPARE_WAIT: Duration = Duration::from_secs(30);
+/// How long to wait before building an index again after the table was in use.
+const INDEX_RETRY: Duration = Duration::from_secs(30);
 
 /// Consumption lanes: a key always goes to the same lane, so this daemon's batches
 /// never wait on each other's row locks; several lanes keep the database busy while one
@@ -132,6 +134,32 @@ fn err(e: mysql_async::Error) -> StoreError {
         }
         mysql_async::Error::Server(s) => StoreError::Sql(format!("{} ({})", s.message, s.code)),
         other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// Runs a schema change. While it waits for the table's metadata lock (held by a
+/// transaction open elsewhere: an operator's, another daemon's), every statement on the
+/// table queues behind it, on every daemon: so it waits a second at most, then leaves
+/// the table to the others for a few seconds before it tries again.
+async fn schema_change(c: &mut Conn, s: Stmt) -> Result<()> {
+    loop {
+        c.query_drop("SET SESSION lock_wait_timeout = 1")
+            .await
+            .map_err(err)?;
+        let r = c.exec_drop(s.sql.as_str(), params(s.params.clone())).await;
+        c.query_drop("SET SESSION lock_wait_timeout = DEFAULT")
+            .await
+            .map_err(err)?;
+        match r {
+            Err(mysql_async::Error::Server(e)) if e.code == 1205 => {
+                tracing::warn!(
+                    "schema change waiting for a table in use by another transaction (tried again in 4 s): {}",
+                    s.sql
+                );
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+            r => return r.map_err(err),
+        }
     }
 }
 
@@ -543,6 +571,14 @@ impl Shared {
                     *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     break;
                 }
+                Err(e) if self.schema_ready.load(Ordering::Acquire) => {
+                    // Only the index is left; counting goes on without it. Each try may
+                    // hold the table for a second.
+                    tracing::warn!(
+                        "cannot build index vlv_counter_expiry yet (tried again in 30 s): {e}"
+                    );
+                    tokio::time::sleep(INDEX_RETRY).await;
+                }
                 Err(e) => {
                     if log.allow().is_some() {
                         tracing::warn!(
@@ -600,14 +636,19 @@ impl Shared {
             tracing::info!(
                 "creating index vlv_counter_expiry (on a large table this takes a while; counting goes on meanwhile)"
             );
-            // The session's lock wait is short; building an index waits for the table's
-            // metadata lock.
-            conn.query_drop("SET SESSION lock_wait_timeout = 31536000")
+            // While the index waits for the table's metadata lock (a transaction open
+            // elsewhere holds it), every statement on the table queues behind it: give
+            // up after a second and try again later rather than stall the counting.
+            conn.query_drop("SET SESSION lock_wait_timeout = 1")
                 .await
                 .map_err(err)?;
-            conn.query_drop("CREATE INDEX vlv_counter_expiry ON vlv_counter (win, period)")
+            let r = conn
+                .query_drop("CREATE INDEX vlv_counter_expiry ON vlv_counter (win, period)")
+                .await;
+            conn.query_drop("SET SESSION lock_wait_timeout = DEFAULT")
                 .await
                 .map_err(err)?;
+            r.map_err(|e| busy(err(e)))?;
             tracing::info!("index vlv_counter_expiry created");
         }
         self.index_ready.store(true, Ordering::Release);
@@ -1081,7 +1122,7 @@ impl Engine for Mysql {
         self.run_for(true, MIGRATION_TIMEOUT, move |c| {
             let s = stmt.clone();
             Box::pin(async move {
-                c.exec_drop(s.sql, params(s.params)).await.map_err(err)?;
+                schema_change(c, s).await?;
                 Ok(Exec {
                     affected: c.affected_rows(),
                     last_insert_id: c.last_insert_id().unwrap_or(0) as i64,
