@@ -517,6 +517,16 @@ fn shell_in_a_terminal() {
     std::fs::create_dir(&pf).unwrap();
     std::fs::write(pf.join("main.cf"), MAIN_CF).unwrap();
     let session = format!("vlvctl{}", std::process::id());
+    // The tmux server outlives a failed assertion unless something stops it.
+    struct KillServer(String);
+    impl Drop for KillServer {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["-L", &self.0, "kill-server"])
+                .output();
+        }
+    }
+    let _server = KillServer(session.clone());
     let tmux = |args: &[&str]| {
         Command::new("tmux")
             .args(["-L", &session])
