@@ -442,6 +442,31 @@ fn admin_session(storage: &str) {
         "--persist",
     ]);
     assert!(run(&["override", "list"]).contains("hour=3"));
+    // What mod-ratelimit would never match or refuses is refused here, with its reason.
+    for (args, why) in [
+        (
+            &["override", "set", "user", "alice@example.com", "hour=3"][..],
+            "has no policy \"user\"",
+        ),
+        (
+            &[
+                "override",
+                "set",
+                "users",
+                "alice@example.com",
+                "fortnight=3",
+            ][..],
+            "fortnight",
+        ),
+    ] {
+        let mut a = vec!["--config", cfg.as_str()];
+        a.extend_from_slice(args);
+        let (code, out, err) = ctl(&a);
+        assert!(
+            code != 0 && err.contains(why),
+            "{args:?}: exit {code}, {out}{err}"
+        );
+    }
     assert!(run(&["usage", "alice@example.com"]).contains("used 2 / 3, remaining 1, resets"));
     run(&["ticket", "block", "1"]);
     let out = run(&["-t", &addr, "--sasl-user", "alice@example.com"]);
@@ -1373,5 +1398,76 @@ fn a_symlinked_config_stays_a_link() {
         std::fs::read_to_string(&outside).unwrap(),
         before,
         "the file outside was changed"
+    );
+}
+
+/// Found in review: `valvula-ctl usage` (or `valvulad -t`) run first on a new or
+/// upgraded database recorded its configuration's calendar zone there, and the daemon,
+/// configured otherwise, then refused to start. Only a serving daemon records it.
+#[test]
+fn tools_never_record_their_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("valvula.db");
+    let cfg_in = |zone: &str| {
+        let path = dir.path().join(format!("{}.toml", zone.replace('/', "-")));
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nmodule_dirs = [{:?}]\nadmin_socket = \"\"\n\
+                 [storage]\npath = {:?}\ntime_zone = {zone:?}\n\
+                 [[listener]]\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ratelimit\"]\n\
+                 [[module.mod-ratelimit.policy]]\nname = \"users\"\nkey = \"sasl_user\"\n\
+                 metric = \"messages\"\ndefault = {{ limits = [[\"day\", 10]] }}\n",
+                module_path("mod_ratelimit")
+                    .parent()
+                    .unwrap()
+                    .display()
+                    .to_string(),
+                db.display().to_string()
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let tokyo = cfg_in("Asia/Tokyo");
+    let check = Command::new(valvula_tests::valvulad_bin())
+        .args(["-c", &tokyo, "-t"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "valvulad -t: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let (code, out, err) = ctl(&["--config", &tokyo, "usage"]);
+    assert_eq!(code, 0, "usage: {out}{err}");
+    let (_, out, err) = ctl(&["--config", &tokyo, "reset", "alice@example.com"]);
+    assert!(
+        !err.contains("time_zone") && !out.contains("time_zone"),
+        "reset: {out}{err}"
+    );
+    // The daemon, in another zone, is the first to serve: its zone is the database's.
+    let utc = cfg_in("UTC");
+    let mut p = Command::new(valvula_tests::valvulad_bin())
+        .args(["-c", &utc, "-t"])
+        .output()
+        .unwrap();
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    let d = Proc::start_exact(
+        &std::fs::read_to_string(&utc).unwrap(),
+        "valvulad.toml",
+        &[],
+    );
+    drop(d);
+    // ...and from now on a tool configured otherwise is told.
+    p = Command::new(valvula_tests::valvulad_bin())
+        .args(["-c", &tokyo, "-t"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&p.stderr).into_owned();
+    assert!(
+        !p.status.success() && said.contains("Asia/Tokyo") && said.contains("UTC"),
+        "valvulad -t in Tokyo after a UTC daemon: {:?} {said}",
+        p.status
     );
 }

@@ -962,6 +962,25 @@ fn admin_socket_path_that_is_not_a_socket_is_refused_and_kept() {
         out.contains("\"listeners\""),
         "status over the replaced socket: {out}"
     );
+    // A second daemon on the same admin socket (a copied configuration) refuses to
+    // start: it would take the socket, and `valvula-ctl reload` would reach it instead.
+    let mut second = Proc::spawn(&cfg, &[]);
+    let s = second.wait_exit(Duration::from_secs(20));
+    assert_eq!(s.code(), Some(1), "second daemon: {s:?}\n{}", second.log());
+    assert!(
+        second.log().contains("is in use by another valvulad"),
+        "second daemon:\n{}",
+        second.log()
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&stale).unwrap();
+    s.write_all(b"status\n").unwrap();
+    let mut again = String::new();
+    s.read_to_string(&mut again).unwrap();
+    assert!(
+        again.contains("\"listeners\""),
+        "the first daemon lost its socket: {again}\n{}",
+        p.log()
+    );
 }
 
 /// The admin socket reads at most one short line, within a few seconds: a command that

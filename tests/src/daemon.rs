@@ -87,7 +87,7 @@ impl Proc {
     /// valvulad on it with `args`; waits until it is ready.
     pub fn start(config: &str, args: &[&str]) -> Proc {
         let p = Self::spawn(config, args);
-        if !p.wait_for_log("valvulad ready", Duration::from_secs(20)) {
+        if !p.wait_for_log("valvulad ready", Duration::from_secs(60)) {
             panic!("valvulad did not start:\n{}", p.log());
         }
         p
@@ -97,7 +97,7 @@ impl Proc {
     /// added), e.g. valvula's XML; waits until it is ready.
     pub fn start_exact(config: &str, file_name: &str, args: &[&str]) -> Proc {
         let p = Self::spawn_file(config, file_name, args, false);
-        if !p.wait_for_log("valvulad ready", Duration::from_secs(20)) {
+        if !p.wait_for_log("valvulad ready", Duration::from_secs(60)) {
             panic!("valvulad did not start:\n{}", p.log());
         }
         p
