@@ -56,6 +56,20 @@ fn check_mode_validates_and_exits() {
     );
     assert_eq!(p.wait_exit(Duration::from_secs(20)).code(), Some(1));
     assert!(p.log().contains("failed to initialise"), "{}", p.log());
+    // With the packaged `[log] target = "syslog"`, -t still tells the operator at the
+    // terminal why a module refused its settings.
+    let syslog = base("\"mod-ratelimit\"", "").replace(
+        "[log]\n",
+        "[log]\ntarget = \"syslog\"\nsyslog_socket = \"/nonexistent/log\"\n",
+    ) + "[[module.mod-ratelimit.policy]]\nname = \"u\"\nkey = \"sasl_usr\"\n\
+           metric = \"messages\"\ndefault = { limits = [[\"hour\", 3]] }\n";
+    let mut p = Proc::spawn(&syslog, &["-t"]);
+    assert_eq!(p.wait_exit(Duration::from_secs(20)).code(), Some(1));
+    assert!(
+        p.log().contains("sasl_usr"),
+        "-t with syslog logging did not say why:\n{}",
+        p.log()
+    );
 
     // Usage errors exit 2; -v prints the version.
     let o = std::process::Command::new(valvulad_bin())
