@@ -503,6 +503,17 @@ fn admin_session(storage: &str) {
     let (code, _, err) = ctl(&["--config", &cfg, "plan", "remove", "1"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("used by 1 ticket"), "{err}");
+    // A listener the running daemon cannot open (its port is taken): the edit is valid
+    // and written, but the daemon refuses it, and so would its next start.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, out, err) = ctl(&["--config", &cfg, "-a", &format!("127.0.0.1:{port}")]);
+    assert!(
+        code == 1
+            && err.contains("valvulad refused the changed configuration")
+            && err.contains("backup in"),
+        "-a on a port in use: exit {code}, {out}{err}"
+    );
 }
 
 #[test]

@@ -285,11 +285,16 @@ pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
         Some(Command::Usage { identity }) => admin::usage(&g.config, identity.as_deref()),
         Some(Command::Reset { identity }) => admin::reset(&g.config, identity),
         Some(Command::Status) => daemonio::status(&g.config),
-        Some(Command::Reload) => {
-            daemonio::reload(&g.config).context("reload")?;
-            println!("INFO: valvulad reloaded its configuration");
-            Ok(())
-        }
+        Some(Command::Reload) => match daemonio::reload(&g.config).context("reload")? {
+            Ok(note) => {
+                println!("INFO: valvulad reloaded its configuration");
+                if !note.is_empty() {
+                    println!("INFO: {note}");
+                }
+                Ok(())
+            }
+            Err(why) => bail!("valvulad did not reload: {why}"),
+        },
         Some(Command::Import { file, output }) => conf::import(file, output.as_deref()),
         Some(Command::Exit) => Ok(()),
     }

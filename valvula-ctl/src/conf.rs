@@ -94,7 +94,20 @@ fn edit(
     drop(lock);
     println!("INFO: {what}; backup in {}", b.display());
     match daemonio::reload(&g.config) {
-        Ok(()) => println!("INFO: valvulad reloaded"),
+        Ok(Ok(note)) => {
+            println!("INFO: valvulad reloaded");
+            if !note.is_empty() {
+                println!("INFO: {note}");
+            }
+        }
+        // The file is changed and valid, but the running daemon cannot take it (a port
+        // in use, a module's refusal): its next start would fail the same way.
+        Ok(Err(why)) => anyhow::bail!(
+            "valvulad refused the changed configuration: {why}; {} is changed (backup in {}): \
+             correct it or put the backup back before valvulad next starts",
+            path.display(),
+            b.display()
+        ),
         Err(e) => println!(
             "INFO: valvulad was not reloaded ({e:#}); it reads the change at its next start or reload"
         ),

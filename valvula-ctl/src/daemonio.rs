@@ -33,12 +33,16 @@ fn ask(config: &Path, command: &str) -> anyhow::Result<String> {
     Ok(line.trim_end().to_owned())
 }
 
-pub fn reload(config: &Path) -> anyhow::Result<()> {
+/// Asks the daemon to reload. `Err`: it could not be asked (not running, no admin
+/// socket); `Ok(Err(why))`: it refused (its file has an error, a module refused its new
+/// settings: the next start would fail on them); `Ok(Ok(note))`: reloaded, with the
+/// settings only a restart applies, if any.
+pub fn reload(config: &Path) -> anyhow::Result<Result<String, String>> {
     let a = ask(config, "reload")?;
-    match a.strip_prefix("ok") {
-        Some(_) => Ok(()),
-        None => bail!("{}", a.trim_start_matches("error ")),
-    }
+    Ok(match a.strip_prefix("ok configuration reloaded") {
+        Some(note) => Ok(note.trim_start_matches([';', ' ']).to_owned()),
+        None => Err(a.trim_start_matches("error ").to_owned()),
+    })
 }
 
 pub fn status(config: &Path) -> anyhow::Result<()> {
