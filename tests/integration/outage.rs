@@ -670,6 +670,25 @@ fn a_reload_a_module_refuses_is_not_reported_as_done() {
     );
 }
 
+/// Waits until a transaction of `spawn_sql` sits in its `SELECT SLEEP(10)`.
+async fn holding(db: &TestDb) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while db
+        .sql(
+            "SELECT COUNT(*) FROM information_schema.processlist \
+             WHERE db = DATABASE() AND info = 'SELECT SLEEP(10)'",
+        )
+        .trim()
+        != "1"
+    {
+        assert!(
+            Instant::now() < end,
+            "the holding transaction did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Found in review: the housekeeping index, built at start on the large table of an
 /// older version, waited for the table's metadata lock behind a transaction left open
 /// elsewhere, and every statement on the table queued behind it: counting stopped for
@@ -684,18 +703,7 @@ async fn an_index_waiting_for_the_table_never_stops_the_counting() {
     db.sql("DROP INDEX vlv_counter_expiry ON vlv_counter");
     let mut holder =
         db.spawn_sql("BEGIN; SELECT COUNT(*) FROM vlv_counter; SELECT SLEEP(10); COMMIT;");
-    let end = Instant::now() + Duration::from_secs(30);
-    while db
-        .sql("SELECT COUNT(*) FROM information_schema.processlist WHERE info = 'SELECT SLEEP(10)'")
-        .trim()
-        != "1"
-    {
-        assert!(
-            Instant::now() < end,
-            "the holding transaction did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    holding(&db).await;
     let held_from = Instant::now();
     let p = Proc::start(&cfg, &[]);
     let load = Load::start(&p.addrs()[0], 4);
@@ -872,18 +880,7 @@ async fn a_schema_change_waiting_for_a_table_never_stops_other_daemons() {
         .collect();
     let mut holder =
         db.spawn_sql("BEGIN; SELECT COUNT(*) FROM domain_ticket; SELECT SLEEP(10); COMMIT;");
-    let end = Instant::now() + Duration::from_secs(30);
-    while db
-        .sql("SELECT COUNT(*) FROM information_schema.processlist WHERE info = 'SELECT SLEEP(10)'")
-        .trim()
-        != "1"
-    {
-        assert!(
-            Instant::now() < end,
-            "the holding transaction did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    holding(&db).await;
     let held_from = Instant::now();
     // A second daemon starts: mod-ticket adds the index it misses.
     let cfg_b = cfg.clone();

@@ -387,14 +387,17 @@ impl Shared {
         });
     }
 
-    /// While the database is away (or refuses this daemon), fails at once.
-    fn fail_fast(&self) -> Result<()> {
-        if let Some(e) = self
-            .refused
+    /// Why the database refuses this daemon for good (another calendar zone), if it does.
+    fn refusal(&self) -> Option<StoreError> {
+        self.refused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-        {
+    }
+
+    /// While the database is away (or refuses this daemon), fails at once.
+    fn fail_fast(&self) -> Result<()> {
+        if let Some(e) = self.refusal() {
             return Err(e);
         }
         if self.outage.is_down()
@@ -508,12 +511,7 @@ impl Shared {
             }
             return Ok(());
         }
-        if let Some(e) = self
-            .refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(e) = self.refusal() {
             return Err(e);
         }
         if !self.preparing.swap(true, Ordering::AcqRel) {
