@@ -174,6 +174,31 @@ async fn recovery(load: &Load, p: &Proc) -> Duration {
     back.elapsed()
 }
 
+/// A fault of about 2 s under load: `begin`, the first on-error answer, `end`. Returns
+/// the fault's length in seconds and how long after its end service returned.
+async fn two_second_fault(
+    load: &Load,
+    p: &Proc,
+    what: &str,
+    begin: impl FnOnce(),
+    end: impl FnOnce(),
+) -> (f64, Duration) {
+    begin();
+    let since = Instant::now();
+    load.until(
+        p,
+        Duration::from_secs(10),
+        &format!("no on-error answer while {what}"),
+        |l| l.failed() > 0,
+    )
+    .await;
+    // The fault itself: what is under test, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(since.elapsed())).await;
+    end();
+    let outage = since.elapsed().as_secs_f64();
+    (outage, recovery(load, p).await)
+}
+
 /// The log of an outage: no quarantine, and lines once a second, not once a request.
 fn check_log(p: &Proc, seconds: f64, failed: u64) {
     let log = p.log();
@@ -272,20 +297,14 @@ async fn a_database_restart_costs_its_own_duration_not_a_quarantine() {
 async fn a_stalled_database_fails_fast_and_stores_only_what_was_admitted() {
     let m = PrivateMariadb::start();
     let (p, addr, load) = under_load(&m, "timeout = \"500ms\"").await;
-    m.signal(Signal::SIGSTOP);
-    let stalled = Instant::now();
-    load.until(
+    let (outage, recovery) = two_second_fault(
+        &load,
         &p,
-        Duration::from_secs(10),
-        "no on-error answer while stalled",
-        |l| l.failed() > 0,
+        "stalled",
+        || m.signal(Signal::SIGSTOP),
+        || m.signal(Signal::SIGCONT),
     )
     .await;
-    // The stall itself: the fault under test, not a wait for a condition.
-    tokio::time::sleep(Duration::from_secs(2).saturating_sub(stalled.elapsed())).await;
-    m.signal(Signal::SIGCONT);
-    let outage = stalled.elapsed().as_secs_f64();
-    let recovery = recovery(&load, &p).await;
     let (ok, failed, slowest) = load.finish().await;
     // Old: 19 s.
     assert!(
@@ -603,19 +622,18 @@ async fn a_read_only_database_is_an_outage_not_a_module_fault() {
         l.ok() > 50
     })
     .await;
-    let since = Instant::now();
-    m.sql(None, "SET GLOBAL read_only = 1");
-    load.until(
+    let (outage, recovery) = two_second_fault(
+        &load,
         &p,
-        Duration::from_secs(10),
-        "no on-error answer while read-only",
-        |l| l.failed() > 0,
+        "read-only",
+        || {
+            m.sql(None, "SET GLOBAL read_only = 1");
+        },
+        || {
+            m.sql(None, "SET GLOBAL read_only = 0");
+        },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2).saturating_sub(since.elapsed())).await;
-    m.sql(None, "SET GLOBAL read_only = 0");
-    let outage = since.elapsed().as_secs_f64();
-    let recovery = recovery(&load, &p).await;
     let (ok, failed, _) = load.finish().await;
     assert!(
         recovery < Duration::from_secs(5),
