@@ -37,6 +37,8 @@ const RETRIES: usize = 5;
 /// take.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a call that ran out of time waits to learn whether the database is there.
+const ALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the outcome of a COMMIT that went out is waited for before its callers are
 /// told it is unknown.
 const IN_DOUBT_MAX: Duration = Duration::from_secs(30);
@@ -436,19 +438,47 @@ impl Shared {
     /// operator's transaction) or a slow statement, which is no outage; else the
     /// database is away.
     async fn timed_out(&self, what: &str) -> StoreError {
+        // A pooled connection answers at once when the server is merely busy; a fresh
+        // one tells a server that restarted (its pooled connections dead) from one that
+        // is away. Either answering means it is there: a loaded server must not be taken
+        // for an outage, which fails every key for a moment.
         let opts = self.opts.clone();
-        let alive = tokio::time::timeout(PROBE_TIMEOUT.min(self.timeout), async move {
+        let (_, pool) = self.pool();
+        let pooled = async move {
+            let mut c = pool.get_conn().await?;
+            c.query_drop("SELECT 1").await
+        };
+        let fresh = async move {
             let mut c = Conn::new(opts).await?;
             c.query_drop("SELECT 1").await?;
             c.disconnect().await
-        })
-        .await;
+        };
+        let either = async {
+            tokio::pin!(pooled, fresh);
+            let (mut pooled_failed, mut fresh_failed) = (false, false);
+            loop {
+                tokio::select! {
+                    r = &mut pooled, if !pooled_failed => match r {
+                        Ok(()) => return true,
+                        Err(_) => pooled_failed = true,
+                    },
+                    r = &mut fresh, if !fresh_failed => match r {
+                        Ok(()) => return true,
+                        Err(_) => fresh_failed = true,
+                    },
+                    else => return false,
+                }
+            }
+        };
+        let alive = tokio::time::timeout(ALIVE_TIMEOUT.min(self.timeout), either)
+            .await
+            .unwrap_or(false);
         match alive {
-            Ok(Ok(())) => StoreError::Busy(format!(
+            true => StoreError::Busy(format!(
                 "{what} within {:?} (storage timeout), the database answering: a lock held by another transaction, or a slow statement",
                 self.timeout
             )),
-            _ => StoreError::Unavailable(format!(
+            false => StoreError::Unavailable(format!(
                 "{what} within {:?} (storage timeout)",
                 self.timeout
             )),
