@@ -312,6 +312,53 @@ impl Postfix {
         );
     }
 
+    /// Waits until new SMTP sessions get the settings of the last `postfix reload`.
+    /// The master re-reads main.cf at once, but an smtpd that sat idle before the
+    /// reload still serves one more session with the old settings before it notices
+    /// (seen in CI: the first mail after a hook passed unchecked). Empty sessions
+    /// drain those until one is served by an smtpd started after the reload.
+    pub fn wait_reloaded(&self) {
+        const MARK: &str = "reload -- version";
+        wait_for(
+            "Postfix's master to log the reload",
+            Duration::from_secs(30),
+            || self.maillog().contains(MARK),
+        );
+        let smtpd_pid = |line: &str| -> Option<String> {
+            let rest = &line[line.find("/smtpd[")? + 7..];
+            Some(rest[..rest.find(']')?].to_owned())
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.maillog();
+            let at = log.rfind(MARK).expect("the reload line was seen");
+            let old: std::collections::HashSet<String> =
+                log[..at].lines().filter_map(smtpd_pid).collect();
+            let fresh = log[at..]
+                .lines()
+                .filter(|l| l.contains(": connect from "))
+                .filter_map(smtpd_pid)
+                .find(|pid| !old.contains(pid));
+            if fresh.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "no smtpd started after the reload served a session in 30 s:\n{log}"
+            );
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut c = Smtp {
+                    r: BufReader::new(s.try_clone().unwrap()),
+                    w: s,
+                };
+                let _ = c.reply();
+                let _ = c.cmd("QUIT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn kill_pidfile(pidfile: &Path, must_mention: &str) {
         let Ok(text) = std::fs::read_to_string(pidfile) else {
             return;
