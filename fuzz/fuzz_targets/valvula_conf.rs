@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = valvulad::valvula_conf::translate(
+        let _ = valvula_config::valvula_conf::translate(
             text,
             std::path::Path::new("/nonexistent/valvula.conf"),
         );

@@ -9,7 +9,7 @@ use std::time::Duration;
 use valvula_tests::client::{Answer, Client, postfix_request};
 use valvula_tests::daemon::{parse_config, start};
 use valvula_tests::{cc_shared, fixture, module_path, module_tempdir, repo_root, valvulad_bin};
-use valvulad::host::{LoadError, ModuleSet};
+use valvulad::host::{LoadError, ModuleSet, Services};
 
 /// The host's ABI minor, as the header compiled into the fixtures says.
 fn valvula_abi_minor() -> u16 {
@@ -60,7 +60,7 @@ fn build(dir: &Path, src: &str, out: &str, defines: &[&str]) -> PathBuf {
     p
 }
 
-fn config_for(modules: &[&Path], chain: &[&str], extra: &str) -> valvulad::config::Config {
+fn config_for(modules: &[&Path], chain: &[&str], extra: &str) -> valvula_config::Config {
     let mods: Vec<String> = modules
         .iter()
         .map(|m| format!("{:?}", m.display().to_string()))
@@ -75,14 +75,15 @@ fn config_for(modules: &[&Path], chain: &[&str], extra: &str) -> valvulad::confi
 }
 
 /// Loads the modules `cfg` names (for real, with dlopen) and starts a daemon on them.
-async fn start_loaded(cfg: valvulad::config::Config) -> (valvulad::server::Daemon, Vec<String>) {
-    let (modules, _) = ModuleSet::load(&cfg, None, None).unwrap_or_else(|e| panic!("{e:?}"));
+async fn start_loaded(cfg: valvula_config::Config) -> (valvulad::server::Daemon, Vec<String>) {
+    let (modules, _) =
+        ModuleSet::load(&cfg, None, &Services::default()).unwrap_or_else(|e| panic!("{e:?}"));
     start(cfg, modules).await
 }
 
 /// The errors loading `modules` gives, without the config keys they are reported at.
 fn load_errors(modules: &[&Path]) -> Vec<LoadError> {
-    match ModuleSet::load(&config_for(modules, &[], ""), None, None) {
+    match ModuleSet::load(&config_for(modules, &[], ""), None, &Services::default()) {
         Ok(_) => panic!("{modules:?} loaded but should not"),
         Err(e) => e.into_iter().map(uncover).collect(),
     }
@@ -125,7 +126,7 @@ fn each_load_error_is_specific() {
     let d = dir.path();
     let one = |src: &str| {
         let so = build(d, &format!("c/{src}.c"), &format!("{src}.so"), &[]);
-        let e = match ModuleSet::load(&config_for(&[&so], &[], ""), None, None) {
+        let e = match ModuleSet::load(&config_for(&[&so], &[], ""), None, &Services::default()) {
             Ok(_) => panic!("{so:?} loaded but should not"),
             Err(e) => e,
         };
@@ -523,7 +524,7 @@ fn module_below_a_directory_others_control_is_refused() {
     let enabled = mkdir(&base.join("enabled"), 0o755);
     let link = enabled.join("good.so");
     std::os::unix::fs::symlink("../trusted/good.so", &link).unwrap();
-    let (set, _) = ModuleSet::load(&config_for(&[&link], &[], ""), None, None)
+    let (set, _) = ModuleSet::load(&config_for(&[&link], &[], ""), None, &Services::default())
         .unwrap_or_else(|e| panic!("a symlink to a safe module is refused: {e:?}"));
     assert_eq!(set.order, ["good"]);
     // The same file by two names is one module given twice.
@@ -542,10 +543,11 @@ fn reload_checks_again_and_keeps_a_replaced_module() {
     let d = mkdir(&dir.path().join("mods"), 0o755);
     let so = build(&d, "c/named.c", "swap.so", &["FIXTURE_NAME=\"swap\""]);
     let cfg = config_for(&[&so], &[], "");
-    let (first, _) = ModuleSet::load(&cfg, None, None).unwrap_or_else(|e| panic!("{e:?}"));
+    let (first, _) =
+        ModuleSet::load(&cfg, None, &Services::default()).unwrap_or_else(|e| panic!("{e:?}"));
     // The directory became world-writable: the reload says so, as a restart would.
     chmod(&d, 0o777);
-    match ModuleSet::load(&cfg, Some(&first), None) {
+    match ModuleSet::load(&cfg, Some(&first), &Services::default()) {
         Ok(_) => panic!("a reload accepted a module in a world-writable directory"),
         Err(e) => {
             let e: Vec<_> = e.into_iter().map(uncover).collect();
@@ -568,8 +570,8 @@ fn reload_checks_again_and_keeps_a_replaced_module() {
         ],
     );
     std::fs::rename(&new, &so).unwrap();
-    let (second, reused) =
-        ModuleSet::load(&cfg, Some(&first), None).unwrap_or_else(|e| panic!("{e:?}"));
+    let (second, reused) = ModuleSet::load(&cfg, Some(&first), &Services::default())
+        .unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(reused, ["swap"]);
     assert_eq!(second.order, ["swap"]);
     assert!(
@@ -593,7 +595,8 @@ async fn chain_entry_with_a_path_answers() {
          [module.mod-example]\nblocked_sender = \"spammer@example.com\"\n",
         so.display().to_string()
     ));
-    let (modules, _) = ModuleSet::load(&cfg, None, None).unwrap_or_else(|e| panic!("{e:?}"));
+    let (modules, _) =
+        ModuleSet::load(&cfg, None, &Services::default()).unwrap_or_else(|e| panic!("{e:?}"));
     let chain_errors = valvulad::host::check_chains(&cfg, &modules);
     assert!(chain_errors.is_empty(), "{chain_errors:?}");
     let (_d, a) = start(cfg, modules).await;

@@ -326,7 +326,7 @@ fn daemon_config_edits_keep_comments() {
         assert!(text.contains(c), "comment lost:\n{text}");
     }
     assert!(
-        valvulad::config::parse(&text, Path::new(&cfg)).is_ok(),
+        valvula_config::parse(&text, Path::new(&cfg)).is_ok(),
         "{text}"
     );
     // A change that would break the configuration is refused.
@@ -688,9 +688,9 @@ fn shell_in_a_terminal() {
     assert!(history.exists(), "{} missing", history.display());
     let kept = std::fs::read_to_string(&history).unwrap_or_default();
     assert!(!kept.contains("Sh3ll-pw"), "the password is in the history");
-    let stored = valvulad::config::load_file(Path::new(&cfg)).unwrap().config;
+    let stored = valvula_config::load_file(Path::new(&cfg)).unwrap().config;
     match stored.storage.backend {
-        valvulad::store::Backend::Mysql { password, .. } => {
+        valvula_store::Backend::Mysql { password, .. } => {
             assert_eq!(password.as_deref(), Some("Sh3ll-pw"), "password read back")
         }
         other => panic!("-y did not set mysql: {other:?}"),
@@ -877,9 +877,9 @@ fn config_mysql_keeps_the_password_off_the_command_line() {
         "password file mode {:o}",
         m.mode()
     );
-    let stored = valvulad::config::load_file(Path::new(&cfg)).unwrap().config;
+    let stored = valvula_config::load_file(Path::new(&cfg)).unwrap().config;
     match &stored.storage.backend {
-        valvulad::store::Backend::Mysql { url, password, .. } => {
+        valvula_store::Backend::Mysql { url, password, .. } => {
             assert!(url.ends_with(&format!("/{}", db.name)), "{url}");
             assert_eq!(password.as_deref(), Some("s3cret-Pw"), "password read back");
         }
@@ -1025,7 +1025,7 @@ fn concurrent_config_edits_lose_nothing() {
         .map(|c| c.wait_with_output().unwrap())
         .collect();
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let c = valvulad::config::parse(&text, Path::new(&cfg))
+    let c = valvula_config::parse(&text, Path::new(&cfg))
         .unwrap_or_else(|e| panic!("the result does not load: {e}\n{text}"))
         .config;
     for (args, o) in runs.iter().zip(&results) {

@@ -157,7 +157,7 @@ fn valvulad_mgr_style_config() {
             && toml.contains("password = \"valvula\""),
         "{toml}"
     );
-    let loaded = valvulad::config::load_file(&out_toml).unwrap().config;
+    let loaded = valvula_config::load_file(&out_toml).unwrap().config;
     assert_eq!(loaded.listeners.len(), 2);
     assert_eq!(loaded.listeners[0].modules, vec!["mod-test", "mod-ticket"]);
 }

@@ -88,7 +88,7 @@ fn install_into_a_scratch_root() {
     // The packaged configuration is valid as it is (its user may not exist here).
     let packaged = std::fs::read_to_string(r.join("etc/valvula/valvulad.toml")).unwrap();
     let without_user = packaged.replace("user = \"valvula\"\ngroup = \"valvula\"\n", "");
-    valvulad::config::parse(&without_user, Path::new("valvulad.toml")).unwrap();
+    valvula_config::parse(&without_user, Path::new("valvulad.toml")).unwrap();
 }
 
 /// The long options a program's --help lists.
@@ -141,7 +141,7 @@ fn man_pages_document_every_option() {
     let man = std::fs::read_to_string(repo_root().join("man/valvulad.toml.5"))
         .unwrap()
         .replace("\\-", "-");
-    let src = std::fs::read_to_string(repo_root().join("valvulad/src/config.rs")).unwrap();
+    let src = std::fs::read_to_string(repo_root().join("crates/valvula-config/src/sections.rs")).unwrap();
     let keys: Vec<&str> = src
         .split("unknown_keys(")
         .skip(1)

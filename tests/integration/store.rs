@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use valvula_tests::db::TestDb;
-use valvulad::store::{
+use valvula_store::{
     Backend, Charge, Consumption, Stmt, StorageConfig, Store, StoreError, Value, Window,
     WindowKind, Zone,
 };
+use valvula_tests::db::TestDb;
 
 /// An open store and what keeps it alive.
 struct Bench {
@@ -321,10 +321,10 @@ fn sql_with_parameters_null_empty_and_hostile_values() {
     both(|b| {
         let s = &b.store;
         let ddl = match s.dialect() {
-            valvulad::store::Dialect::Sqlite => {
+            valvula_store::Dialect::Sqlite => {
                 "CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT, note TEXT)"
             }
-            valvulad::store::Dialect::Mysql => {
+            valvula_store::Dialect::Mysql => {
                 "CREATE TABLE people (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(255), note TEXT)"
             }
         };

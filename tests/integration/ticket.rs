@@ -377,7 +377,6 @@ fn existing_valvula_database_and_operator_sql() {
     db.sql("INSERT INTO ticket_plan (name, description, total_limit, day_limit, month_limit) VALUES ('basic', 'Basic plan', 100000, 3, 10000)");
     db.sql("INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('user@example.com', -1, 1)");
     db.sql("INSERT INTO time_tracking (day, month) VALUES (22, 10)");
-    valvulad::host::freeze_clock(Some(NOW));
     let raw = Raw::Mysql(db);
     let p = Proc::start(&daemon_toml(&raw, ""), &[]);
     let Raw::Mysql(db) = &raw else { unreachable!() };

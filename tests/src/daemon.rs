@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use valvulad::config::Config;
+use valvula_config::Config;
 use valvulad::dispatch::DispatchSettings;
 use valvulad::host::ModuleSet;
 use valvulad::server::Daemon;
 
 pub fn parse_config(text: &str) -> Config {
-    match valvulad::config::parse(text, std::path::Path::new("test.toml")) {
+    match valvula_config::parse(text, std::path::Path::new("test.toml")) {
         Ok(l) => l.config,
         Err(e) => panic!("test config is invalid: {e}"),
     }
@@ -154,8 +154,16 @@ impl Proc {
         ] {
             let (lines, drained) = (lines.clone(), drained.clone());
             std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
+                // Bytes, not `lines()`: a line that is not UTF-8 must not end the log.
+                let mut r = BufReader::new(pipe);
+                let mut buf = Vec::new();
+                while matches!(r.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                    let line = String::from_utf8_lossy(&buf);
+                    lines
+                        .lock()
+                        .unwrap()
+                        .push(line.trim_end_matches('\n').to_owned());
+                    buf.clear();
                 }
                 drained.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });

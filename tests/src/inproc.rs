@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use valvulad::host::ModuleSet;
+use valvula_store::Store;
+use valvulad::host::{ModuleSet, Services};
 use valvulad::server::Daemon;
-use valvulad::store::Store;
 
 use crate::client::Client;
 use crate::daemon::{parse_config, start};
@@ -132,6 +132,8 @@ pub struct Env {
     pub addr: String,
     pub raw: Raw,
     pub now: i64,
+    /// The clock the modules read: this environment's own, moved by the test.
+    clock: valvula_store::Clock,
     _store: Arc<Store>,
     _dir: tempfile::TempDir,
 }
@@ -152,7 +154,7 @@ impl Env {
         zone: &str,
         setup: &str,
     ) -> Env {
-        valvulad::host::freeze_clock(Some(now));
+        let clock = valvula_store::Clock::manual(now);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -170,7 +172,8 @@ impl Env {
         let config = parse_config(&daemon_toml_in(&raw, crate_name, module, section, zone));
         let store = Store::open(&config.storage, rt.handle().clone()).unwrap();
         let (modules, _) =
-            ModuleSet::load(&config, None, Some(store.clone())).unwrap_or_else(|e| panic!("{e:?}"));
+            ModuleSet::load(&config, None, &Services::new(store.clone(), clock.clone()))
+                .unwrap_or_else(|e| panic!("{e:?}"));
         let (daemon, addrs) = rt.block_on(start(config, modules));
         Env {
             addr: addrs[0].clone(),
@@ -178,6 +181,7 @@ impl Env {
             daemon,
             raw,
             now,
+            clock,
             _store: store,
             _dir: dir,
         }
@@ -206,14 +210,14 @@ impl Env {
     /// Moves the frozen clock without delivering ticks: what requests see first.
     pub fn jump(&mut self, seconds: i64) {
         self.now += seconds;
-        valvulad::host::freeze_clock(Some(self.now));
+        self.clock.set(self.now);
     }
 
     /// Moves the frozen clock and delivers the ticks of the boundaries crossed.
     pub fn advance(&mut self, seconds: i64) {
         let before = self.now;
         self.now += seconds;
-        valvulad::host::freeze_clock(Some(self.now));
+        self.clock.set(self.now);
         self.rt.block_on(self.daemon.tick_between(before, self.now));
     }
 }

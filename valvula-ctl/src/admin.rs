@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
 use clap::Subcommand;
-use valvulad::store::{Rows, Stmt, StorageConfig, Store, Value, Window, WindowKind};
+use valvula_store::{Rows, Stmt, StorageConfig, Store, Value, Window, WindowKind};
 
 #[derive(Subcommand, Debug)]
 pub enum PlanCmd {
@@ -123,7 +123,7 @@ pub fn with_store<T>(
 const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn open<T>(config: &Path, f: impl FnOnce(&Arc<Store>) -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let c = valvulad::config::load_file(config)?.config;
+    let c = valvula_config::load_file(config)?.config;
     with_store(&c.storage, |s| {
         s.ping()
             .with_context(|| format!("database {}", s.describe()))?;
@@ -156,7 +156,7 @@ fn bare_identity(stored: &str) -> &str {
 /// `None` when the table a query reads does not exist (the module never ran here);
 /// every other error is the command's (an unnoticed timeout once made `usage` say
 /// "nothing counted" for a customer being refused).
-fn absent_table_ok<T>(r: Result<T, valvulad::store::StoreError>) -> anyhow::Result<Option<T>> {
+fn absent_table_ok<T>(r: Result<T, valvula_store::StoreError>) -> anyhow::Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
         Err(e)
@@ -170,7 +170,7 @@ fn absent_table_ok<T>(r: Result<T, valvulad::store::StoreError>) -> anyhow::Resu
 }
 
 /// A storage error, with a hint when the module's tables do not exist yet.
-fn hint(e: valvulad::store::StoreError) -> anyhow::Error {
+fn hint(e: valvula_store::StoreError) -> anyhow::Error {
     let m = e.to_string();
     if m.contains("no such table") || m.contains("doesn't exist") {
         anyhow::anyhow!(
@@ -189,7 +189,7 @@ fn xe(
     s: &Store,
     sql: impl Into<String>,
     params: Vec<Value>,
-) -> anyhow::Result<valvulad::store::Exec> {
+) -> anyhow::Result<valvula_store::Exec> {
     s.exec(Stmt::new(sql, params)).map_err(hint)
 }
 
@@ -583,7 +583,7 @@ fn window_kind(w: &str) -> anyhow::Result<WindowKind> {
 /// does not have, or, for a policy with a fallback list of keys, an identity without
 /// the key it counts under (`sender=alice@example.com`).
 fn check_override_target(config: &Path, policy: &str, identity: &str) -> anyhow::Result<()> {
-    let c = valvulad::config::load_file(config)?.config;
+    let c = valvula_config::load_file(config)?.config;
     let Some(section) = c.module_sections.get("mod-ratelimit") else {
         return Ok(());
     };
@@ -645,7 +645,7 @@ fn when(t: i64) -> String {
 
 /// Limits of a mod-ratelimit policy for an identity, from the override or the config.
 fn ratelimit_limits(
-    config: &valvulad::config::Config,
+    config: &valvula_config::Config,
     s: &Store,
     policy: &str,
     identity: &str,
@@ -692,9 +692,9 @@ fn ratelimit_limits(
 }
 
 pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
-    let c = valvulad::config::load_file(config)?.config;
+    let c = valvula_config::load_file(config)?.config;
     open(config, |s| {
-        let now = valvulad::host::now();
+        let now = valvula_store::Clock::system().now();
         let mut shown = 0;
         // mod-ticket.
         let tickets = match identity {
@@ -790,7 +790,7 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn calendar_end(s: &Store, kind: WindowKind, now: i64) -> i64 {
-    valvulad::store::window::calendar_period(kind, s.zone(), now).1
+    valvula_store::window::calendar_period(kind, s.zone(), now).1
 }
 
 fn line(name: &str, used: i64, limit: i64, reset: Option<i64>) -> String {

@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// valvulad's configuration file.
-    #[arg(long, global = true, default_value = valvulad::config::DEFAULT_PATH)]
+    #[arg(long, global = true, default_value = valvula_config::DEFAULT_PATH)]
     pub config: PathBuf,
     /// Postfix's configuration directory.
     #[arg(long = "postfix-dir", global = true, default_value = "/etc/postfix")]

@@ -69,7 +69,7 @@ fn edit(
     };
     let text = doc.to_string();
     let written = (|| -> anyhow::Result<Option<PathBuf>> {
-        if let Err(e) = valvulad::config::parse(check_as.as_deref().unwrap_or(&text), &path) {
+        if let Err(e) = valvula_config::parse(check_as.as_deref().unwrap_or(&text), &path) {
             bail!("the change would make the configuration invalid, nothing written:\n{e}");
         }
         if g.dry_run {
@@ -126,7 +126,7 @@ fn listeners(doc: &mut DocumentMut) -> anyhow::Result<&mut ArrayOfTables> {
 
 /// The listener given by name or address.
 fn find_listener<'d>(doc: &'d mut DocumentMut, which: &str) -> anyhow::Result<&'d mut Table> {
-    let wanted = valvulad::config::parse_address(which).ok();
+    let wanted = valvula_config::parse_address(which).ok();
     let all = listeners(doc)?;
     all.iter_mut()
         .find(|t| {
@@ -134,13 +134,13 @@ fn find_listener<'d>(doc: &'d mut DocumentMut, which: &str) -> anyhow::Result<&'
             t.get("name").and_then(Item::as_str) == Some(which)
                 || addr == Some(which)
                 || (wanted.is_some()
-                    && addr.and_then(|a| valvulad::config::parse_address(a).ok()) == wanted)
+                    && addr.and_then(|a| valvula_config::parse_address(a).ok()) == wanted)
         })
         .with_context(|| format!("no listener {which}; add it first (-a)"))
 }
 
 pub fn list_listeners(config: &Path) -> anyhow::Result<()> {
-    let c = valvulad::config::load_file(config)?.config;
+    let c = valvula_config::load_file(config)?.config;
     for l in &c.listeners {
         println!("Listen: {} ({})", l.address, l.name);
         for m in &l.modules {
@@ -151,8 +151,8 @@ pub fn list_listeners(config: &Path) -> anyhow::Result<()> {
 }
 
 pub fn list_modules(config: &Path) -> anyhow::Result<()> {
-    let c = valvulad::config::load_file(config)?.config;
-    let loaded = valvulad::host::wanted(&c);
+    let c = valvula_config::load_file(config)?.config;
+    let loaded = c.wanted_modules();
     let mut found = Vec::new();
     for dir in &c.server.module_dirs {
         let Ok(rd) = std::fs::read_dir(dir) else {
@@ -192,12 +192,12 @@ pub fn list_modules(config: &Path) -> anyhow::Result<()> {
 }
 
 pub fn add_listener(g: &Global, address: &str) -> anyhow::Result<()> {
-    let parsed = valvulad::config::parse_address(address).map_err(anyhow::Error::msg)?;
+    let parsed = valvula_config::parse_address(address).map_err(anyhow::Error::msg)?;
     edit(g, |doc, _| {
         let exists = listeners(doc)?.iter().any(|t| {
             t.get("address")
                 .and_then(Item::as_str)
-                .and_then(|a| valvulad::config::parse_address(a).ok())
+                .and_then(|a| valvula_config::parse_address(a).ok())
                 == Some(parsed.clone())
         });
         if exists {
@@ -233,8 +233,8 @@ pub fn add_module(g: &Global, module: &str, listener: &str) -> anyhow::Result<()
 
 /// The `server.modules` list, created from the chains when the file relied on them.
 fn server_modules<'d>(doc: &'d mut DocumentMut, config: &Path) -> anyhow::Result<&'d mut Array> {
-    let current = valvulad::config::load_file(config)?.config;
-    let from_chains = valvulad::host::wanted(&current);
+    let current = valvula_config::load_file(config)?.config;
+    let from_chains = current.wanted_modules();
     if !doc.contains_key("server") {
         doc.insert("server", Item::Table(Table::new()));
     }
@@ -390,22 +390,22 @@ fn password_file_access(doc: &DocumentMut, config: &std::fs::Metadata) -> (u32, 
 /// into valvulad.toml, which is usually world-readable.
 pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> anyhow::Result<()> {
     let url = format!("mysql://{user}@{host}/{db}");
-    let storage = valvulad::store::StorageConfig {
-        backend: valvulad::store::Backend::Mysql {
+    let storage = valvula_store::StorageConfig {
+        backend: valvula_store::Backend::Mysql {
             url: url.clone(),
             password: (!pass.is_empty()).then(|| pass.to_owned()),
             pool_size: 2,
         },
         // The zone the daemon will count in: the database must agree with it.
-        zone: valvulad::config::load_file(&g.config)
+        zone: valvula_config::load_file(&g.config)
             .map(|l| l.config.storage.zone)
-            .or_else(|_| valvulad::store::Zone::local())
+            .or_else(|_| valvula_store::Zone::local())
             .unwrap_or_default(),
-        timeout: valvulad::store::DEFAULT_TIMEOUT,
+        timeout: valvula_store::DEFAULT_TIMEOUT,
         record_zone: false,
     };
     crate::admin::with_store(&storage, |s| match s.ping() {
-        Err(e @ valvulad::store::StoreError::Refused(_)) => Err(anyhow::anyhow!(
+        Err(e @ valvula_store::StoreError::Refused(_)) => Err(anyhow::anyhow!(
             "ERROR: {url} belongs to other daemons: {e}"
         )),
         r => r.with_context(|| {
@@ -514,30 +514,28 @@ pub fn set_user(g: &Global, user: &str, group: &str) -> anyhow::Result<()> {
 pub fn import(file: &Path, output: Option<&Path>) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    if !valvulad::valvula_conf::is_xml(&text) {
+    if !valvula_config::valvula_conf::is_xml(&text) {
         bail!("{} is not valvula's XML configuration", file.display());
     }
-    let t = valvulad::valvula_conf::translate(&text, file)?;
+    let t = valvula_config::valvula_conf::translate(&text, file)?;
     for w in &t.warnings {
         eprintln!("warning: {w}");
     }
-    valvulad::config::parse(&t.toml, file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    valvula_config::parse(&t.toml, file).map_err(|e| anyhow::anyhow!("{e}"))?;
     match output {
         None => print!("{}", t.toml),
         Some(o) => {
             // Never through a planted link, never over a file; a database password in
             // the text keeps it from other users.
-            let secret = valvulad::config::parse(&t.toml, file)
-                .ok()
-                .is_some_and(|c| {
-                    matches!(
-                        c.config.storage.backend,
-                        valvulad::store::Backend::Mysql {
-                            password: Some(_),
-                            ..
-                        }
-                    )
-                });
+            let secret = valvula_config::parse(&t.toml, file).ok().is_some_and(|c| {
+                matches!(
+                    c.config.storage.backend,
+                    valvula_store::Backend::Mysql {
+                        password: Some(_),
+                        ..
+                    }
+                )
+            });
             files::create_new(o, t.toml.as_bytes(), if secret { 0o600 } else { 0o644 })?;
             println!("INFO: {} written from {}", o.display(), file.display());
         }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use crate::cli::TestRequest;
 
 fn admin_socket(config: &Path) -> anyhow::Result<PathBuf> {
-    valvulad::config::load_file(config)?
+    valvula_config::load_file(config)?
         .config
         .server
         .admin_socket
@@ -101,8 +101,8 @@ pub fn test_server(config: &Path, listener: &str, r: &TestRequest) -> anyhow::Re
     // A configured listener (name or address), or any address given directly.
     let target = match crate::maincf::policy_target(config, listener) {
         Ok(t) => t,
-        Err(e) => match valvulad::config::parse_address(listener) {
-            Ok(valvulad::config::ListenAddr::Tcp(a)) => format!("inet:{a}"),
+        Err(e) => match valvula_config::parse_address(listener) {
+            Ok(valvula_config::ListenAddr::Tcp(a)) => format!("inet:{a}"),
             _ => return Err(e),
         },
     };

@@ -14,8 +14,8 @@ use crate::files;
 /// `inet:HOST:PORT` for a listener given as HOST:PORT, PORT or its name, checked against
 /// valvulad's configuration.
 pub fn policy_target(config: &Path, listener: &str) -> anyhow::Result<String> {
-    let loaded = valvulad::config::load_file(config)?;
-    let wanted = valvulad::config::parse_address(listener).ok();
+    let loaded = valvula_config::load_file(config)?;
+    let wanted = valvula_config::parse_address(listener).ok();
     let l = loaded
         .config
         .listeners
@@ -28,11 +28,11 @@ pub fn policy_target(config: &Path, listener: &str) -> anyhow::Result<String> {
             )
         })?;
     match &l.address {
-        valvulad::config::ListenAddr::Tcp(a) => Ok(match a.ip() {
+        valvula_config::ListenAddr::Tcp(a) => Ok(match a.ip() {
             std::net::IpAddr::V6(ip) => format!("inet:[{ip}]:{}", a.port()),
             ip => format!("inet:{ip}:{}", a.port()),
         }),
-        valvulad::config::ListenAddr::Unix(p) => Ok(format!("unix:{}", p.display())),
+        valvula_config::ListenAddr::Unix(p) => Ok(format!("unix:{}", p.display())),
     }
 }
 

@@ -80,7 +80,7 @@ fn vocabulary(globals: &[String]) -> Vec<String> {
         std::iter::once("valvula-ctl".to_owned())
             .chain(globals.iter().cloned())
             .chain(["status".into()]),
-    ) && let Ok(l) = valvulad::config::load_file(&c.global.config)
+    ) && let Ok(l) = valvula_config::load_file(&c.global.config)
     {
         for li in &l.config.listeners {
             words.push(li.name.clone());

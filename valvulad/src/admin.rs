@@ -30,40 +30,6 @@ const ADMIN_MAX_LINE: usize = 1024;
 /// Time a client has to send its command, and to take the answer.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why `path` cannot be the admin socket, if something that is not a socket is there.
-/// valvulad replaces a stale socket at startup; anything else (a regular file, a
-/// directory, a symbolic link, wherever it points) belongs to someone else and is never
-/// removed. `valvulad -t` reports the same text under `server.admin_socket`.
-pub fn admin_socket_problem(path: &Path) -> Option<String> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::FileTypeExt;
-    // sockaddr_un holds 108 bytes, the final NUL included.
-    if path.as_os_str().as_bytes().len() > 107 {
-        return Some(format!(
-            "{} is longer than a unix socket path may be (107 bytes): choose a shorter one",
-            path.display()
-        ));
-    }
-    // symlink_metadata: a symbolic link is judged as the link, never followed.
-    let t = std::fs::symlink_metadata(path).ok()?.file_type();
-    if t.is_socket() {
-        return None;
-    }
-    let kind = if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "not a socket"
-    };
-    Some(format!(
-        "{} exists and is {kind}; valvulad only replaces a stale socket there: remove it or choose another path",
-        path.display()
-    ))
-}
-
 /// Binds the socket (replacing a stale one) and serves it until the daemon stops. A path
 /// holding anything but a socket is an `AlreadyExists` error and is left as it is.
 pub fn spawn(
@@ -76,7 +42,7 @@ pub fn spawn(
     {
         std::fs::create_dir_all(dir)?;
     }
-    if let Some(problem) = admin_socket_problem(path) {
+    if let Some(problem) = valvula_config::admin_socket_problem(path) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
             problem,

@@ -172,12 +172,12 @@ type Job = Box<dyn FnOnce() + Send>;
 /// pins one of these threads for good, and must neither starve other modules nor keep
 /// the runtime from shutting down.
 struct Pool {
-    jobs: Arc<crate::sync::Queue<Job>>,
+    jobs: Arc<valvula_store::sync::Queue<Job>>,
 }
 
 impl Pool {
     fn new(module: &str, threads: usize) -> Pool {
-        let jobs = crate::sync::Queue::<Job>::new();
+        let jobs = valvula_store::sync::Queue::<Job>::new();
         for i in 0..threads {
             let rx = jobs.clone();
             let spawned = std::thread::Builder::new()
@@ -233,7 +233,7 @@ pub struct Dispatcher {
     closed: AtomicBool,
     pub stats: ModuleStats,
     /// Failure lines of this module's calls, at most one a second.
-    pub failure_log: crate::logging::RateLog,
+    pub failure_log: valvula_store::RateLog,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -261,7 +261,7 @@ impl Dispatcher {
             epoch: Instant::now(),
             closed: AtomicBool::new(false),
             stats: ModuleStats::default(),
-            failure_log: crate::logging::RateLog::default(),
+            failure_log: valvula_store::RateLog::default(),
         })
     }
 
@@ -306,7 +306,7 @@ impl Dispatcher {
         let result = if self.handler.nonblocking() {
             match catch_unwind(AssertUnwindSafe(|| self.handler.handle(req))) {
                 Ok(r) => r,
-                Err(p) => Err(HandlerError::Panicked(panic_text(&*p))),
+                Err(p) => Err(HandlerError::Panicked(valvula_store::sync::panic_text(&*p))),
             }
         } else {
             self.call_blocking(req, settings.timeout).await
@@ -359,7 +359,7 @@ impl Dispatcher {
             }
             Err(_) => Err(HandlerError::Timeout(timeout)),
             Ok(Err(_)) => Err(HandlerError::Other("module worker thread died".into())),
-            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(panic_text(&*p))),
+            Ok(Ok(Err(p))) => Err(HandlerError::Panicked(valvula_store::sync::panic_text(&*p))),
             Ok(Ok(Ok(r))) => Ok(r),
         };
         (r, watch)
@@ -464,11 +464,4 @@ impl Dispatcher {
             let _ = catch_unwind(AssertUnwindSafe(|| self.handler.close()));
         }
     }
-}
-
-pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
 }

@@ -9,13 +9,9 @@
 //! `ARCHITECTURE.md` at the repository root shows how a request flows through them.
 
 pub mod admin;
-pub mod config;
 pub mod dispatch;
 pub mod host;
 pub mod logging;
 pub mod privileges;
 pub mod process;
 pub mod server;
-pub mod store;
-mod sync;
-pub mod valvula_conf;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgAction, Parser};
 use tokio::signal::unix::{SignalKind, signal};
-use valvulad::config::{self, Config};
+use valvula_config::{self as config, Config};
+use valvula_store::Store;
 use valvulad::host::{self, ModuleSet};
 use valvulad::server::Daemon;
-use valvulad::store::Store;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -137,11 +137,15 @@ fn load(
     for w in &loaded.warnings {
         tracing::warn!("{}: {w}", path.display());
     }
-    let (modules, reused) = ModuleSet::load(&loaded.config, previous, Some(store.clone()))
-        .map_err(|errs| {
-            let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
-            anyhow::anyhow!("cannot load modules:\n{}", lines.join("\n"))
-        })?;
+    let (modules, reused) = ModuleSet::load(
+        &loaded.config,
+        previous,
+        &host::Services::new(store.clone(), valvula_store::Clock::system()),
+    )
+    .map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
+        anyhow::anyhow!("cannot load modules:\n{}", lines.join("\n"))
+    })?;
     let chain_errors = host::check_chains(&loaded.config, &modules);
     if !chain_errors.is_empty() {
         anyhow::bail!(
@@ -201,7 +205,7 @@ fn one_shot(args: &Args) -> ExitCode {
         Err(e) => return fail(format!("ERROR: {e}")),
     };
     // A check writes nothing: it does not record this machine's zone in the database.
-    let storage = valvulad::store::StorageConfig {
+    let storage = valvula_store::StorageConfig {
         record_zone: false,
         ..loaded.config.storage.clone()
     };
@@ -230,8 +234,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     // A check reports on the terminal that ran it, whatever the file says (syslog
     // would hide why a module's init failed).
     let log = if args.check {
-        valvulad::config::LogConfig {
-            target: valvulad::config::LogTarget::Stderr,
+        valvula_config::LogConfig {
+            target: valvula_config::LogTarget::Stderr,
             ..pre.config.log.clone()
         }
     } else {
@@ -259,7 +263,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// either way: requests that need the database get the on-error action until it is back.
 async fn open_store(
     config: &Config,
-) -> anyhow::Result<(Arc<Store>, Result<(), valvulad::store::StoreError>)> {
+) -> anyhow::Result<(Arc<Store>, Result<(), valvula_store::StoreError>)> {
     let store = Store::open(&config.storage, tokio::runtime::Handle::current())
         .with_context(|| format!("storage ({})", config.storage.describe()))?;
     let s = store.clone();
@@ -269,7 +273,7 @@ async fn open_store(
             tracing::info!(database = store.describe(), zone = %store.zone(), "database reachable")
         }
         // Counting in a database configured for other daemons would corrupt both.
-        Err(e @ valvulad::store::StoreError::Refused(_)) => {
+        Err(e @ valvula_store::StoreError::Refused(_)) => {
             anyhow::bail!("storage ({}): {e}", store.describe())
         }
         Err(e) => tracing::error!(
@@ -339,7 +343,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(user) = config_user(&daemon) {
         let (u, gid) = valvulad::privileges::resolve(&user.0, user.1.as_deref())?;
         let cfg = daemon.config();
-        if let valvulad::store::Backend::Sqlite { path, .. } = &cfg.storage.backend {
+        if let valvula_store::Backend::Sqlite { path, .. } = &cfg.storage.backend {
             // The directory stays as it is: it must be the user's (packages make it so),
             // since SQLite creates its -wal and -shm files there.
             valvulad::privileges::hand_over(path, u.uid, gid);
@@ -348,7 +352,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             valvulad::privileges::hand_over(sock, u.uid, gid);
         }
         for l in &cfg.listeners {
-            if let valvulad::config::ListenAddr::Unix(p) = &l.address {
+            if let valvula_config::ListenAddr::Unix(p) = &l.address {
                 valvulad::privileges::hand_over(p, u.uid, gid);
             }
         }
@@ -468,7 +472,11 @@ fn spawn_maintenance(store: Arc<Store>) {
         loop {
             every.tick().await;
             let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.maintain(host::now())).await {
+            match tokio::task::spawn_blocking(move || {
+                s.maintain(valvula_store::Clock::system().now())
+            })
+            .await
+            {
                 Ok(Ok(n)) if n > 0 => {
                     tracing::debug!(removed = n, "expired sliding-window buckets removed")
                 }

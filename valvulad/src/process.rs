@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::config::{Config, ListenAddr};
+use valvula_config::{Config, ListenAddr};
 
 /// Default pid file of a detached daemon (valvula's is /var/run/valvulad.pid; /var/run
 /// is a link to /run on current systems).

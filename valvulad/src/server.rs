@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use valvula_policy::{Action, CHECKSERVER_REPLY, Decoder, Frame, Reply, Request};
 
-use crate::config::{Config, LimitsConfig, ListenAddr, ListenerConfig, OnError};
 use crate::dispatch::Dispatcher;
 use crate::host::ModuleSet;
-use crate::logging::RateLog;
+use valvula_config::{Config, LimitsConfig, ListenAddr, ListenerConfig, OnError};
+use valvula_store::RateLog;
 
 mod connections;
 use connections::{Admission, Connections, Phase, Slot};
@@ -534,16 +534,22 @@ impl Daemon {
     fn spawn_ticks(&self) {
         let state = self.state.clone();
         let stop = self.shutdown.clone();
+        let clock = state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .modules
+            .clock
+            .clone();
         tokio::spawn(async move {
-            let mut last = crate::host::now();
+            let mut last = clock.now();
             loop {
-                let now = crate::host::now();
+                let now = clock.now();
                 let wait = 60 - now.rem_euclid(60);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
                 }
-                let now = crate::host::now();
+                let now = clock.now();
                 run_ticks(&state, last, now).await;
                 last = now;
             }
@@ -579,8 +585,8 @@ async fn run_ticks(state: &Mutex<State>, before: i64, after: i64) {
 
 /// The `VLV_TICK_*` boundaries crossed between two host times, in the zone of calendar
 /// windows (`[storage] time_zone`), so modules see a day end when the counters do.
-pub fn tick_kinds(zone: crate::store::Zone, before: i64, after: i64) -> u32 {
-    use crate::store::window::Period;
+pub fn tick_kinds(zone: valvula_store::Zone, before: i64, after: i64) -> u32 {
+    use valvula_store::window::Period;
     let mut k = 0;
     if before.div_euclid(60) != after.div_euclid(60) {
         k |= valvula_abi::VLV_TICK_MINUTE;
@@ -1048,7 +1054,7 @@ mod tests {
     fn tick_boundaries() {
         let t = 1_700_000_000 - 1_700_000_000 % 86_400; // a UTC midnight
         // In any time zone, one second across a minute boundary is a minute tick.
-        let utc = crate::store::Zone::UTC;
+        let utc = valvula_store::Zone::UTC;
         assert_ne!(
             tick_kinds(utc, t + 59, t + 60) & valvula_abi::VLV_TICK_MINUTE,
             0
@@ -1058,7 +1064,7 @@ mod tests {
         let k = tick_kinds(utc, t, t + 40 * 86_400);
         assert_eq!(k, 0xF);
         // A UTC midnight is no day boundary in Tokyo (09:00 there).
-        let tokyo = crate::store::Zone::parse("Asia/Tokyo").unwrap();
+        let tokyo = valvula_store::Zone::parse("Asia/Tokyo").unwrap();
         assert_eq!(tick_kinds(tokyo, t - 1, t) & valvula_abi::VLV_TICK_DAY, 0);
         assert_ne!(tick_kinds(utc, t - 1, t) & valvula_abi::VLV_TICK_DAY, 0);
     }

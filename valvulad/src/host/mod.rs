@@ -5,10 +5,9 @@
 //! name, duplicates); libraries are opened `RTLD_NOW | RTLD_LOCAL` and never closed, so a
 //! pointer a module handed out can never dangle.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use valvula_abi::{
@@ -16,34 +15,31 @@ use valvula_abi::{
 };
 use valvula_policy::{Action, Reply, ReplyError, Request};
 
-use crate::config::Config;
 use crate::dispatch::{DispatchSettings, Dispatcher, Handler, HandlerError};
-use crate::store::Store;
+use valvula_config::Config;
+use valvula_store::{Clock, Store};
 
 mod file;
 mod storage;
 pub use file::Trust;
 use storage::*;
 
-/// When not `i64::MIN`: the host clock stands still at this time.
-static CLOCK_FROZEN: AtomicI64 = AtomicI64::new(i64::MIN);
-
-/// The host's clock, in seconds since the epoch: what modules and counters see. Tests
-/// freeze it to cross day and month boundaries without waiting for them.
-pub fn now() -> i64 {
-    let frozen = CLOCK_FROZEN.load(Ordering::Relaxed);
-    if frozen != i64::MIN {
-        return frozen;
-    }
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// What the host lends the modules it loads, besides the ABI: the storage (none for a
+/// chain without storage, as in the ABI tests) and the clock the modules and their
+/// counters read (a test's own manual clock, else the system's).
+#[derive(Clone, Debug, Default)]
+pub struct Services {
+    pub store: Option<Arc<Store>>,
+    pub clock: Clock,
 }
 
-/// Stops the host clock at `at` (`None`: it follows the system clock again).
-pub fn freeze_clock(at: Option<i64>) {
-    CLOCK_FROZEN.store(at.unwrap_or(i64::MIN), Ordering::Relaxed);
+impl Services {
+    pub fn new(store: Arc<Store>, clock: Clock) -> Services {
+        Services {
+            store: Some(store),
+            clock,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +99,7 @@ pub enum LoadError {
         "{path}: refused: the directory {dir} (owner {}, mode {mode:04o}) is group- or world-writable{}, so others can put their own code in the module's place: chmod go-w {dir}, or install the module in a directory only root can write, such as {}",
         file::owner(*.uid),
         if *.mode & 0o1000 != 0 { " (the sticky bit does not stop others adding files)" } else { "" },
-        crate::config::DEFAULT_MODULE_DIR
+        valvula_config::DEFAULT_MODULE_DIR
     )]
     DirWritable {
         path: PathBuf,
@@ -115,7 +111,7 @@ pub enum LoadError {
     #[error(
         "{path}: refused: the directory {dir} is owned by {} (mode {mode:04o}), not by {trusted}, and its owner can put other code in the module's place: chown root {dir}, or install the module elsewhere, such as {}",
         file::owner(*.uid),
-        crate::config::DEFAULT_MODULE_DIR
+        valvula_config::DEFAULT_MODULE_DIR
     )]
     DirOwner {
         path: PathBuf,
@@ -265,8 +261,9 @@ pub(crate) struct ModuleCtx {
     pub(crate) name: String,
     section: RwLock<Section>,
     pub(crate) store: Option<Arc<Store>>,
+    pub(crate) clock: Clock,
     /// Storage errors of this module, logged at most once a second.
-    pub(crate) storage_log: crate::logging::RateLog,
+    pub(crate) storage_log: valvula_store::RateLog,
 }
 
 /// What `vlv_request *` points at during one `process` call.
@@ -444,8 +441,13 @@ unsafe extern "C" fn host_reply_set(req: *mut vlv_request, action: u32, text: vl
     rc
 }
 
-unsafe extern "C" fn host_now(_ctx: *mut vlv_module_ctx) -> i64 {
-    now()
+unsafe extern "C" fn host_now(ctx: *mut vlv_module_ctx) -> i64 {
+    // SAFETY: ctx is the pointer the host gave init; it lives until exit.
+    match unsafe { ctx.cast::<ModuleCtx>().as_ref() } {
+        Some(ctx) => ctx.clock.now(),
+        // A module without its context (a C module passing NULL) still gets the time.
+        None => Clock::system().now(),
+    }
 }
 
 /// The table every module gets. Static: it outlives every module.
@@ -635,14 +637,15 @@ impl Opened {
     pub fn init(
         self,
         section: &toml::Table,
-        store: Option<Arc<Store>>,
+        services: &Services,
     ) -> Result<LoadedModule, LoadError> {
         // Leaked on purpose: the module may keep its ctx pointer until the process exits.
         let ctx: &'static ModuleCtx = Box::leak(Box::new(ModuleCtx {
             name: self.name.clone(),
             section: RwLock::new(Section::new(section)),
-            store,
-            storage_log: crate::logging::RateLog::default(),
+            store: services.store.clone(),
+            clock: services.clock.clone(),
+            storage_log: valvula_store::RateLog::default(),
         }));
         let ctx_ptr = (ctx as *const ModuleCtx)
             .cast_mut()
@@ -780,6 +783,8 @@ pub struct ModuleSet {
     /// chain may name a module by its file.
     entries: HashMap<String, String>,
     pub order: Vec<String>,
+    /// The clock the modules read; their ticks follow it too.
+    pub clock: Clock,
 }
 
 impl std::fmt::Debug for ModuleSet {
@@ -797,32 +802,6 @@ pub fn dispatch_settings(c: &Config) -> DispatchSettings {
         quarantine_after: c.server.quarantine_after,
         quarantine_for: c.server.quarantine_for,
     }
-}
-
-/// The module entries a config asks for: `server.modules`, or every module a chain names.
-pub fn wanted(c: &Config) -> Vec<String> {
-    wanted_at(c).into_iter().map(|(_, entry)| entry).collect()
-}
-
-/// [`wanted`], each entry with the key it is first given at.
-fn wanted_at(c: &Config) -> Vec<(String, String)> {
-    if let Some(m) = &c.server.modules {
-        return m
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (format!("server.modules[{i}]"), m.clone()))
-            .collect();
-    }
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for (i, l) in c.listeners.iter().enumerate() {
-        for (j, m) in l.modules.iter().enumerate() {
-            if seen.insert(m.clone()) {
-                out.push((format!("listener[{i}].modules[{j}]"), m.clone()));
-            }
-        }
-    }
-    out
 }
 
 impl ModuleSet {
@@ -844,15 +823,18 @@ impl ModuleSet {
     pub fn load(
         config: &Config,
         previous: Option<&ModuleSet>,
-        store: Option<Arc<Store>>,
+        services: &Services,
     ) -> Result<(ModuleSet, Vec<String>), Vec<LoadError>> {
         let settings = dispatch_settings(config);
         let trust = Trust::new(config.server.user.as_deref());
-        let mut set = ModuleSet::default();
+        let mut set = ModuleSet {
+            clock: services.clock.clone(),
+            ..ModuleSet::default()
+        };
         let mut reused = Vec::new();
         let mut errors = Vec::new();
         let empty = toml::Table::new();
-        for (key, entry) in wanted_at(config) {
+        for (key, entry) in config.module_entries() {
             let at = |e: LoadError| LoadError::At {
                 key: key.clone(),
                 source: Box::new(e),
@@ -922,7 +904,7 @@ impl ModuleSet {
                 continue;
             }
             let section = config.module_sections.get(&opened.name).unwrap_or(&empty);
-            match opened.init(section, store.clone()) {
+            match opened.init(section, services) {
                 Ok(m) => {
                     let name = Handler::name(&m).to_owned();
                     tracing::info!(

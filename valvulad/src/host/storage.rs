@@ -1,14 +1,14 @@
 //! The storage services of the host table (ABI 0.2): SQL with parameters, result sets,
 //! and the counters' consume/peek/reset, each a thin conversion between the C ABI and
-//! [`crate::store::Store`].
+//! [`valvula_store::Store`].
 
 use valvula_abi::{
     self as abi, vlv_charge, vlv_module_ctx, vlv_rows, vlv_stmt, vlv_str, vlv_value, vlv_window,
     vlv_window_state,
 };
 
-use super::{ModuleCtx, bytes_of, now};
-use crate::store::{self, Stmt, Store, StoreError, Value, Window, WindowKind};
+use super::{ModuleCtx, bytes_of};
+use valvula_store::{self as store, Stmt, Store, StoreError, Value, Window, WindowKind};
 
 /// The module's context, if the pointer is one the host handed out.
 fn module_ctx<'a>(ctx: *mut vlv_module_ctx) -> Option<&'a ModuleCtx> {
@@ -153,7 +153,7 @@ pub(super) unsafe extern "C" fn host_sql_exec_once(
         let token = std::str::from_utf8(bytes_of(token))
             .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
         let stmt = Stmt::new(sql_text(sql)?, values_of(params, n_params)?);
-        let r = store.exec_once(&m.name, token, stmt, now())?;
+        let r = store.exec_once(&m.name, token, stmt, m.clock.now())?;
         // SAFETY: optional out pointers of the module, checked for NULL.
         unsafe {
             if let Some(a) = affected.as_mut() {
@@ -386,7 +386,7 @@ fn consume_or_peek(
         let key = std::str::from_utf8(bytes_of(key))
             .map_err(|_| StoreError::Invalid("key is not UTF-8".into()))?;
         let ws = windows_of(windows, n)?;
-        let t = now();
+        let t = m.clock.now();
         let c = match charge {
             Charge::Peek => store.peek(&m.name, key, amount, &ws, t)?,
             Charge::Consume => store.consume(&m.name, key, amount, &ws, t)?,
@@ -532,7 +532,7 @@ pub(super) unsafe extern "C" fn host_consume_all(
         let token = std::str::from_utf8(bytes_of(token))
             .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
         let token = (!token.is_empty()).then_some(token);
-        let o = store.consume_all(&m.name, token, &specs, now())?;
+        let o = store.consume_all(&m.name, token, &specs, m.clock.now())?;
         // SAFETY: optional out pointers of the module; each charge's `states` holds
         // n_windows entries (header), and the charges array is the module's for the call.
         unsafe {

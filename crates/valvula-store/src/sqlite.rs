@@ -210,7 +210,7 @@ struct Writer {
     /// Record the zone in a database that has none (a daemon, not a tool).
     record_zone: bool,
     /// Failed commits, logged at most once a second.
-    commit_log: crate::logging::RateLog,
+    commit_log: crate::RateLog,
 }
 
 impl Writer {
@@ -252,7 +252,7 @@ impl Writer {
                     self.backoff = Duration::from_millis(100);
                 }
                 Err(e @ StoreError::Refused(_)) => {
-                    tracing::error!("{e}");
+                    tracing::error!(target: crate::LOG_TARGET, "{e}");
                     self.refused = Some(e.clone());
                     return Err(e);
                 }
@@ -392,7 +392,7 @@ impl Writer {
         if let Err(e) = step(conn, "COMMIT") {
             let _ = step(conn, "ROLLBACK");
             if let Some(more) = self.commit_log.allow() {
-                tracing::error!(
+                tracing::error!(target: crate::LOG_TARGET,
                     failed_commits_since_last_line = more,
                     "commit failed, {} job(s) answered with an error: {e}",
                     done.len()
@@ -542,9 +542,9 @@ fn writer_loop(mut w: Writer, rx: Arc<Queue<Job>>) {
         // for good. Its jobs are answered as failed (their promises dropped), and the
         // connection, perhaps inside a transaction, is opened afresh.
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(jobs))) {
-            tracing::error!(
+            tracing::error!(target: crate::LOG_TARGET,
                 "SQLite writer: a batch failed with a panic ({}); its requests got the on-error answer, the writer goes on",
-                crate::dispatch::panic_text(&*p)
+                crate::sync::panic_text(&*p)
             );
             w.conn = None;
         }
@@ -571,7 +571,7 @@ impl Sqlite {
             backoff: Duration::from_millis(100),
             refused: None,
             record_zone,
-            commit_log: crate::logging::RateLog::default(),
+            commit_log: crate::RateLog::default(),
         };
         std::thread::Builder::new()
             .name("vlv-sqlite-writer".into())
@@ -679,7 +679,7 @@ impl Engine for Sqlite {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::window::{Window, WindowKind, Zone};
+    use crate::window::{Window, WindowKind, Zone};
     use consume::Part;
 
     fn db() -> Connection {

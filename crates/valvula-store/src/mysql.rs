@@ -154,7 +154,7 @@ async fn schema_change(c: &mut Conn, s: Stmt) -> Result<()> {
             .map_err(err)?;
         match r {
             Err(mysql_async::Error::Server(e)) if e.code == 1205 => {
-                tracing::warn!(
+                tracing::warn!(target: crate::LOG_TARGET,
                     "schema change waiting for a table in use by another transaction (tried again in 4 s): {}",
                     s.sql
                 );
@@ -587,7 +587,7 @@ impl Shared {
     /// refused. Calls go ahead as soon as the tables and the zone are settled: an index
     /// on the large table of an older version takes minutes, and counting needs none.
     async fn prepare(self: Arc<Self>) {
-        let log = crate::logging::RateLog::default();
+        let log = crate::RateLog::default();
         loop {
             let r = self.prepare_once().await;
             *self.prepare_error.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -595,21 +595,21 @@ impl Shared {
             match r {
                 Ok(()) => break,
                 Err(e @ StoreError::Refused(_)) => {
-                    tracing::error!("{e}");
+                    tracing::error!(target: crate::LOG_TARGET, "{e}");
                     *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                     break;
                 }
                 Err(e) if self.schema_ready.load(Ordering::Acquire) => {
                     // Only the index is left; counting goes on without it. Each try may
                     // hold the table for a second.
-                    tracing::warn!(
+                    tracing::warn!(target: crate::LOG_TARGET,
                         "cannot build index vlv_counter_expiry yet (tried again in 30 s): {e}"
                     );
                     tokio::time::sleep(INDEX_RETRY).await;
                 }
                 Err(e) => {
                     if log.allow().is_some() {
-                        tracing::warn!(
+                        tracing::warn!(target: crate::LOG_TARGET,
                             "cannot prepare the database yet (tried again each second): {e}"
                         );
                     }
@@ -661,7 +661,7 @@ impl Shared {
             .await
             .map_err(err)?;
         if have.unwrap_or(0) == 0 {
-            tracing::info!(
+            tracing::info!(target: crate::LOG_TARGET,
                 "creating index vlv_counter_expiry (on a large table this takes a while; counting goes on meanwhile)"
             );
             // While the index waits for the table's metadata lock (a transaction open
@@ -677,7 +677,7 @@ impl Shared {
                 .await
                 .map_err(err)?;
             r.map_err(|e| busy(err(e)))?;
-            tracing::info!("index vlv_counter_expiry created");
+            tracing::info!(target: crate::LOG_TARGET, "index vlv_counter_expiry created");
         }
         self.index_ready.store(true, Ordering::Release);
         Ok(())
@@ -794,7 +794,7 @@ impl Shared {
                 r = &mut work => Some(r),
                 () = tokio::time::sleep_until(deadline) => {
                     if committing.load(Ordering::Acquire) {
-                        tracing::warn!(
+                        tracing::warn!(target: crate::LOG_TARGET,
                             jobs = batch.writes.len() + batch.consumes.len(),
                             "the database stopped answering after a COMMIT went out; waiting for its outcome"
                         );
@@ -827,7 +827,7 @@ impl Shared {
             None => Err(self.timed_out("transaction rolled back: no answer").await),
         };
         if let Err(e @ StoreError::InDoubt(_)) = &r {
-            tracing::error!(
+            tracing::error!(target: crate::LOG_TARGET,
                 jobs = batch.writes.len() + batch.consumes.len(),
                 "{e}: the requests were answered with the on-error action, their charges may have been kept"
             );

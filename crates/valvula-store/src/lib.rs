@@ -9,17 +9,26 @@
 //! Modules call in from their worker threads, synchronously; the backends do their own
 //! threading (a group-commit writer thread for SQLite, the async pool for MySQL).
 
+mod clock;
 mod consume;
 mod mysql;
 mod outage;
+pub mod ratelog;
 mod sqlite;
+pub mod sync;
 pub mod window;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The target of this crate's log events: the daemon's, so an operator's filter
+/// (`valvulad=debug`) covers the storage as it did when it was part of the daemon.
+pub const LOG_TARGET: &str = "valvulad::store";
+
+pub use clock::Clock;
 pub use consume::Outcome;
+pub use ratelog::RateLog;
 pub use window::{Consumption, Window, WindowKind, WindowState, Zone};
 
 /// A value bound to a `?` placeholder or read from a result cell.
@@ -182,8 +191,22 @@ impl StorageConfig {
     pub fn describe(&self) -> String {
         match &self.backend {
             Backend::Sqlite { path, .. } => format!("sqlite {}", path.display()),
-            Backend::Mysql { url, .. } => format!("mysql {}", crate::config::redact_url(url)),
+            Backend::Mysql { url, .. } => format!("mysql {}", redact_url(url)),
         }
+    }
+}
+
+/// A MySQL URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -180,7 +180,7 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
     let mut loaded: Vec<String> = Vec::new();
     // Where to look for our modules: the packaged directory, then the directories the
     // pointer files name (their .so is valvula's own build, but the place is the place).
-    let mut search = vec![PathBuf::from(crate::config::DEFAULT_MODULE_DIR)];
+    let mut search = vec![PathBuf::from(crate::DEFAULT_MODULE_DIR)];
     for d in &dirs {
         let Ok(rd) = std::fs::read_dir(d) else {
             warnings.push(format!(
@@ -391,7 +391,7 @@ mod tests {
             "{:?}",
             t.warnings
         );
-        crate::config::parse(&t.toml, Path::new("x.toml")).unwrap();
+        crate::parse(&t.toml, Path::new("x.toml")).unwrap();
     }
 
     #[test]

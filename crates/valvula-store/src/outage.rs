@@ -58,7 +58,7 @@ impl Outage {
             st.last_line = Some(now);
             st.pending = 0;
             st.total = 1;
-            tracing::error!(
+            tracing::error!(target: crate::LOG_TARGET,
                 database = %self.database,
                 "database unavailable: {cause}; requests that need it get the listener's on-error action until it is back"
             );
@@ -84,7 +84,7 @@ impl Outage {
     fn count(&self, st: &mut State, since: Instant, now: Instant, why: &str) {
         st.pending += 1;
         if st.last_line.is_none_or(|l| now.duration_since(l) >= EVERY) {
-            tracing::warn!(
+            tracing::warn!(target: crate::LOG_TARGET,
                 database = %self.database,
                 down_s = format!("{:.1}", now.duration_since(since).as_secs_f64()),
                 failed = st.pending,
@@ -104,7 +104,7 @@ impl Outage {
         let mut st = self.state();
         self.down.store(false, Ordering::Release);
         if let Some(since) = st.since.take() {
-            tracing::info!(
+            tracing::info!(target: crate::LOG_TARGET,
                 database = %self.database,
                 down_s = format!("{:.1}", since.elapsed().as_secs_f64()),
                 failed_total = st.total,

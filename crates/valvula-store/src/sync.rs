@@ -8,9 +8,45 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+/// Locking that goes on after a panic elsewhere. A thread that panicked while holding
+/// a lock (a module's panic, caught) poisons it; every lock in valvula guards data that
+/// is whole between statements (a queue, a map, a counter), so the next holder uses it
+/// as it is rather than taking the daemon down.
+pub trait Unpoisoned<T: ?Sized> {
+    fn locked(&self) -> MutexGuard<'_, T>;
+}
+
+impl<T: ?Sized> Unpoisoned<T> for Mutex<T> {
+    fn locked(&self) -> MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Read and write locking that goes on after a panic elsewhere (see [`Unpoisoned`]).
+pub trait UnpoisonedRw<T: ?Sized> {
+    fn read_now(&self) -> std::sync::RwLockReadGuard<'_, T>;
+    fn write_now(&self) -> std::sync::RwLockWriteGuard<'_, T>;
+}
+
+impl<T: ?Sized> UnpoisonedRw<T> for std::sync::RwLock<T> {
+    fn read_now(&self) -> std::sync::RwLockReadGuard<'_, T> {
+        self.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write_now(&self) -> std::sync::RwLockWriteGuard<'_, T> {
+        self.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave the data half-changed (push/pop).
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.locked()
+}
+
+/// The message of a caught panic, for the log.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 struct QueueInner<T> {
