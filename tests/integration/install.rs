@@ -141,7 +141,8 @@ fn man_pages_document_every_option() {
     let man = std::fs::read_to_string(repo_root().join("man/valvulad.toml.5"))
         .unwrap()
         .replace("\\-", "-");
-    let src = std::fs::read_to_string(repo_root().join("crates/valvula-config/src/sections.rs")).unwrap();
+    let src =
+        std::fs::read_to_string(repo_root().join("crates/valvula-config/src/sections.rs")).unwrap();
     let keys: Vec<&str> = src
         .split("unknown_keys(")
         .skip(1)

@@ -8,6 +8,7 @@ mod fakes;
 mod faults;
 mod hostile;
 mod install;
+mod layout;
 mod maincf;
 mod outage;
 mod postfix;

@@ -1,13 +1,15 @@
 //! The command tree: valvula's letters (`-o -l -a -m -e -d -c -r -s -n -y -t`) with
 //! readable long names, and subcommands for administration and the daemon.
 
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{admin, conf, daemonio, maincf};
+use crate::conf;
+use crate::daemon::TestRequest;
+use crate::session::{Global, Io};
+use crate::{daemon, database, maincf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,25 +24,6 @@ pub struct Cli {
     pub verbs: Verbs,
     #[command(subcommand)]
     pub command: Option<Command>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct Global {
-    /// valvulad's configuration file.
-    #[arg(long, global = true, default_value = valvula_config::DEFAULT_PATH)]
-    pub config: PathBuf,
-    /// Postfix's configuration directory.
-    #[arg(long = "postfix-dir", global = true, default_value = "/etc/postfix")]
-    pub postfix_dir: PathBuf,
-    /// Show the change without writing it.
-    #[arg(long = "dry-run", global = true)]
-    pub dry_run: bool,
-    /// Run `postfix reload` after a main.cf change without asking.
-    #[arg(long, global = true)]
-    pub reload: bool,
-    /// Never ask; do not run `postfix reload` unless --reload is given.
-    #[arg(long, global = true)]
-    pub yes: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -105,39 +88,17 @@ pub struct Verbs {
     pub request: TestRequest,
 }
 
-#[derive(Args, Debug, Default, Clone)]
-pub struct TestRequest {
-    /// -t: the envelope sender.
-    #[arg(long, default_value = "test@example.com")]
-    pub sender: String,
-    /// -t: the recipient.
-    #[arg(long, default_value = "")]
-    pub recipient: String,
-    /// -t: the SASL user ("" for none).
-    #[arg(long = "sasl-user", default_value = "")]
-    pub sasl_user: String,
-    /// -t: recipient_count.
-    #[arg(long = "rcpt-count", default_value_t = 1)]
-    pub rcpt_count: u32,
-    /// -t: protocol_state.
-    #[arg(long, default_value = "DATA")]
-    pub state: String,
-    /// -t: how many requests.
-    #[arg(long, default_value_t = 1)]
-    pub count: u32,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// mod-ticket plans.
     #[command(subcommand)]
-    Plan(admin::PlanCmd),
+    Plan(database::PlanCmd),
     /// mod-ticket tickets: who sends on which plan.
     #[command(subcommand)]
-    Ticket(admin::TicketCmd),
+    Ticket(database::TicketCmd),
     /// mod-ratelimit per-identity overrides.
     #[command(subcommand)]
-    Override(admin::OverrideCmd),
+    Override(database::OverrideCmd),
     /// Used, limit, remaining and next reset per window (mod-ticket and mod-ratelimit).
     Usage {
         /// A SASL user, sender, domain or address; all with usage when omitted.
@@ -158,32 +119,6 @@ pub enum Command {
     /// Leave the shell.
     #[command(alias = "quit")]
     Exit,
-}
-
-/// Where a command reads answers and writes its output (the terminal, or the shell).
-pub struct Io {
-    pub interactive: bool,
-}
-
-impl Io {
-    pub fn terminal() -> Io {
-        use std::io::IsTerminal;
-        Io {
-            interactive: std::io::stdin().is_terminal(),
-        }
-    }
-
-    /// Asks a yes/no question; no terminal means no.
-    pub fn confirm(&mut self, question: &str) -> bool {
-        if !self.interactive {
-            return false;
-        }
-        print!("{question} [y/N] ");
-        let _ = std::io::stdout().flush();
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).is_ok()
-            && matches!(line.trim(), "y" | "Y" | "yes")
-    }
 }
 
 /// True when the arguments are only global options (so the shell starts).
@@ -274,18 +209,18 @@ pub fn run(c: &Cli, io: &mut Io) -> anyhow::Result<()> {
     }
     if let Some(t) = &v.test {
         did = true;
-        daemonio::test_server(&g.config, t, &v.request)?;
+        daemon::test_server(&g.config, t, &v.request)?;
     }
     match &c.command {
         None if !did => bail!("nothing to do: give a verb (valvula-ctl --help lists them)"),
         None => Ok(()),
-        Some(Command::Plan(p)) => admin::plan(&g.config, p),
-        Some(Command::Ticket(t)) => admin::ticket(&g.config, t),
-        Some(Command::Override(o)) => admin::override_cmd(&g.config, o),
-        Some(Command::Usage { identity }) => admin::usage(&g.config, identity.as_deref()),
-        Some(Command::Reset { identity }) => admin::reset(&g.config, identity),
-        Some(Command::Status) => daemonio::status(&g.config),
-        Some(Command::Reload) => match daemonio::reload(&g.config).context("reload")? {
+        Some(Command::Plan(p)) => database::plan(&g.config, p),
+        Some(Command::Ticket(t)) => database::ticket(&g.config, t),
+        Some(Command::Override(o)) => database::override_cmd(&g.config, o),
+        Some(Command::Usage { identity }) => database::usage(&g.config, identity.as_deref()),
+        Some(Command::Reset { identity }) => database::reset(&g.config, identity),
+        Some(Command::Status) => daemon::status(&g.config),
+        Some(Command::Reload) => match daemon::reload(&g.config).context("reload")? {
             Ok(note) => {
                 println!("INFO: valvulad reloaded its configuration");
                 if !note.is_empty() {

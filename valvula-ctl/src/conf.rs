@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, value};
 
-use crate::cli::Global;
-use crate::{daemonio, files};
+use crate::session::Global;
+use crate::{daemon, files};
 
 fn parse(text: &str, config: &Path) -> anyhow::Result<DocumentMut> {
     text.parse::<DocumentMut>()
@@ -93,7 +93,7 @@ fn edit(
     };
     drop(lock);
     println!("INFO: {what}; backup in {}", b.display());
-    match daemonio::reload(&g.config) {
+    match daemon::reload(&g.config) {
         Ok(Ok(note)) => {
             println!("INFO: valvulad reloaded");
             if !note.is_empty() {
@@ -404,7 +404,7 @@ pub fn set_mysql(g: &Global, host: &str, db: &str, user: &str, pass: &str) -> an
         timeout: valvula_store::DEFAULT_TIMEOUT,
         record_zone: false,
     };
-    crate::admin::with_store(&storage, |s| match s.ping() {
+    crate::database::with_store(&storage, |s| match s.ping() {
         Err(e @ valvula_store::StoreError::Refused(_)) => Err(anyhow::anyhow!(
             "ERROR: {url} belongs to other daemons: {e}"
         )),

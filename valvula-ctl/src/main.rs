@@ -5,12 +5,13 @@
 //! for a `>> ` shell where the same verbs are typed (with history and completion). An
 //! error is a sentence and a non-zero exit status; in the shell it never ends the shell.
 
-mod admin;
 mod cli;
 mod conf;
-mod daemonio;
+mod daemon;
+mod database;
 mod files;
 mod maincf;
+mod session;
 mod shell;
 
 use std::process::ExitCode;
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match cli::run(&parsed, &mut cli::Io::terminal()) {
+    match cli::run(&parsed, &mut session::Io::terminal()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("valvula-ctl: {e:#}");

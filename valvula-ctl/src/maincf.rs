@@ -8,8 +8,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use valvula_postfix::{MainCf, Position, diff};
 
-use crate::cli::{Global, Io};
 use crate::files;
+use crate::session::{Global, Io};
 
 /// `inet:HOST:PORT` for a listener given as HOST:PORT, PORT or its name, checked against
 /// valvulad's configuration.

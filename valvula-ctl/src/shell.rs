@@ -12,7 +12,8 @@ use rustyline::hint::Hinter;
 use rustyline::validate::Validator;
 use rustyline::{Context, Editor, Helper};
 
-use crate::cli::{self, Cli, Io};
+use crate::cli::{self, Cli};
+use crate::session::Io;
 
 struct Complete {
     words: Vec<String>,

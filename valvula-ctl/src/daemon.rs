@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::cli::TestRequest;
+use clap::Args;
 
 fn admin_socket(config: &Path) -> anyhow::Result<PathBuf> {
     valvula_config::load_file(config)?
@@ -156,4 +156,26 @@ pub fn test_server(config: &Path, listener: &str, r: &TestRequest) -> anyhow::Re
         );
     }
     Ok(())
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct TestRequest {
+    /// -t: the envelope sender.
+    #[arg(long, default_value = "test@example.com")]
+    pub sender: String,
+    /// -t: the recipient.
+    #[arg(long, default_value = "")]
+    pub recipient: String,
+    /// -t: the SASL user ("" for none).
+    #[arg(long = "sasl-user", default_value = "")]
+    pub sasl_user: String,
+    /// -t: recipient_count.
+    #[arg(long = "rcpt-count", default_value_t = 1)]
+    pub rcpt_count: u32,
+    /// -t: protocol_state.
+    #[arg(long, default_value = "DATA")]
+    pub state: String,
+    /// -t: how many requests.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
 }

@@ -1,0 +1,195 @@
+//! The shape of the workspace: what depends on what. A circle between modules means
+//! neither can be understood (or moved) without the other; valvula-ctl reaching into
+//! the daemon meant every change of the daemon could break the tool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use valvula_tests::repo_root;
+
+/// Every `src` directory of the workspace's crates.
+fn source_dirs() -> Vec<PathBuf> {
+    let root = repo_root();
+    let mut dirs = Vec::new();
+    for group in ["crates", "modules"] {
+        for e in std::fs::read_dir(root.join(group)).unwrap().flatten() {
+            if e.path().join("src").is_dir() {
+                dirs.push(e.path().join("src"));
+            }
+        }
+    }
+    for one in ["valvulad", "valvula-ctl", "valvula-bench", "tests"] {
+        dirs.push(root.join(one).join("src"));
+    }
+    dirs.sort();
+    dirs
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The top-level module a file belongs to (`server/connections.rs` is `server`).
+fn top_module(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_owned()
+}
+
+/// The top-level modules a file's code names through `crate::`, comments and unit
+/// tests left out (a test may reach anywhere).
+fn named_modules(text: &str) -> BTreeSet<String> {
+    let code = match text.find("#[cfg(test)]\nmod tests") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    let mut out = BTreeSet::new();
+    for line in code.lines() {
+        let line = line.trim_start();
+        if line.starts_with("//") {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(i) = rest.find("crate::") {
+            rest = &rest[i + "crate::".len()..];
+            if let Some(list) = rest.strip_prefix('{') {
+                let end = list.find('}').unwrap_or(list.len());
+                for item in list[..end].split(',') {
+                    let name: String = item
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    out.insert(name);
+                }
+            } else {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+/// A circle in `graph`, if there is one, as the modules along it.
+fn find_circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        m: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == m) {
+            let mut circle = path[i..].to_vec();
+            circle.push(m.to_owned());
+            return Some(circle);
+        }
+        if done.contains(m) {
+            return None;
+        }
+        path.push(m.to_owned());
+        for next in graph.get(m).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(m.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for m in graph.keys() {
+        if let Some(c) = visit(m, graph, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn no_module_imports_another_in_a_circle() {
+    let dirs = source_dirs();
+    assert!(dirs.len() >= 12, "found only {dirs:?}");
+    let mut circles = Vec::new();
+    for src in &dirs {
+        let mut files = Vec::new();
+        rust_files(src, &mut files);
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for f in &files {
+            let from = top_module(src, f);
+            graph.entry(from.clone()).or_default();
+            let text = std::fs::read_to_string(f).unwrap();
+            for to in named_modules(&text) {
+                if to != from {
+                    graph.entry(from.clone()).or_default().insert(to);
+                }
+            }
+        }
+        // Only the crate's own modules: `crate::Foo` may name an item of the root.
+        let modules: BTreeSet<String> = graph.keys().cloned().collect();
+        for deps in graph.values_mut() {
+            deps.retain(|d| modules.contains(d) && d != "lib" && d != "main");
+        }
+        if let Some(c) = find_circle(&graph) {
+            circles.push(format!("{}: {}", src.display(), c.join(" -> ")));
+        }
+    }
+    assert!(
+        circles.is_empty(),
+        "import circles:\n{}",
+        circles.join("\n")
+    );
+}
+
+/// The check finds a circle when there is one (so its silence above means something).
+#[test]
+fn the_circle_check_sees_a_circle() {
+    let mut g = BTreeMap::new();
+    g.insert("a".to_owned(), BTreeSet::from(["b".to_owned()]));
+    g.insert("b".to_owned(), BTreeSet::from(["c".to_owned()]));
+    g.insert("c".to_owned(), BTreeSet::from(["a".to_owned()]));
+    assert_eq!(
+        find_circle(&g),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+    );
+    let names = named_modules(
+        "use crate::{cli, session::Io};\n// crate::comment\nlet x = crate::store::open();\n",
+    );
+    assert_eq!(
+        names,
+        BTreeSet::from(["cli".into(), "session".into(), "store".into()]),
+        "names read from code"
+    );
+}
+
+/// valvula-ctl works on the configuration and the database through their crates and
+/// on the daemon through its admin socket; it never links the daemon.
+#[test]
+fn valvula_ctl_does_not_depend_on_the_daemon() {
+    let manifest = std::fs::read_to_string(repo_root().join("valvula-ctl/Cargo.toml")).unwrap();
+    let t: toml::Table = manifest.parse().unwrap();
+    let deps = t["dependencies"].as_table().unwrap();
+    assert!(
+        !deps.contains_key("valvulad"),
+        "valvula-ctl depends on valvulad: {:?}",
+        deps.keys().collect::<Vec<_>>()
+    );
+    for needed in ["valvula-config", "valvula-store"] {
+        assert!(deps.contains_key(needed), "valvula-ctl lacks {needed}");
+    }
+}
