@@ -622,20 +622,6 @@ fn check_override_target(config: &Path, policy: &str, identity: &str) -> anyhow:
     )
 }
 
-fn from_win(win: &str) -> Option<WindowKind> {
-    match win {
-        "hour" => Some(WindowKind::Hour),
-        "day" => Some(WindowKind::Day),
-        "week" => Some(WindowKind::Week),
-        "month" => Some(WindowKind::Month),
-        w => w
-            .strip_prefix("sliding:")?
-            .parse()
-            .ok()
-            .map(WindowKind::Sliding),
-    }
-}
-
 fn when(t: i64) -> String {
     Local
         .timestamp_opt(t, 0)
@@ -759,7 +745,9 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
                 {
                     continue;
                 }
-                let Some(kind) = from_win(win) else { continue };
+                let Some(kind) = WindowKind::from_id(win) else {
+                    continue;
+                };
                 let p = s.peek("mod-ratelimit", key, 0, &[Window { kind, limit: -1 }], now)?;
                 let limit = ratelimit_limits(&c, s, policy, ident)
                     .into_iter()
@@ -769,12 +757,7 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
                 println!("mod-ratelimit {policy} {ident}");
                 println!(
                     "  {}",
-                    line(
-                        &win.replace("sliding:", ""),
-                        w.used,
-                        limit,
-                        Some(w.resets_at)
-                    )
+                    line(&kind.to_string(), w.used, limit, Some(w.resets_at))
                 );
                 shown += 1;
             }
@@ -790,7 +773,7 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
 }
 
 fn calendar_end(s: &Store, kind: WindowKind, now: i64) -> i64 {
-    valvula_store::window::calendar_period(kind, s.zone(), now).1
+    kind.span(s.zone(), now).1
 }
 
 fn line(name: &str, used: i64, limit: i64, reset: Option<i64>) -> String {

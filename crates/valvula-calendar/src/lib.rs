@@ -1,10 +1,15 @@
-//! valvula's calendar: the time zone calendar windows follow, and the periods in it.
+//! valvula's calendar: the time zone calendar windows follow, the periods in it, and
+//! the counting windows ([`WindowKind`]) every part of valvula names the same way.
 //!
 //! Counters of several daemons on one database must agree on when a day starts, so a
 //! zone is always a named IANA zone: `"local"` is resolved to the system's zone name
 //! when the configuration is read (the `TZ` variable, else `/etc/localtime`), never left
 //! as "whatever this machine says". Two names may denote the same calendar
 //! (`Etc/UTC` and `UTC`); [`Zone::same_calendar`] tells.
+
+mod window;
+
+pub use window::{SLIDING_BUCKETS, Window, WindowKind};
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;

@@ -119,22 +119,9 @@ pub struct Rows {
     pub rows: Vec<Vec<Value>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WindowKind {
-    Hour,
-    Day,
-    Week,
-    Month,
-    /// The last N seconds.
-    Sliding(i64),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Window {
-    pub kind: WindowKind,
-    /// Units admitted per window; negative: counted, not limited.
-    pub limit: i64,
-}
+/// Windows and their limits: valvula's one vocabulary, shared with the daemon's store
+/// and valvula-ctl (`hour`, `day`, `week`, `month`, `"90s"`).
+pub use valvula_calendar::{Window, WindowKind};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WindowState {

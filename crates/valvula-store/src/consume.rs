@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::window::{self, Consumption, Window, WindowKind, WindowState, Zone};
+use super::window::{Consumption, Window, WindowKind, WindowState, Zone};
 use super::{Dialect, Exec, Result, Value};
 
 /// One key charged by a [`Request`].
@@ -533,7 +533,7 @@ fn decide(
         let too_big = w.limit >= 0 && part.amount > w.limit;
         match w.kind {
             WindowKind::Sliding(_) => {
-                let (_, current, oldest) = window::sliding_span(w.kind, now);
+                let (_, current, oldest) = w.kind.sliding_span(now).expect("sliding");
                 let buckets = st.slides.get(&k);
                 let counted = || {
                     buckets
@@ -553,14 +553,16 @@ fn decide(
                     undo.buckets.push((k.clone(), current, before));
                     let b = m.entry(current).or_insert(0);
                     *b = b.saturating_add(part.amount);
-                    st.dirty_buckets
-                        .insert((k.clone(), current), window::sliding_reset(w.kind, current));
+                    st.dirty_buckets.insert(
+                        (k.clone(), current),
+                        w.kind.sliding_reset(current).expect("sliding"),
+                    );
                     used = used.saturating_add(part.amount);
                     charged[i] = true;
                 }
                 let oldest_counted = first.unwrap_or(current).min(current);
                 let resets = if used > 0 {
-                    window::sliding_reset(w.kind, oldest_counted)
+                    w.kind.sliding_reset(oldest_counted).expect("sliding")
                 } else {
                     now
                 };
@@ -568,7 +570,7 @@ fn decide(
                 states[i] = Some(WindowState::new(w.limit, used, resets, ok));
             }
             kind => {
-                let (start, end) = window::calendar_period(kind, zone, now);
+                let (start, end) = kind.span(zone, now);
                 let row = st.counters.get(&k).copied();
                 let current = |row: Option<(i64, i64)>| match row {
                     Some((period, used)) if period == start => used,

@@ -622,7 +622,7 @@ impl Store {
         ] {
             work.push(Expire::Counters {
                 win: kind.id(),
-                before: window::calendar_period(kind, self.zone, now).0,
+                before: kind.span(self.zone, now).0,
             });
         }
         work.push(Expire::SlidingHeads { before: now });

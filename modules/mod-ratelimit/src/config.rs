@@ -191,15 +191,7 @@ pub const DEFAULT_TEXT: &str =
     "Rate limit reached ({used}/{limit} per {window}), retry in {retry_after}s";
 
 pub fn window(s: &str) -> Result<WindowKind, Error> {
-    Ok(match s {
-        "hour" => WindowKind::Hour,
-        "day" => WindowKind::Day,
-        "week" => WindowKind::Week,
-        "month" => WindowKind::Month,
-        other => WindowKind::Sliding(
-            valvula_calendar::window_seconds(other).map_err(|e| format!("window {e}"))?,
-        ),
-    })
+    WindowKind::parse(s).map_err(|e| format!("window {e}").into())
 }
 
 fn part(s: &str) -> Result<Part, Error> {

@@ -161,15 +161,7 @@ pub fn parse_limits(s: &str) -> Result<Vec<(WindowKind, i64, String)>, Error> {
 /// Start of the period of `kind` that contains `now`, in the daemon's zone (the
 /// counters' calendar): the window an override lives in, an accounting period.
 fn period_start(zone: valvula_calendar::Zone, kind: WindowKind, now: i64) -> i64 {
-    use valvula_calendar::Period;
-    let p = match kind {
-        WindowKind::Hour => Period::Hour,
-        WindowKind::Day => Period::Day,
-        WindowKind::Week => Period::Week,
-        WindowKind::Month => Period::Month,
-        WindowKind::Sliding(s) => return now.div_euclid(s) * s,
-    };
-    zone.period(p, now).0
+    kind.span(zone, now).0
 }
 
 /// The rule in force for an identity: its override row when it has one in force, else
