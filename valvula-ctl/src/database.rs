@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone};
 use clap::Subcommand;
+use mod_ratelimit::inspect::{self, Inspect};
 use valvula_store::{Rows, Stmt, StorageConfig, Store, Value, Window, WindowKind};
 
 #[derive(Subcommand, Debug)]
@@ -129,28 +130,6 @@ fn open<T>(config: &Path, f: impl FnOnce(&Arc<Store>) -> anyhow::Result<T>) -> a
             .with_context(|| format!("database {}", s.describe()))?;
         f(s)
     })
-}
-
-/// An identity as mod-ratelimit stores it, without the key a fallback list prefixes
-/// (`sender=alice@example.com`, `sasl_user+client_address=...`). Only known key names
-/// count as a prefix: a sender may hold `=` itself (`prvs=...`).
-fn bare_identity(stored: &str) -> &str {
-    let Some((key, rest)) = stored.split_once('=') else {
-        return stored;
-    };
-    let known = |p: &str| {
-        matches!(
-            p,
-            "sasl_user" | "sasl_domain" | "sender" | "sender_domain" | "client_address"
-        ) || p == "client_network"
-            || p.strip_prefix("client_network/")
-                .is_some_and(|n| n.parse::<u8>().is_ok())
-    };
-    if key.split('+').all(known) {
-        rest
-    } else {
-        stored
-    }
 }
 
 /// `None` when the table a query reads does not exist (the module never ran here);
@@ -480,12 +459,12 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             action,
             text,
         } => {
-            check_limits(limits)?;
-            check_override_target(config, policy, identity)?;
-            // As mod-ratelimit stores identities: lower case, and bounded (a longer one
-            // is a prefix and a digest of the whole).
-            let identity = identity.to_ascii_lowercase();
-            let identity = valvula_module::bounded(&identity, 255).into_owned();
+            inspect::parse_override_limits(limits).map_err(anyhow::Error::msg)?;
+            if let Some(rl) = ratelimit(&valvula_config::load_file(config)?.config)? {
+                rl.check_override_target(policy, identity)
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let identity = inspect::override_identity(identity);
             let params = |with_key: bool| {
                 let mut p: Vec<Value> = vec![
                     limits.as_str().into(),
@@ -555,73 +534,6 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
     })
 }
 
-/// Parses `hour=50,day=200,3600s=10`.
-fn check_limits(l: &str) -> anyhow::Result<Vec<(WindowKind, i64)>> {
-    l.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|item| {
-            let (w, n) = item
-                .split_once('=')
-                .with_context(|| format!("{item:?}: write window=limit, e.g. hour=50"))?;
-            let kind = window_kind(w.trim())?;
-            Ok((
-                kind,
-                n.trim()
-                    .parse()
-                    .with_context(|| format!("{item:?}: the limit is not a number"))?,
-            ))
-        })
-        .collect()
-}
-
-/// A window as mod-ratelimit reads it (one grammar: `valvula_calendar`).
-fn window_kind(w: &str) -> anyhow::Result<WindowKind> {
-    WindowKind::parse(w).map_err(anyhow::Error::msg)
-}
-
-/// Refuses an override mod-ratelimit would never apply: a policy the configuration
-/// does not have, or, for a policy with a fallback list of keys, an identity without
-/// the key it counts under (`sender=alice@example.com`).
-fn check_override_target(config: &Path, policy: &str, identity: &str) -> anyhow::Result<()> {
-    let c = valvula_config::load_file(config)?.config;
-    let Some(section) = c.module_sections.get("mod-ratelimit") else {
-        return Ok(());
-    };
-    let policies = section
-        .get("policy")
-        .and_then(|p| p.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let mut names = Vec::new();
-    for (i, p) in policies.iter().enumerate() {
-        let name = p
-            .get("name")
-            .and_then(|n| n.as_str())
-            .map_or_else(|| format!("policy{i}"), str::to_owned);
-        if name == policy {
-            let fallback = p
-                .get("key")
-                .and_then(|k| k.as_array())
-                .is_some_and(|k| k.len() > 1);
-            if fallback && bare_identity(identity) == identity {
-                bail!(
-                    "policy {policy} counts under a list of keys: write the identity with its key, e.g. sender={identity} or sasl_user={identity}"
-                );
-            }
-            return Ok(());
-        }
-        names.push(name);
-    }
-    bail!(
-        "mod-ratelimit has no policy {policy:?} (its policies: {})",
-        if names.is_empty() {
-            "none".to_owned()
-        } else {
-            names.join(", ")
-        }
-    )
-}
-
 fn when(t: i64) -> String {
     Local
         .timestamp_opt(t, 0)
@@ -629,56 +541,41 @@ fn when(t: i64) -> String {
         .map_or_else(|| t.to_string(), |d| d.format("%Y-%m-%d %H:%M").to_string())
 }
 
-/// Limits of a mod-ratelimit policy for an identity, from the override or the config.
-fn ratelimit_limits(
-    config: &valvula_config::Config,
-    s: &Store,
-    policy: &str,
-    identity: &str,
-) -> Vec<(WindowKind, i64)> {
-    let o = s.query(Stmt::new(
-        "SELECT limits FROM ratelimit_override WHERE policy = ? AND identity = ? AND limits IS NOT NULL",
-        vec![policy.into(), identity.into()],
-    ));
-    if let Ok(r) = o
-        && let Some(Value::Text(l)) = r.rows.first().map(|r| &r[0])
-        && let Ok(v) = check_limits(l)
-    {
-        return v;
-    }
-    let Some(section) = config.module_sections.get("mod-ratelimit") else {
+/// mod-ratelimit's own reading of its configuration, when the configuration has it.
+fn ratelimit(config: &valvula_config::Config) -> anyhow::Result<Option<Inspect>> {
+    let Some(section) = config.module_sections.get(inspect::NAMESPACE) else {
+        return Ok(None);
+    };
+    let json = serde_json::to_string(section).context("[module.mod-ratelimit]")?;
+    Inspect::from_section_json(&json)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("[module.mod-ratelimit]: {e}"))
+}
+
+/// The limits mod-ratelimit applies to a policy's identity: its override row's, else
+/// the configured ones (the module decides which).
+fn ratelimit_limits(rl: Option<&Inspect>, s: &Store, policy: &str, identity: &str) -> Vec<Window> {
+    let Some(rl) = rl else {
         return Vec::new();
     };
-    let policies = section
-        .get("policy")
-        .and_then(|p| p.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let Some(p) = policies
-        .iter()
-        .find(|p| p.get("name").and_then(|n| n.as_str()) == Some(policy))
-    else {
-        return Vec::new();
-    };
-    let domain = identity.rsplit_once('@').map(|(_, d)| d);
-    let rules = p.get("rules").and_then(|r| r.as_table());
-    let rule = rules
-        .and_then(|r| r.get(identity).or_else(|| domain.and_then(|d| r.get(d))))
-        .and_then(|r| r.get("limits"))
-        .or_else(|| p.get("default").and_then(|d| d.get("limits")));
-    rule.and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-        .filter_map(|pair| {
-            let a = pair.as_array()?;
-            let kind = window_kind(a.first()?.as_str()?).ok()?;
-            Some((kind, a.get(1)?.as_integer()?))
-        })
-        .collect()
+    let row = s
+        .query(Stmt::new(
+            inspect::OVERRIDE_LIMITS_QUERY,
+            vec![policy.into(), identity.into()],
+        ))
+        .ok();
+    let limits = row
+        .as_ref()
+        .and_then(|r| match r.rows.first().map(|r| &r[0]) {
+            Some(Value::Text(l)) => Some(l.as_str()),
+            _ => None,
+        });
+    rl.effective_limits(policy, identity, limits)
+        .unwrap_or_default()
 }
 
 pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
-    let c = valvula_config::load_file(config)?.config;
+    let rl = ratelimit(&valvula_config::load_file(config)?.config)?;
     open(config, |s| {
         let now = valvula_store::Clock::system().now();
         let mut shown = 0;
@@ -731,28 +628,33 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
         // mod-ratelimit.
         if let Some(r) = absent_table_ok(s.query(Stmt::new(
             "SELECT DISTINCT ckey, win FROM vlv_counter WHERE ns = ? ORDER BY ckey, win",
-            vec!["mod-ratelimit".into()],
+            vec![inspect::NAMESPACE.into()],
         )))? {
             for row in &r.rows {
                 let (Value::Text(key), Value::Text(win)) = (&row[0], &row[1]) else {
                     continue;
                 };
-                let Some((policy, ident)) = key.split_once(':') else {
+                let Some((policy, ident)) = inspect::parse_counter_key(key) else {
                     continue;
                 };
-                if policy == "notify"
-                    || identity.is_some_and(|i| !bare_identity(ident).eq_ignore_ascii_case(i))
+                if identity.is_some_and(|i| !inspect::bare_identity(ident).eq_ignore_ascii_case(i))
                 {
                     continue;
                 }
                 let Some(kind) = WindowKind::from_id(win) else {
                     continue;
                 };
-                let p = s.peek("mod-ratelimit", key, 0, &[Window { kind, limit: -1 }], now)?;
-                let limit = ratelimit_limits(&c, s, policy, ident)
+                let p = s.peek(
+                    inspect::NAMESPACE,
+                    key,
+                    0,
+                    &[Window { kind, limit: -1 }],
+                    now,
+                )?;
+                let limit = ratelimit_limits(rl.as_ref(), s, policy, ident)
                     .into_iter()
-                    .find(|(k, _)| *k == kind)
-                    .map_or(-1, |(_, l)| l);
+                    .find(|w| w.kind == kind)
+                    .map_or(-1, |w| w.limit);
                 let w = p.windows[0];
                 println!("mod-ratelimit {policy} {ident}");
                 println!(
@@ -805,15 +707,15 @@ pub fn reset(config: &Path, identity: &str) -> anyhow::Result<()> {
         }
         if let Some(r) = absent_table_ok(s.query(Stmt::new(
             "SELECT DISTINCT ckey FROM vlv_counter WHERE ns = ?",
-            vec!["mod-ratelimit".into()],
+            vec![inspect::NAMESPACE.into()],
         )))? {
             for row in &r.rows {
                 if let Value::Text(key) = &row[0]
-                    && key
-                        .split_once(':')
-                        .is_some_and(|(_, i)| bare_identity(i).eq_ignore_ascii_case(identity))
+                    && inspect::parse_counter_key(key).is_some_and(|(_, i)| {
+                        inspect::bare_identity(i).eq_ignore_ascii_case(identity)
+                    })
                 {
-                    n += s.reset("mod-ratelimit", key)?;
+                    n += s.reset(inspect::NAMESPACE, key)?;
                 }
             }
         }

@@ -194,7 +194,7 @@ pub fn window(s: &str) -> Result<WindowKind, Error> {
     WindowKind::parse(s).map_err(|e| format!("window {e}").into())
 }
 
-fn part(s: &str) -> Result<Part, Error> {
+pub(crate) fn part(s: &str) -> Result<Part, Error> {
     Ok(match s {
         "sasl_user" => Part::SaslUser,
         "sasl_domain" => Part::SaslDomain,

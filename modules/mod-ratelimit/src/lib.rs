@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+pub mod inspect;
 mod tables;
 
 use std::net::IpAddr;
@@ -144,7 +145,7 @@ fn sender_of(req: &Request<'_>, sasl: Option<&str>, delimiters: &str) -> Option<
 /// (Joined into one string and split again, `alice+bulk@example.com` once became the
 /// two parts `alice` and `bulk@example.com` and borrowed the rule of the latter.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Ident {
+pub(crate) struct Ident {
     parts: Vec<String>,
     /// The policy has keys of several parts, so a part's own `+` must be escaped in
     /// the stored form for `a+b` (one part) and `a`,`b` (two) to stay apart.
@@ -156,6 +157,37 @@ struct Ident {
 }
 
 impl Ident {
+    /// The identity a stored form names under policy `p`: the inverse of
+    /// [`Ident::stored`], for tools that start from a counter or override row.
+    pub(crate) fn from_stored(p: &Policy, stored: &str) -> Ident {
+        let escaped = p.keys.iter().any(|k| k.len() > 1);
+        let (key, body) = match stored.split_once('=') {
+            Some((k, body)) if p.keys.len() > 1 && inspect::bare_identity(stored) == body => {
+                (Some(k.to_owned()), body)
+            }
+            _ => (None, stored),
+        };
+        let parts = if escaped {
+            let mut parts = vec![String::new()];
+            let mut chars = body.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => parts.last_mut().unwrap().extend(chars.next()),
+                    '+' => parts.push(String::new()),
+                    c => parts.last_mut().unwrap().push(c),
+                }
+            }
+            parts
+        } else {
+            vec![body.to_owned()]
+        };
+        Ident {
+            parts,
+            escaped,
+            key,
+        }
+    }
+
     /// For logs and reply texts: the parts joined by `+`.
     fn shown(&self) -> String {
         self.parts.join("+")
@@ -220,8 +252,7 @@ fn identity(p: &Policy, s: &Settings, req: &Request<'_>) -> Option<Ident> {
 /// The configured rule for an identity: user, then domain, then the narrowest network.
 /// A user rule applies to an identity part that is that very address; a domain rule to
 /// a part that is the domain or an address in it.
-fn config_rule<'a>(p: &'a Policy, ident: &Ident, req: &Request<'_>) -> &'a Rule {
-    let ip: Option<IpAddr> = req.client_address().and_then(|a| a.parse().ok());
+pub(crate) fn config_rule<'a>(p: &'a Policy, ident: &Ident, ip: Option<IpAddr>) -> &'a Rule {
     for (m, r) in &p.rules {
         let hit = match m {
             Match::User(u) => ident.parts.iter().any(|a| a == u),
@@ -332,7 +363,7 @@ impl RateLimit {
             let Some(ident) = identity(p, s, req) else {
                 continue;
             };
-            let base = config_rule(p, &ident, req);
+            let base = config_rule(p, &ident, req.client_address().and_then(|a| a.parse().ok()));
             let rule = tables::effective_rule(self, p, &ident.stored(), base, now)?;
             if rule.limits.is_empty() {
                 continue;
@@ -346,7 +377,7 @@ impl RateLimit {
                 })
                 .collect();
             out.push(Applied {
-                key: format!("{}:{}", p.name, ident.stored()),
+                key: inspect::counter_key(&p.name, &ident.stored()),
                 amount: amount(p.metric, req),
                 policy: p,
                 ident,
@@ -507,7 +538,7 @@ impl RateLimit {
         let text = render(&rule.text, &ident, *limit, st.used, name, retry);
         tracing::warn!(policy = %p.name, identity = %ident, window = %name, used = st.used, limit, retry_after = retry, "rate limit reached");
         // Once per identity and window: a log event and the notification command.
-        let key = format!("notify:{}:{}", p.name, a.ident.stored());
+        let key = inspect::notify_key(&p.name, &a.ident.stored());
         if let Ok(first) = self.host.consume(
             &key,
             1,
