@@ -163,6 +163,49 @@ async fn sighup_reloads_without_dropping_connections() {
     );
 }
 
+/// A reload whose new listener cannot open changes nothing: the modules keep their
+/// sections (reconf used to run before the binds, so a failed reload left them on the
+/// new settings while the listeners stayed on the old configuration).
+#[tokio::test]
+async fn a_reload_that_cannot_bind_leaves_the_modules_as_they_were() {
+    let p = Proc::start(
+        &base(
+            "\"mod-test\"",
+            "[module.mod-test]\naction = \"reject\"\ntext = \"before\"\n",
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let mut c = Client::connect(&addr).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=reject before\n\n"
+    );
+    // A port another socket holds: the new listener cannot bind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_at = taken.local_addr().unwrap();
+    p.rewrite_config(&base(
+        "\"mod-test\"",
+        &format!(
+            "[module.mod-test]\naction = \"reject\"\ntext = \"after\"\n\
+             [[listener]]\nname = \"second\"\naddress = \"{taken_at}\"\nmodules = []\n"
+        ),
+    ));
+    p.signal(Signal::SIGHUP);
+    assert!(
+        p.wait_for_log("reload refused", Duration::from_secs(10)),
+        "the reload was not refused:\n{}",
+        p.log()
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=reject before\n\n",
+        "the module took the section of a refused reload:\n{}",
+        p.log()
+    );
+    drop(taken);
+}
+
 #[tokio::test]
 async fn sigterm_finishes_requests_in_flight_then_exits_zero() {
     let mut p = Proc::start(&base("\"mod-test\"", ""), &[]);

@@ -19,9 +19,9 @@ const W: Duration = Duration::from_secs(20);
 async fn wait_idle(d: &valvulad::server::Daemon, n: usize) {
     let want = format!("valvulad_connections_idle{{listener=\"l\"}} {n}\n");
     assert!(
-        eventually(W, || d.metrics().contains(&want)).await,
+        eventually(W, || valvulad::admin::metrics::render(d).contains(&want)).await,
         "not {n} idle connections:\n{}",
-        d.metrics()
+        valvulad::admin::metrics::render(d)
     );
 }
 
@@ -204,7 +204,7 @@ async fn malformed_lines_close_without_reply() {
         1,
         "the module was called for a malformed request"
     );
-    let metrics = d.metrics();
+    let metrics = valvulad::admin::metrics::render(&d);
     assert!(
         metrics
             .lines()
@@ -568,7 +568,7 @@ async fn connection_cap() {
     );
     let got = c2.ask(b"x=1\n\n").await;
     assert_eq!(got, "action=dunno\n\n", "c2 after the eviction got {got:?}");
-    let m = d.metrics();
+    let m = valvulad::admin::metrics::render(&d);
     for line in [
         "valvulad_connections_evicted_total{listener=\"l\"} 1",
         "valvulad_connections{listener=\"l\"} 2",
@@ -579,12 +579,11 @@ async fn connection_cap() {
     // A place freed by a client that leaves is not taken from anyone.
     drop(c3);
     assert!(
-        eventually(W, || d
-            .metrics()
+        eventually(W, || valvulad::admin::metrics::render(&d)
             .contains("valvulad_connections{listener=\"l\"} 1\n"))
         .await,
         "the connection count did not drop when a client left:\n{}",
-        d.metrics()
+        valvulad::admin::metrics::render(&d)
     );
     let mut c4 = Client::connect(&a[0]).await;
     let got = c4.ask(b"x=1\n\n").await;
@@ -626,12 +625,11 @@ async fn at_the_cap_the_longest_idle_connection_gives_way() {
     }
     let before = m.calls();
     assert!(
-        eventually(W, || d
-            .metrics()
+        eventually(W, || valvulad::admin::metrics::render(&d)
             .contains("valvulad_connections{listener=\"l\"} 50\n"))
         .await,
         "the listener is not full:\n{}",
-        d.metrics()
+        valvulad::admin::metrics::render(&d)
     );
     let mut fresh = Vec::new();
     for i in 0..10 {
@@ -675,7 +673,7 @@ async fn at_the_cap_the_longest_idle_connection_gives_way() {
         before + 10 + 2 + 38,
         "module calls: a request was lost or doubled"
     );
-    let metrics = d.metrics();
+    let metrics = valvulad::admin::metrics::render(&d);
     assert!(
         metrics
             .lines()
@@ -736,7 +734,7 @@ async fn a_request_being_processed_is_never_evicted() {
         Answer::Closed(String::new()),
         "the idle connection did not give way: {got:?}"
     );
-    let m = d.metrics();
+    let m = valvulad::admin::metrics::render(&d);
     assert!(
         m.lines().any(|l| l
             == format!(
@@ -766,7 +764,7 @@ async fn stalled_requests_give_way_when_no_connection_is_idle() {
         // Its bytes read (a connection whose bytes are still unread counts as idle).
         assert!(
             eventually(W, || {
-                let m = d.metrics();
+                let m = valvulad::admin::metrics::render(&d);
                 m.contains(&format!(
                     "valvulad_connections{{listener=\"l\"}} {}\n",
                     i + 1
@@ -774,7 +772,7 @@ async fn stalled_requests_give_way_when_no_connection_is_idle() {
             })
             .await,
             "trickler {i} is not in a request:\n{}",
-            d.metrics()
+            valvulad::admin::metrics::render(&d)
         );
         tricklers.push(c);
     }
@@ -843,12 +841,11 @@ async fn a_client_that_never_reads_its_replies_is_closed() {
         m.calls()
     );
     assert!(
-        eventually(W, || d
-            .metrics()
+        eventually(W, || valvulad::admin::metrics::render(&d)
             .contains("valvulad_connections{listener=\"l\"} 0\n"))
         .await,
         "the connection is still counted open:\n{}",
-        d.metrics()
+        valvulad::admin::metrics::render(&d)
     );
 }
 

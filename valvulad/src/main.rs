@@ -1,6 +1,6 @@
 //! `valvulad`: starts listeners from the config, loads modules, serves until SIGTERM.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use clap::{ArgAction, Parser};
 use tokio::signal::unix::{SignalKind, signal};
 use valvula_config::{self as config, Config};
 use valvula_store::Store;
-use valvulad::host::{self, ModuleSet};
+use valvulad::host;
 use valvulad::server::Daemon;
 
 #[derive(Parser, Debug)]
@@ -125,37 +125,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Loads config and modules; every problem is reported before giving up.
-fn load(
-    path: &Path,
-    previous: Option<&ModuleSet>,
-    store: &Arc<Store>,
-) -> anyhow::Result<(Config, ModuleSet, Vec<String>)> {
-    let loaded = config::load_file(path)?;
-    for w in &loaded.warnings {
-        tracing::warn!("{}: {w}", path.display());
-    }
-    let (modules, reused) = ModuleSet::load(
-        &loaded.config,
-        previous,
-        &host::Services::new(store.clone(), valvula_store::Clock::system()),
-    )
-    .map_err(|errs| {
-        let lines: Vec<String> = errs.iter().map(|e| format!("  {e}")).collect();
-        anyhow::anyhow!("cannot load modules:\n{}", lines.join("\n"))
-    })?;
-    let chain_errors = host::check_chains(&loaded.config, &modules);
-    if !chain_errors.is_empty() {
-        anyhow::bail!(
-            "{}: {} error(s)\n  {}",
-            path.display(),
-            chain_errors.len(),
-            chain_errors.join("\n  ")
-        );
-    }
-    Ok((loaded.config, modules, reused))
 }
 
 /// valvula's -p, -b and -s: exit 0 on success, 255 on failure, as valvula does.
@@ -290,9 +259,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     // `-t` checks; only a daemon records its zone in a database that has none.
     first_config.storage.record_zone = !args.check;
     let (store, ping) = open_store(&first_config).await?;
-    let path = args.config.clone();
-    let s = store.clone();
-    let (config, modules, _) = tokio::task::spawn_blocking(move || load(&path, None, &s)).await??;
+    let services = host::Services::new(store.clone(), valvula_store::Clock::system());
+    let (path, s) = (args.config.clone(), services.clone());
+    let (config, modules, _) =
+        tokio::task::spawn_blocking(move || valvulad::server::load(&path, None, &s)).await??;
     if args.check {
         println!(
             "valvulad: {} is valid: {} listener(s), {} module(s) loaded and initialised",
@@ -368,10 +338,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                let _ = reload(&daemon, &args.config, &store).await;
+                let _ = daemon.reload(&args.config, &services).await;
             }
             Some(answer) = reload_rx.recv() => {
-                let _ = answer.send(reload(&daemon, &args.config, &store).await);
+                let _ = answer.send(daemon.reload(&args.config, &services).await);
             }
         }
     }
@@ -385,84 +355,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("valvulad stopped");
     Ok(())
-}
-
-/// SIGHUP: re-read the config; on any error keep running with the old one.
-/// SIGHUP: re-read the config; on any error keep running with the old one. `Ok` holds
-/// what takes effect only at the next restart; `Err` also reports a module that kept
-/// its previous settings (the rest of the new configuration applies).
-async fn reload(daemon: &Daemon, path: &Path, store: &Arc<Store>) -> Result<String, String> {
-    tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
-    let previous = daemon.modules();
-    let p = path.to_owned();
-    let s = store.clone();
-    let loaded = tokio::task::spawn_blocking(move || load(&p, Some(&previous), &s)).await;
-    let (config, modules, reused) = match loaded {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            tracing::error!("reload refused, the running configuration stays: {e:#}");
-            return Err(format!("{e:#}"));
-        }
-        Err(e) => {
-            tracing::error!("reload failed: {e}");
-            return Err(e.to_string());
-        }
-    };
-    let old = daemon.config();
-    let later: Vec<&str> = [
-        ("[storage]", config.storage != old.storage),
-        (
-            "server.admin_socket",
-            config.server.admin_socket != old.server.admin_socket,
-        ),
-        (
-            "server.metrics_listen",
-            config.server.metrics_listen != old.server.metrics_listen,
-        ),
-        (
-            "server.user/group",
-            (&config.server.user, &config.server.group) != (&old.server.user, &old.server.group),
-        ),
-        ("[log]", config.log != old.log),
-    ]
-    .into_iter()
-    .filter_map(|(what, changed)| changed.then_some(what))
-    .collect();
-    if !later.is_empty() {
-        tracing::warn!(
-            "changed, in effect at the next restart (not by a reload): {}",
-            later.join(", ")
-        );
-    }
-    let empty = toml::Table::new();
-    let mut kept = Vec::new();
-    for name in &reused {
-        if let Some(d) = modules.get(name) {
-            let section = config.module_sections.get(name).unwrap_or(&empty).clone();
-            if let Err(e) = d.reconf(section).await {
-                tracing::error!(module = %name, "reconf failed; the module keeps its previous settings: {e}");
-                kept.push(format!("{name} kept its previous settings ({e})"));
-            }
-        }
-    }
-    match daemon.apply(config, modules).await {
-        Ok(()) if kept.is_empty() => {
-            tracing::info!("configuration reloaded");
-            Ok(if later.is_empty() {
-                String::new()
-            } else {
-                format!("; at the next restart: {}", later.join(", "))
-            })
-        }
-        Ok(()) => {
-            tracing::warn!("configuration reloaded, but {}", kept.join("; "));
-            Err(format!("configuration reloaded, but {}", kept.join("; ")))
-        }
-        Err(e) => {
-            tracing::error!("reload refused, the running configuration stays: {e}");
-            Err(e.to_string())
-        }
-    }
 }
 
 /// Once a minute: drop sliding-window buckets no window counts any more.
