@@ -160,11 +160,11 @@ fn hint(e: valvula_store::StoreError) -> anyhow::Error {
     }
 }
 
-fn q(s: &Store, sql: &str, params: Vec<Value>) -> anyhow::Result<Rows> {
+fn query(s: &Store, sql: &str, params: Vec<Value>) -> anyhow::Result<Rows> {
     s.query(Stmt::new(sql, params)).map_err(hint)
 }
 
-fn xe(
+fn execute(
     s: &Store,
     sql: impl Into<String>,
     params: Vec<Value>,
@@ -172,8 +172,8 @@ fn xe(
     s.exec(Stmt::new(sql, params)).map_err(hint)
 }
 
-fn x(s: &Store, sql: &str, params: Vec<Value>) -> anyhow::Result<u64> {
-    Ok(xe(s, sql, params)?.affected)
+fn affected(s: &Store, sql: &str, params: Vec<Value>) -> anyhow::Result<u64> {
+    Ok(execute(s, sql, params)?.affected)
 }
 
 fn cell(v: &Value) -> String {
@@ -267,7 +267,7 @@ pub fn plan(config: &Path, cmd: &PlanCmd) -> anyhow::Result<()> {
             day,
             month,
         } => {
-            let e = xe(
+            let e = execute(
                 s,
                 "INSERT INTO ticket_plan (name, description, total_limit, day_limit, month_limit) VALUES (?, ?, ?, ?, ?)",
                 vec![
@@ -285,7 +285,7 @@ pub fn plan(config: &Path, cmd: &PlanCmd) -> anyhow::Result<()> {
             Ok(())
         }
         PlanCmd::List => {
-            table(&q(
+            table(&query(
                 s,
                 "SELECT id, name, total_limit, day_limit, month_limit FROM ticket_plan ORDER BY id",
                 vec![],
@@ -319,7 +319,7 @@ pub fn plan(config: &Path, cmd: &PlanCmd) -> anyhow::Result<()> {
                 bail!("nothing to change: give --name, --total, --day or --month");
             }
             params.push((*id).into());
-            let n = x(
+            let n = affected(
                 s,
                 &format!("UPDATE ticket_plan SET {} WHERE id = ?", sets.join(", ")),
                 params,
@@ -331,7 +331,7 @@ pub fn plan(config: &Path, cmd: &PlanCmd) -> anyhow::Result<()> {
             Ok(())
         }
         PlanCmd::Remove { id } => {
-            let used = q(
+            let used = query(
                 s,
                 "SELECT COUNT(*) FROM domain_ticket WHERE ticket_plan_id = ?",
                 vec![(*id).into()],
@@ -340,7 +340,7 @@ pub fn plan(config: &Path, cmd: &PlanCmd) -> anyhow::Result<()> {
             if n > 0 {
                 bail!("plan {id} is used by {n} ticket(s); move or remove them first");
             }
-            if x(
+            if affected(
                 s,
                 "DELETE FROM ticket_plan WHERE id = ?",
                 vec![(*id).into()],
@@ -363,7 +363,7 @@ pub fn ticket(config: &Path, cmd: &TicketCmd) -> anyhow::Result<()> {
             valid_until,
         } => {
             let until = parse_until(valid_until)?;
-            let p = q(
+            let p = query(
                 s,
                 "SELECT id FROM ticket_plan WHERE id = ?",
                 vec![(*plan).into()],
@@ -376,7 +376,7 @@ pub fn ticket(config: &Path, cmd: &TicketCmd) -> anyhow::Result<()> {
                 (None, Some(d)) => ("domain", d),
                 (None, None) => bail!("give --user or --domain"),
             };
-            let e = xe(
+            let e = execute(
                 s,
                 format!(
                     "INSERT INTO domain_ticket ({col}, valid_until, ticket_plan_id, total_used, current_day_usage, current_month_usage, block_ticket) VALUES (?, ?, ?, 0, 0, 0, 0)"
@@ -391,7 +391,7 @@ pub fn ticket(config: &Path, cmd: &TicketCmd) -> anyhow::Result<()> {
             Ok(())
         }
         TicketCmd::List => {
-            table(&q(
+            table(&query(
                 s,
                 "SELECT id, sasl_user, domain, ticket_plan_id AS plan, total_used, current_day_usage AS day_used, \
                  current_month_usage AS month_used, valid_until, block_ticket AS blocked FROM domain_ticket ORDER BY id",
@@ -412,7 +412,7 @@ pub fn ticket(config: &Path, cmd: &TicketCmd) -> anyhow::Result<()> {
         TicketCmd::Block { id, flag } => set(s, *id, "block_ticket", *flag, "blocked"),
         TicketCmd::Unblock { id } => set(s, *id, "block_ticket", 0, "unblocked"),
         TicketCmd::Remove { id } => {
-            if x(
+            if affected(
                 s,
                 "DELETE FROM domain_ticket WHERE id = ?",
                 vec![(*id).into()],
@@ -427,7 +427,7 @@ pub fn ticket(config: &Path, cmd: &TicketCmd) -> anyhow::Result<()> {
 }
 
 fn set(s: &Store, id: i64, col: &str, v: i64, what: &str) -> anyhow::Result<()> {
-    if x(
+    if affected(
         s,
         &format!("UPDATE domain_ticket SET {col} = ? WHERE id = ?"),
         vec![v.into(), id.into()],
@@ -479,7 +479,7 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
                 p
             };
             // period_start NULL: the override's window starts with its next request.
-            let n = x(
+            let n = affected(
                 s,
                 "UPDATE ratelimit_override SET limits = ?, action = ?, text = ?, persist = ?, period_start = NULL \
                  WHERE policy = ? AND identity = ?",
@@ -488,7 +488,7 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             if n == 0 {
                 let mut p = vec![policy.as_str().into(), identity.as_str().into()];
                 p.extend(params(false));
-                x(
+                affected(
                     s,
                     "INSERT INTO ratelimit_override (policy, identity, limits, action, text, persist) VALUES (?, ?, ?, ?, ?, ?)",
                     p,
@@ -505,7 +505,7 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             Ok(())
         }
         OverrideCmd::List => {
-            table(&q(
+            table(&query(
                 s,
                 "SELECT policy, identity, limits, action, text, persist FROM ratelimit_override \
                  WHERE limits IS NOT NULL OR action IS NOT NULL OR text IS NOT NULL ORDER BY policy, identity",
@@ -515,7 +515,7 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
         }
         OverrideCmd::Remove { policy, identity } => {
             // The row is the override: without it the configured rule applies.
-            let n = x(
+            let n = affected(
                 s,
                 "DELETE FROM ratelimit_override WHERE policy = ? AND identity = ?",
                 vec![

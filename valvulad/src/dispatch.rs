@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use valvula_policy::{Reply, Request};
+use valvula_store::sync::UnpoisonedRw;
 
 /// Why a module call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -274,13 +275,13 @@ impl Dispatcher {
     }
 
     fn settings(&self) -> DispatchSettings {
-        *self.settings.read().unwrap_or_else(|e| e.into_inner())
+        *self.settings.read_now()
     }
 
     /// New timeout and quarantine settings after a reload. The thread bound is fixed at
     /// start: permits held by hung calls cannot be taken back.
     pub fn update_settings(&self, s: DispatchSettings) {
-        let mut cur = self.settings.write().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.settings.write_now();
         *cur = DispatchSettings {
             threads: cur.threads,
             ..s

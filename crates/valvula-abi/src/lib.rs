@@ -325,11 +325,16 @@ unsafe impl Sync for vlv_host_api {}
 unsafe impl Send for vlv_host_api {}
 
 /// Bytes of `vlv_module_def` a module built for ABI 0.`minor` must provide: the end of
-/// the last field that minor defines. Minors 0 to 4 share one layout (0.2 to 0.4 only
-/// added host services).
-pub const fn module_def_min_size(minor: u16) -> usize {
-    let _ = minor;
-    offset_of!(vlv_module_def, tick) + size_of::<usize>()
+/// the last field that minor defines; `None` for a minor newer than this header, whose
+/// layout it cannot know.
+pub const fn module_def_min_size(minor: u16) -> Option<usize> {
+    match minor {
+        // 0.0 and 0.1 defined every field up to `tick`; 0.2 to 0.4 only added host
+        // services, so the module definition kept that layout. A minor that adds a
+        // hook adds an arm here ending at its last field.
+        0..=VLV_ABI_MINOR => Some(offset_of!(vlv_module_def, tick) + size_of::<usize>()),
+        _ => None,
+    }
 }
 
 // The layout C compilers give the header on the platforms we build for (LP64: Linux and
@@ -395,5 +400,7 @@ const _: () = {
     assert!(offset_of!(vlv_module_def, close) == 88);
     assert!(offset_of!(vlv_module_def, tick) == 96);
     assert!(size_of::<vlv_module_def>() == 104);
-    assert!(module_def_min_size(1) == 104);
+    assert!(matches!(module_def_min_size(1), Some(104)));
+    assert!(matches!(module_def_min_size(VLV_ABI_MINOR), Some(104)));
+    assert!(module_def_min_size(VLV_ABI_MINOR + 1).is_none());
 };

@@ -123,7 +123,7 @@ fn expand(
     Ok(out)
 }
 
-fn q(s: &str) -> String {
+fn toml_string(s: &str) -> String {
     // A TOML basic string.
     let mut o = String::from("\"");
     for c in s.chars() {
@@ -222,9 +222,17 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
             }
         }
     }
-    let list = |v: &[String]| v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| toml_string(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = writeln!(t, "modules = [{}]", list(&loaded));
-    let dirs_text: Vec<String> = search.iter().map(|d| q(&d.display().to_string())).collect();
+    let dirs_text: Vec<String> = search
+        .iter()
+        .map(|d| toml_string(&d.display().to_string()))
+        .collect();
     let _ = writeln!(t, "module_dirs = [{}]", dirs_text.join(", "));
     let running = path(&["global-settings", "running"]);
     if yes(running, "enabled")
@@ -233,7 +241,7 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
             running.and_then(|r| r.attribute("group")),
         )
     {
-        let _ = writeln!(t, "user = {}\ngroup = {}", q(u), q(g));
+        let _ = writeln!(t, "user = {}\ngroup = {}", toml_string(u), toml_string(g));
     }
 
     // Limits: valvula counts request lines, the empty one included.
@@ -257,12 +265,12 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
     let _ = writeln!(
         t,
         "\n[log]\nformat = \"valvula\"\ntarget = {}\nlevel = {}",
-        q(if yes(rep, "enabled") && yes(rep, "use-syslog") {
+        toml_string(if yes(rep, "enabled") && yes(rep, "use-syslog") {
             "syslog"
         } else {
             "stderr"
         }),
-        q(if debug { "debug" } else { "info" })
+        toml_string(if debug { "debug" } else { "info" })
     );
 
     // Database.
@@ -281,14 +289,14 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
         let _ = writeln!(
             t,
             "\n[storage]\nbackend = \"mysql\"\nurl = {}",
-            q(&format!(
+            toml_string(&format!(
                 "mysql://{}@{host}:{port}/{}",
                 a("user"),
                 a("dbname")
             ))
         );
         if !a("password").is_empty() {
-            let _ = writeln!(t, "password = {}", q(a("password")));
+            let _ = writeln!(t, "password = {}", toml_string(a("password")));
         }
     }
 
@@ -315,8 +323,8 @@ pub fn translate(text: &str, file: &Path) -> Result<Translated, XmlError> {
             let _ = writeln!(
                 t,
                 "\n[[listener]]\nname = {}\naddress = {}\nmodules = [{}]",
-                q(&format!("{host}:{port}")),
-                q(&format!("{host}:{port}")),
+                toml_string(&format!("{host}:{port}")),
+                toml_string(&format!("{host}:{port}")),
                 list(&chain)
             );
             n += 1;

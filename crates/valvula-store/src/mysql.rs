@@ -28,6 +28,7 @@ use super::consume::{self, Outcome, Tx};
 use super::outage::Outage;
 use super::window::Zone;
 use super::{Dialect, Engine, Exec, Expire, Result, Rows, Stmt, StoreError, Value};
+use crate::sync::Unpoisoned;
 use crate::sync::{Answer, Promise, Waited};
 
 const HOST_SCHEMA: &str = include_str!("../../../sql/mysql/host.sql");
@@ -370,14 +371,14 @@ type BoxFut<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T
 
 impl Shared {
     fn pool(&self) -> (u64, Pool) {
-        let p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.pool.locked();
         (p.generation, p.pool.clone())
     }
 
     /// Replaces the pool of `generation` (its connections are dead); a no-op when
     /// another caller already did.
     fn renew_pool(&self, generation: u64) {
-        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pool.locked();
         if p.generation != generation {
             return;
         }
@@ -391,10 +392,7 @@ impl Shared {
 
     /// Why the database refuses this daemon for good (another calendar zone), if it does.
     fn refusal(&self) -> Option<StoreError> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.refused.locked().clone()
     }
 
     /// While the database is away (or refuses this daemon), fails at once.
@@ -548,12 +546,7 @@ impl Shared {
             let me = self.clone();
             self.runtime.spawn(async move { me.prepare().await });
         }
-        match self
-            .prepare_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        match self.prepare_error.locked().clone() {
             // The last try could not reach the database: it is away, not busy.
             Some(e @ StoreError::Unavailable(_)) => Err(e),
             _ => Err(StoreError::Busy(
@@ -590,13 +583,12 @@ impl Shared {
         let log = crate::RateLog::default();
         loop {
             let r = self.prepare_once().await;
-            *self.prepare_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                r.as_ref().err().cloned();
+            *self.prepare_error.locked() = r.as_ref().err().cloned();
             match r {
                 Ok(()) => break,
                 Err(e @ StoreError::Refused(_)) => {
                     tracing::error!(target: crate::LOG_TARGET, "{e}");
-                    *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    *self.refused.locked() = Some(e);
                     break;
                 }
                 Err(e) if self.schema_ready.load(Ordering::Acquire) => {

@@ -2,6 +2,7 @@
 //! second with the number of calls that failed meanwhile, one line when it is back.
 //! (Before, every failed call logged a line: 461,000 lines in 45 s of outage.)
 
+use crate::sync::Unpoisoned;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -39,7 +40,7 @@ impl Outage {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     pub fn is_down(&self) -> bool {

@@ -17,6 +17,7 @@ use super::consume::{self, Outcome, Tx};
 use super::outage::Outage;
 use super::window::Zone;
 use super::{Dialect, Engine, Exec, Expire, Result, Rows, Stmt, StoreError, Value};
+use crate::sync::Unpoisoned;
 use crate::sync::{Promise, Queue, Waited, oneshot};
 
 /// Jobs one transaction takes at most.
@@ -624,7 +625,7 @@ impl Sqlite {
     }
 
     fn reader(&self) -> Result<Connection> {
-        if let Some(c) = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        if let Some(c) = self.readers.locked().pop() {
             return Ok(c);
         }
         open_conn(&self.path, self.synchronous_full, self.timeout)
@@ -649,7 +650,7 @@ impl Engine for Sqlite {
         let r = self.reader().and_then(|c| {
             let r = query_one(&c, &stmt);
             if !matches!(r, Err(StoreError::Unavailable(_))) {
-                let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pool = self.readers.locked();
                 if pool.len() < 8 {
                     pool.push(c);
                 }

@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use rustix::fs::{FileType, Mode, OFlags};
 
 use super::LoadError;
+use valvula_store::sync::Unpoisoned;
 
 /// Symbolic links followed in one walk before giving up (Linux's own limit).
 const MAX_LINKS: u32 = 40;
@@ -272,7 +273,7 @@ pub fn load_checked<T, E>(
     checked: Checked,
     load: impl FnOnce(&str) -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kept = KEPT.locked();
     // The same file loaded before: its name already means it (and only it).
     let fd = kept
         .get(&checked.id)

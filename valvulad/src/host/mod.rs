@@ -23,6 +23,7 @@ mod file;
 mod storage;
 pub use file::Trust;
 use storage::*;
+use valvula_store::sync::{Unpoisoned, UnpoisonedRw};
 
 /// What the host lends the modules it loads, besides the ABI: the storage (none for a
 /// chain without storage, as in the ABI tests) and the clock the modules and their
@@ -315,7 +316,7 @@ unsafe extern "C" fn host_config_get(
             return abi::VLV_E_INVALID;
         }
         let key = String::from_utf8_lossy(bytes_of(key));
-        let section = ctx.section.read().unwrap_or_else(|e| e.into_inner());
+        let section = ctx.section.read_now();
         let value = if key.is_empty() {
             Some(&section.whole)
         } else {
@@ -585,7 +586,8 @@ fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened, LoadError
             host_minor: hmin,
         });
     }
-    let need = abi::module_def_min_size(minor);
+    // A minor newer than the host's was refused above.
+    let need = abi::module_def_min_size(minor).unwrap_or(usize::MAX);
     if (size as usize) < need {
         return Err(LoadError::ShortStruct {
             path: p,
@@ -693,9 +695,7 @@ impl LoadedModule {
         &self.opened.description
     }
     fn lock(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
-        self.serialize
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+        self.serialize.as_ref().map(|m| m.locked())
     }
 }
 
@@ -741,7 +741,7 @@ impl Handler for LoadedModule {
     }
 
     fn reconf(&self, section: &toml::Table) -> Result<(), HandlerError> {
-        *self.ctx.section.write().unwrap_or_else(|e| e.into_inner()) = Section::new(section);
+        *self.ctx.section.write_now() = Section::new(section);
         let Some(reconf) = self.opened.def.reconf else {
             return Ok(());
         };

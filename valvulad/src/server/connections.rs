@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use valvula_store::sync::Unpoisoned;
 
 /// A request still incomplete this long after its first byte is a trickle, not Postfix.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
@@ -124,7 +125,7 @@ impl Connections {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Sets> {
-        self.sets.lock().unwrap_or_else(|e| e.into_inner())
+        self.sets.locked()
     }
 
     /// Admits a new connection under `cap`, making room if needed.
