@@ -190,11 +190,7 @@ fn check_mode_reports_the_database() {
     assert!(p.log().contains("is reachable"), "{}", p.log());
     assert!(!p.log().contains("NOT REACHABLE"), "{}", p.log());
     // A MariaDB nobody listens on: -t says so and fails; the password never shows.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = valvula_tests::free_port();
     let cfg = config(
         &format!(
             "[storage]\nbackend = \"mysql\"\nurl = \"mysql://valvula@127.0.0.1:{port}/valvula\"\npassword = \"s3cret-pw\"\n"

@@ -3,15 +3,7 @@
 use valvula_tests::client::{Client, postfix_request};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::TestDb;
-use valvula_tests::{ctl, fixture, module_path};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use valvula_tests::{ctl, fixture, free_port, module_path};
 
 /// A mods-enabled directory with pointer files, as valvula's packages make it.
 fn mods_enabled(dir: &std::path::Path, names: &[&str]) -> std::path::PathBuf {

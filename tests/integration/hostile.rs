@@ -406,9 +406,11 @@ async fn idle_and_trickling_hordes_do_not_lock_postfix_out() {
     }
     assert_eq!(held.len(), 2000, "connects failed: {} made", held.len());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Tricklers that have sent their first byte (their request is arriving).
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tricklers = tokio::task::JoinSet::new();
     for i in 0..200 {
-        let (addr, stop) = (addr.clone(), stop.clone());
+        let (addr, stop, started) = (addr.clone(), stop.clone(), started.clone());
         tricklers.spawn(async move {
             let mut s = TcpStream::connect(&addr).await.unwrap();
             let request = postfix_request(&[("x_trickler", &i.to_string())]);
@@ -416,6 +418,9 @@ async fn idle_and_trickling_hordes_do_not_lock_postfix_out() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < request.len() - 1 {
                 if s.write_all(&request[sent..sent + 1]).await.is_err() {
                     return (i, sent, false);
+                }
+                if sent == 0 {
+                    started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 sent += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -426,8 +431,16 @@ async fn idle_and_trickling_hordes_do_not_lock_postfix_out() {
             (i, sent, open)
         });
     }
-    // Let the tricklers start, then Postfix connects, again and again.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once every trickler's request is arriving, Postfix connects, again and again.
+    let end = Instant::now() + Duration::from_secs(30);
+    while started.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(
+            Instant::now() < end,
+            "only {} of 200 tricklers started in 30 s",
+            started.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut waits = Vec::new();
     let mut postfix = Vec::new();
     for n in 0..20 {

@@ -2,14 +2,12 @@
 //! data (tests/fixtures/mod-ratelimit/peers.test), notifications, exact counting across
 //! daemons, and a real Postfix.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use valvula_tests::client::{hammer, postfix_request};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::TestDb;
-use valvula_tests::fixture;
-use valvula_tests::inproc::{self, Env, Raw, attrs, expand, request};
+use valvula_tests::inproc::{self, Env, Raw, request};
 use valvula_tests::postfix::{PASSWORD, Postfix, USER, send_mail};
+use valvula_tests::script::Script;
 
 /// 2026-11-22 12:00:00 UTC.
 const NOW: i64 = 1_795_348_800;
@@ -29,110 +27,38 @@ const BASE: [(&str, &str); 11] = [
 ];
 
 fn run_peers(mysql: bool) {
-    let text = std::fs::read_to_string(fixture("mod-ratelimit/peers.test")).unwrap();
-    let backend = if mysql { "mariadb" } else { "sqlite" };
-    let mut lines = text.lines().enumerate();
-    let mut env: Option<Env> = None;
-    let mut case = String::new();
-    let mut zone = "UTC".to_owned();
-    let mut setup = String::new();
-    static INSTANCE: AtomicUsize = AtomicUsize::new(0);
-    while let Some((no, line)) = lines.next() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let at = format!("{backend}, peers.test:{} ({case})", no + 1);
-        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
-        match cmd {
-            "case" => {
-                case = rest.to_owned();
-                env = None;
-                zone = "UTC".to_owned();
-                setup.clear();
-            }
-            "zone" => zone = rest.to_owned(),
-            "setup" => {
-                setup.push_str(&expand(rest, NOW));
-                setup.push_str(";\n");
-            }
-            "config" => {
-                let mut section = String::new();
-                for (_, l) in lines.by_ref() {
-                    if l.trim() == "end" {
-                        break;
-                    }
-                    section.push_str(l.trim());
-                    section.push('\n');
-                }
-                env = Some(Env::start_with(
-                    mysql,
-                    "mod_ratelimit",
-                    "mod-ratelimit",
-                    &section,
-                    NOW,
-                    &zone,
-                    &setup,
-                ));
-            }
-            _ => {
-                let e = env
-                    .as_mut()
-                    .unwrap_or_else(|| panic!("{at}: no config yet"));
-                let now = e.now;
-                match cmd {
-                    "ask" => {
-                        let spaced = format!(" {rest}");
-                        let (req, want) = spaced
-                            .split_once(" => ")
-                            .unwrap_or_else(|| panic!("{at}: ask needs =>"));
-                        let req = req.trim();
-                        let (times, req) = match req.strip_prefix('x') {
-                            Some(r) => {
-                                let (n, r) = r.split_once(' ').unwrap_or((r, ""));
-                                (n.parse::<usize>().unwrap(), r)
-                            }
-                            None => (1, req),
-                        };
-                        for i in 0..times {
-                            let mut over = vec![(
-                                "instance".to_owned(),
-                                Some(format!("inst.{}", INSTANCE.fetch_add(1, Ordering::SeqCst))),
-                            )];
-                            over.extend(attrs(req));
-                            assert_eq!(
-                                e.ask(&request(&BASE, &over)),
-                                expand(want, now),
-                                "{at}, request {}",
-                                i + 1
-                            );
-                        }
-                    }
-                    "clock" => e.advance(rest.trim_start_matches('+').parse().unwrap()),
-                    "sql" => e.raw.exec(&expand(rest, now)),
-                    "value" => {
-                        let (sql, want) = rest.split_once(" => ").unwrap();
-                        assert_eq!(e.raw.row(&expand(sql, now)), want, "{at}");
-                    }
-                    "used" => {
-                        let (what, want) = rest.split_once(" => ").unwrap();
-                        let (key, window) = what.rsplit_once(' ').unwrap();
-                        let sql = if window.parse::<i64>().is_ok() {
-                            format!(
-                                "SELECT COALESCE(SUM(used), 0) FROM vlv_slide WHERE ns = 'mod-ratelimit' AND ckey = '{key}' AND win = 'sliding:{window}'"
-                            )
-                        } else {
-                            format!(
-                                "SELECT used FROM vlv_counter WHERE ns = 'mod-ratelimit' AND ckey = '{key}' AND win = '{window}'"
-                            )
-                        };
-                        assert_eq!(e.raw.row(&sql), want, "{at}");
-                    }
-                    other => panic!("{at}: unknown command {other}"),
-                }
-            }
-        }
+    Script {
+        file: "mod-ratelimit/peers.test",
+        crate_name: "mod_ratelimit",
+        module: "mod-ratelimit",
+        base: &BASE,
+        new_instance: true,
+        daemon_per_case: true,
+        section: "",
+        tables: &[],
+        now: NOW,
+        commands: vec![(
+            // used KEY WINDOW => N: the host counter of policy:identity KEY in WINDOW.
+            "used",
+            Box::new(|e: &mut Env, rest: &str, at: &str| {
+                let (what, want) = rest
+                    .split_once(" => ")
+                    .unwrap_or_else(|| panic!("{at}: used needs =>"));
+                let (key, window) = what.rsplit_once(' ').unwrap();
+                let sql = if window.parse::<i64>().is_ok() {
+                    format!(
+                        "SELECT COALESCE(SUM(used), 0) FROM vlv_slide WHERE ns = 'mod-ratelimit' AND ckey = '{key}' AND win = 'sliding:{window}'"
+                    )
+                } else {
+                    format!(
+                        "SELECT used FROM vlv_counter WHERE ns = 'mod-ratelimit' AND ckey = '{key}' AND win = '{window}'"
+                    )
+                };
+                assert_eq!(e.raw.row(&sql), want, "{at}");
+            }),
+        )],
     }
+    .run(mysql);
 }
 
 #[test]

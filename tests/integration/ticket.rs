@@ -6,8 +6,9 @@ use valvula_tests::client::{Client, hammer};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::TestDb;
 use valvula_tests::fixture;
-use valvula_tests::inproc::{self, Env, Raw, attrs, expand, request};
+use valvula_tests::inproc::{self, Env, Raw, request};
 use valvula_tests::postfix::{PASSWORD, PASSWORD2, Postfix, USER, USER2, send_mail};
+use valvula_tests::script::Script;
 
 /// 2026-11-22 12:00:00 UTC.
 const NOW: i64 = 1_795_348_800;
@@ -51,73 +52,51 @@ fn ask(e: &Env, over: &[(String, Option<String>)]) -> String {
 }
 
 fn run_conformance(mysql: bool) {
-    let text = std::fs::read_to_string(fixture("mod-ticket/conformance.test")).unwrap();
-    let e = env(mysql, "");
-    let backend = if mysql { "mariadb" } else { "sqlite" };
-    let mut case = String::new();
-    for (no, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let at = format!("{backend}, conformance.test:{} ({case})", no + 1);
-        let expand = |s: &str| expand(s, NOW);
-        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
-        match cmd {
-            "case" => {
-                case = rest.to_owned();
-                for t in [
-                    "domain_ticket",
-                    "ticket_plan",
-                    "outgoing_ip",
-                    "domain_ticket_history",
-                    "domain_month_ticket_history",
-                ] {
-                    e.raw.exec(&format!("DELETE FROM {t}"));
-                }
-            }
-            "sql" => e.raw.exec(&expand(rest)),
-            "ask" => {
-                let (req, want) = rest
-                    .split_once(" => ")
-                    .unwrap_or_else(|| panic!("{at}: ask needs =>"));
-                let (times, req) = match req.strip_prefix('x') {
-                    Some(r) => {
-                        let (n, r) = r.split_once(' ').unwrap();
-                        (n.parse::<usize>().unwrap(), r)
+    Script {
+        file: "mod-ticket/conformance.test",
+        crate_name: "mod_ticket",
+        module: "mod-ticket",
+        base: &BASE,
+        new_instance: false,
+        daemon_per_case: false,
+        section: "time_zone = \"UTC\"\n",
+        tables: &[
+            "domain_ticket",
+            "ticket_plan",
+            "outgoing_ip",
+            "domain_ticket_history",
+            "domain_month_ticket_history",
+        ],
+        now: NOW,
+        commands: vec![
+            (
+                // row ID T/D/M: the counters of domain_ticket ID (- for NULL).
+                "row",
+                Box::new(|e: &mut Env, rest: &str, at: &str| {
+                    let (id, want) = rest.split_once(' ').unwrap();
+                    let got = e.raw.row(&format!(
+                        "SELECT total_used, current_day_usage, current_month_usage FROM domain_ticket WHERE id = {id}"
+                    ));
+                    let got = got.replace("NULL", "-").replace('\t', "/");
+                    assert_eq!(got, want, "{at}: counters of row {id}");
+                }),
+            ),
+            (
+                // rollover day|month|none: time_tracking made stale, then the tick.
+                "rollover",
+                Box::new(|e: &mut Env, rest: &str, at: &str| {
+                    match rest {
+                        "day" => e.raw.exec("UPDATE time_tracking SET day = 0"),
+                        "month" => e.raw.exec("UPDATE time_tracking SET month = -1"),
+                        "none" => {}
+                        other => panic!("{at}: rollover {other}?"),
                     }
-                    None => (1, req),
-                };
-                let attrs = attrs(req);
-                let want = expand(want);
-                for i in 0..times {
-                    assert_eq!(ask(&e, &attrs), want, "{at}, request {}", i + 1);
-                }
-            }
-            "row" => {
-                let (id, want) = rest.split_once(' ').unwrap();
-                let got = e.raw.row(&format!(
-                    "SELECT total_used, current_day_usage, current_month_usage FROM domain_ticket WHERE id = {id}"
-                ));
-                let got = got.replace("NULL", "-").replace('\t', "/");
-                assert_eq!(got, want, "{at}: counters of row {id}");
-            }
-            "value" => {
-                let (sql, want) = rest.split_once(" => ").unwrap();
-                assert_eq!(e.raw.row(&expand(sql)), want, "{at}");
-            }
-            "rollover" => {
-                match rest {
-                    "day" => e.raw.exec("UPDATE time_tracking SET day = 0"),
-                    "month" => e.raw.exec("UPDATE time_tracking SET month = -1"),
-                    "none" => {}
-                    other => panic!("{at}: rollover {other}?"),
-                }
-                e.tick();
-            }
-            other => panic!("{at}: unknown command {other}"),
-        }
+                    e.tick();
+                }),
+            ),
+        ],
     }
+    .run(mysql);
 }
 
 #[test]

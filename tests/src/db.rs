@@ -148,11 +148,7 @@ impl PrivateMariadb {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         let mut m = PrivateMariadb {
             dir,
             port,

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod db;
 pub mod inproc;
 pub mod postfix;
+pub mod script;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +25,17 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .unwrap()
         .to_owned()
+}
+
+/// A port free a moment ago, for servers that take a port number rather than a bound
+/// socket (Postfix, a private mariadbd, valvula's XML configuration): valvulad's own
+/// listeners bind `:0` and report the port they got instead. Another process may take
+/// it in between; the callers' servers then fail to start and say so.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
 }
 
 /// A module built by cargo, e.g. `module_path("mod_test")` → target/debug/libmod_test.so.

@@ -64,14 +64,6 @@ fn backdate(p: &Path) {
         .unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
@@ -198,7 +190,7 @@ impl Postfix {
             auth.exists()
         });
 
-        let port = free_port();
+        let port = crate::free_port();
         write(
             &etc.join("main.cf"),
             &format!(
