@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use valvula_tests::daemon::Proc;
 use valvula_tests::db::{TestDb, mariadb, server_url};
 use valvula_tests::postfix::{PASSWORD, Postfix, USER, send_mail};
-use valvula_tests::{ctl, ctl_bin, module_path};
+use valvula_tests::{ctl, ctl_bin, module_path, wait_until};
 
 const MAIN_CF: &str = concat!(
     "# Postfix main.cf of a test host\n",
@@ -78,18 +78,6 @@ fn postconf_all(dir: &Path, stages: &[&str]) -> Vec<String> {
 
 fn postconf(dir: &Path, stage: &str) -> String {
     postconf_all(dir, &[stage]).remove(0)
-}
-
-/// Polls `f` until it is true; panics with `what` after a generous deadline.
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// Runs valvula-ctl with `input` on its standard input (a pipe, not a terminal).
@@ -675,7 +663,7 @@ fn shell_in_a_terminal() {
     );
     tmux(&["send-keys", "-t", "s", "-l", "--", "exit"]);
     tmux(&["send-keys", "-t", "s", "Enter"]);
-    wait_until("the shell to exit", || {
+    wait_until("the shell to exit", Duration::from_secs(60), || {
         !tmux(&["has-session", "-t", "s"]).status.success()
     });
     let _ = tmux(&["kill-server"]);
@@ -1138,7 +1126,7 @@ fn a_failed_edit_never_undoes_another_admins() {
     let (a, a_said) = admin_a_hooks(&cfg, &pf, &bin, &path);
     assert_eq!(a.status.code(), Some(1), "admin A: {a_said}");
     assert!(a_said.contains("not what was meant"), "admin A: {a_said}");
-    wait_until("admin B to finish", || {
+    wait_until("admin B to finish", Duration::from_secs(60), || {
         std::fs::read_to_string(&b_code).is_ok_and(|c| c.ends_with('\n'))
     });
     let b_said = std::fs::read_to_string(&b_out).unwrap();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use valvula_policy::Action;
 use valvula_tests::client::{Answer, Client, postfix_request};
 use valvula_tests::daemon::{parse_config, start};
+use valvula_tests::eventually;
 
 use crate::fakes::{Behaviour, Fake, reply, set};
 
@@ -23,18 +24,6 @@ async fn wait_idle(d: &valvulad::server::Daemon, n: usize) {
         "not {n} idle connections:\n{}",
         valvulad::admin::metrics::render(d)
     );
-}
-
-/// Polls `cond` every 20 ms until it holds or `deadline` passes; returns whether it held.
-async fn eventually(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cond()
 }
 
 fn one_listener(chain: &[&str], extra: &str) -> String {

@@ -27,6 +27,33 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
+/// Polls `f` every 20 ms until it holds; panics naming `what` after `timeout`. Tests
+/// wait for conditions, never for a time that usually suffices (a loaded machine takes
+/// longer).
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// [`wait_until`] for async tests: polls `cond` every 20 ms until it holds or
+/// `timeout` passes, and says whether it held (the caller's assertion gives context).
+pub async fn eventually(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
 /// A port free a moment ago, for servers that take a port number rather than a bound
 /// socket (Postfix, a private mariadbd, valvula's XML configuration): valvulad's own
 /// listeners bind `:0` and report the port they got instead. Another process may take

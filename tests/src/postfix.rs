@@ -64,17 +64,6 @@ fn backdate(p: &Path) {
         .unwrap();
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// Runs a command that may leave daemons behind. Their stdio goes to `log`, never to
 /// pipes: a daemon holding the test's pipe open would make the runner wait forever.
 fn run(cmd: &mut Command, log: &Path) {
@@ -186,7 +175,7 @@ impl Postfix {
             &r.join("dovecot-start.log"),
         );
         let auth = queue.join("private/auth");
-        wait_for("the Dovecot auth socket", Duration::from_secs(15), || {
+        crate::wait_until("the Dovecot auth socket", Duration::from_secs(15), || {
             auth.exists()
         });
 
@@ -273,7 +262,7 @@ impl Postfix {
             Command::new("postfix").arg("-c").arg(&pf.etc).arg("start"),
             &pf.root.path().join("postfix-start.log"),
         );
-        wait_for("Postfix's smtpd port", Duration::from_secs(20), || {
+        crate::wait_until("Postfix's smtpd port", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         pf
@@ -311,7 +300,7 @@ impl Postfix {
     /// drain those until one is served by an smtpd started after the reload.
     pub fn wait_reloaded(&self) {
         const MARK: &str = "reload -- version";
-        wait_for(
+        crate::wait_until(
             "Postfix's master to log the reload",
             Duration::from_secs(30),
             || self.maillog().contains(MARK),
