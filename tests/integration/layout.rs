@@ -51,6 +51,12 @@ fn top_module(src: &Path, file: &Path) -> String {
 /// The top-level modules a file's code names through `crate::`, comments and unit
 /// tests left out (a test may reach anywhere).
 fn named_modules(text: &str) -> BTreeSet<String> {
+    named_after(text, "crate::")
+}
+
+/// The names a file's code reaches through `prefix` (`crate::`, `super::`), comments and
+/// unit tests left out.
+fn named_after(text: &str, prefix: &str) -> BTreeSet<String> {
     let code = match text.find("#[cfg(test)]\nmod tests") {
         Some(i) => &text[..i],
         None => text,
@@ -62,8 +68,8 @@ fn named_modules(text: &str) -> BTreeSet<String> {
             continue;
         }
         let mut rest = line;
-        while let Some(i) = rest.find("crate::") {
-            rest = &rest[i + "crate::".len()..];
+        while let Some(i) = rest.find(prefix) {
+            rest = &rest[i + prefix.len()..];
             if let Some(list) = rest.strip_prefix('{') {
                 let end = list.find('}').unwrap_or(list.len());
                 for item in list[..end].split(',') {
@@ -149,6 +155,52 @@ fn no_module_imports_another_in_a_circle() {
             circles.push(format!("{}: {}", src.display(), c.join(" -> ")));
         }
     }
+    assert!(
+        circles.is_empty(),
+        "import circles:\n{}",
+        circles.join("\n")
+    );
+}
+
+/// Inside a module directory (`server/`, `host/`), the files name each other through
+/// `super::`: no circles there either.
+#[test]
+fn no_submodules_import_each_other_in_a_circle() {
+    let mut circles = Vec::new();
+    let mut checked = 0;
+    for src in source_dirs() {
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        let mut dirs: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+        for f in files {
+            let dir = f.parent().unwrap().to_owned();
+            if dir != src {
+                dirs.entry(dir).or_default().push(f);
+            }
+        }
+        for (dir, files) in dirs {
+            let stem = |f: &Path| f.file_stem().unwrap().to_string_lossy().into_owned();
+            let siblings: BTreeSet<String> = files.iter().map(|f| stem(f)).collect();
+            let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for f in &files {
+                let from = stem(f);
+                if from == "mod" {
+                    continue;
+                }
+                let text = std::fs::read_to_string(f).unwrap();
+                let to: BTreeSet<String> = named_after(&text, "super::")
+                    .into_iter()
+                    .filter(|n| siblings.contains(n) && *n != from && n != "mod")
+                    .collect();
+                graph.insert(from, to);
+            }
+            checked += 1;
+            if let Some(c) = find_circle(&graph) {
+                circles.push(format!("{}: {}", dir.display(), c.join(" -> ")));
+            }
+        }
+    }
+    assert!(checked >= 3, "only {checked} module directories found");
     assert!(
         circles.is_empty(),
         "import circles:\n{}",

@@ -53,7 +53,7 @@ impl Trust {
         }
         let described = uids
             .iter()
-            .map(|&u| owner(u))
+            .map(|&u| super::error::owner(u))
             .collect::<Vec<_>>()
             .join(" or ");
         Trust { uids, described }
@@ -67,17 +67,6 @@ impl Trust {
 impl std::fmt::Display for Trust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.described)
-    }
-}
-
-/// `root`, `nobody (uid 65534)`, or `uid 4242` when no user has that uid.
-pub fn owner(uid: u32) -> String {
-    if uid == 0 {
-        return "root".into();
-    }
-    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-        Ok(Some(u)) => format!("{} (uid {uid})", u.name),
-        _ => format!("uid {uid}"),
     }
 }
 

@@ -7,7 +7,7 @@ use valvula_abi::{
     vlv_window_state,
 };
 
-use super::{ModuleCtx, bytes_of};
+use super::api::{ModuleCtx, bytes_of};
 use valvula_store::{self as store, Stmt, Store, StoreError, Value, Window, WindowKind};
 
 /// The module's context, if the pointer is one the host handed out.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use valvula_config::ListenAddr;
 use valvula_policy::{Action, Reply, Request};
 
-use super::listener::ListenerRuntime;
+use super::shared::ListenerRuntime;
 
 /// Runs the chain: the first answer that is not DUNNO wins. `None`: close the
 /// connection without a reply (on-error = disconnect).

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use valvula_policy::{CHECKSERVER_REPLY, Decoder, Frame};
 
 use super::connections::{Phase, Slot};
-use super::listener::ListenerShared;
+use super::shared::ListenerShared;
 
 /// Serves one connection until the client closes, a limit or timeout is hit, or the
 /// daemon stops (between requests).

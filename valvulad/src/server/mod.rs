@@ -1,7 +1,8 @@
 //! The policy service: listeners, their connections, the chain each runs, the modules'
 //! ticks, and reloads that apply whole or not at all.
 //!
-//! - [`listener`]: binding, the accept loop, what a listener runs and counts;
+//! - `listener`: binding and the accept loop;
+//! - `shared`: what a listener runs (swapped on reload) and counts, for its connections;
 //! - `connections`: the connection table (who gives way at the cap);
 //! - `connection`: one connection's requests, framed, answered in order;
 //! - `chain`: the modules of a listener, first answer that is not DUNNO wins;
@@ -11,8 +12,9 @@
 mod chain;
 mod connection;
 mod connections;
-pub mod listener;
+mod listener;
 mod reload;
+mod shared;
 mod ticks;
 
 use std::collections::HashMap;
@@ -25,11 +27,12 @@ use valvula_config::{Config, ListenerConfig};
 use valvula_store::sync::Unpoisoned;
 
 use crate::host::ModuleSet;
-use listener::{Bound, ListenerShared, RunningListener, accept_loop, bind, runtime_for};
+use listener::{Bound, RunningListener, accept_loop, bind, runtime_for};
+use shared::ListenerShared;
 
 pub use chain::valvula_line;
-pub use listener::{ListenerRuntime, ListenerStats};
 pub use reload::load;
+pub use shared::{ListenerRuntime, ListenerStats};
 pub use ticks::tick_kinds;
 
 struct State {
