@@ -504,6 +504,74 @@ fn admin_session(storage: &str) {
     );
 }
 
+/// `usage`, `reset` and `override` see what mod-ratelimit applies: a network rule for a
+/// `client_network` key, a sliding window (buckets only on SQLite), and, while the
+/// module's section is one it would refuse, the override rows still.
+#[test]
+fn usage_follows_the_module_on_networks_sliding_windows_and_a_broken_section() {
+    let cfg_text = format!(
+        "[server]\nmodule_dirs = [{:?}]\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ratelimit\"]\n\
+         [[module.mod-ratelimit.policy]]\nname = \"nets\"\nkey = \"client_network/24\"\nmetric = \"messages\"\n\
+         default = {{ limits = [[\"day\", 100]] }}\n\
+         rules = {{ \"127.0.0.0/24\" = {{ limits = [[\"day\", 2]] }} }}\n\
+         [[module.mod-ratelimit.policy]]\nname = \"slide\"\nkey = \"sasl_user\"\nmetric = \"messages\"\n\
+         default = {{ limits = [[\"90s\", 5]] }}\n",
+        module_path("mod_ratelimit")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    );
+    let p = Proc::start(&cfg_text, &[]);
+    let cfg = p.config_path.display().to_string();
+    let run = |more: &[&str]| {
+        let mut a = vec!["--config", cfg.as_str()];
+        a.extend_from_slice(more);
+        let r = ctl(&a);
+        assert_eq!(r.0, 0, "{more:?}: {}{}", r.1, r.2);
+        (r.1, r.2)
+    };
+    let addr = p.addrs()[0].clone();
+    let (out, _) = run(&["-t", &addr, "--sasl-user", "alice@example.com"]);
+    assert!(out.contains("action=dunno"), "{out}");
+    let (out, _) = run(&["usage", "127.0.0.0/24"]);
+    assert!(
+        out.contains("day      used 1 / 2, remaining 1"),
+        "network rule: {out}"
+    );
+    let (out, _) = run(&["usage", "alice@example.com"]);
+    assert!(
+        out.contains("90s      used 1 / 5, remaining 4"),
+        "sliding window: {out}"
+    );
+    // A section mod-ratelimit would refuse (the daemon keeps its previous settings):
+    // usage still answers, overrides still show and can be set.
+    let broken = std::fs::read_to_string(&p.config_path)
+        .unwrap()
+        .replace("[[\"day\", 100]]", "[[\"fortnight\", 100]]");
+    std::fs::write(&p.config_path, broken).unwrap();
+    let (_, err) = run(&["override", "set", "slide", "alice@example.com", "90s=9"]);
+    assert!(
+        err.contains("WARNING") && err.contains("fortnight"),
+        "{err}"
+    );
+    let (out, err) = run(&["usage", "alice@example.com"]);
+    assert!(err.contains("WARNING"), "{err}");
+    assert!(
+        out.contains("90s      used 1 / 9"),
+        "override limits shown: {out}"
+    );
+    // Reset reaches the sliding window's buckets.
+    let (out, _) = run(&["reset", "alice@example.com"]);
+    assert!(out.contains("reset"), "{out}");
+    let (out, _) = run(&["usage", "alice@example.com"]);
+    assert!(
+        !out.contains("used 1"),
+        "the sliding count was not reset: {out}"
+    );
+}
+
 #[test]
 fn administration_on_sqlite() {
     admin_session("");

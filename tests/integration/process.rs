@@ -184,13 +184,17 @@ async fn a_reload_that_cannot_bind_leaves_the_modules_as_they_were() {
     // A port another socket holds: the new listener cannot bind.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_at = taken.local_addr().unwrap();
-    p.rewrite_config(&base(
-        "\"mod-test\"",
-        &format!(
-            "[module.mod-test]\naction = \"reject\"\ntext = \"after\"\n\
-             [[listener]]\nname = \"second\"\naddress = \"{taken_at}\"\nmodules = []\n"
-        ),
-    ));
+    // ...and a module timeout the reload would shorten to 1 s.
+    p.rewrite_config(
+        &base(
+            "\"mod-test\"",
+            &format!(
+                "[module.mod-test]\naction = \"reject\"\ntext = \"after\"\n\
+                 [[listener]]\nname = \"second\"\naddress = \"{taken_at}\"\nmodules = []\n"
+            ),
+        )
+        .replace("module_timeout = \"3s\"", "module_timeout = \"1s\""),
+    );
     p.signal(Signal::SIGHUP);
     assert!(
         p.wait_for_log("reload refused", Duration::from_secs(10)),
@@ -203,7 +207,34 @@ async fn a_reload_that_cannot_bind_leaves_the_modules_as_they_were() {
         "the module took the section of a refused reload:\n{}",
         p.log()
     );
+    // The module timeout is still 3 s: a call of 1.5 s is answered, not timed out.
+    assert_eq!(
+        c.ask(&postfix_request(&[("x_test_sleep_ms", "1500")]))
+            .await,
+        "action=reject before\n\n",
+        "the refused reload's module timeout applied:\n{}",
+        p.log()
+    );
     drop(taken);
+}
+
+/// A reload refused because one module is missing closes the modules it had already
+/// loaded for it, instead of leaving them initialised and unreachable.
+#[test]
+fn a_refused_reload_closes_the_modules_it_loaded() {
+    let p = Proc::start(&base("", ""), &[]);
+    p.rewrite_config(&base("\"mod-test\", \"no-such-module\"", ""));
+    p.signal(Signal::SIGHUP);
+    assert!(
+        p.wait_for_log("reload refused", Duration::from_secs(10)),
+        "the reload was not refused:\n{}",
+        p.log()
+    );
+    assert!(
+        p.wait_for_log("mod-test closed", Duration::from_secs(10)),
+        "the module loaded for the refused reload was not closed:\n{}",
+        p.log()
+    );
 }
 
 #[tokio::test]

@@ -460,7 +460,7 @@ pub fn override_cmd(config: &Path, cmd: &OverrideCmd) -> anyhow::Result<()> {
             text,
         } => {
             inspect::parse_override_limits(limits).map_err(anyhow::Error::msg)?;
-            if let Some(rl) = ratelimit(&valvula_config::load_file(config)?.config)? {
+            if let Some(rl) = ratelimit_or_warn(&valvula_config::load_file(config)?.config) {
                 rl.check_override_target(policy, identity)
                     .map_err(anyhow::Error::msg)?;
             }
@@ -552,12 +552,19 @@ fn ratelimit(config: &valvula_config::Config) -> anyhow::Result<Option<Inspect>>
         .map_err(|e| anyhow::anyhow!("[module.mod-ratelimit]: {e}"))
 }
 
+/// [`ratelimit`], or `None` with a warning when the section is one the module would
+/// refuse: the daemon then runs on its previous settings (a reload is refused), and that
+/// is when an operator most needs `usage`; overrides still show and can be set.
+fn ratelimit_or_warn(config: &valvula_config::Config) -> Option<Inspect> {
+    ratelimit(config).unwrap_or_else(|e| {
+        eprintln!("WARNING: {e:#}; mod-ratelimit limits show from override rows only");
+        None
+    })
+}
+
 /// The limits mod-ratelimit applies to a policy's identity: its override row's, else
 /// the configured ones (the module decides which).
 fn ratelimit_limits(rl: Option<&Inspect>, s: &Store, policy: &str, identity: &str) -> Vec<Window> {
-    let Some(rl) = rl else {
-        return Vec::new();
-    };
     let row = s
         .query(Stmt::new(
             inspect::OVERRIDE_LIMITS_QUERY,
@@ -570,12 +577,19 @@ fn ratelimit_limits(rl: Option<&Inspect>, s: &Store, policy: &str, identity: &st
             Some(Value::Text(l)) => Some(l.as_str()),
             _ => None,
         });
-    rl.effective_limits(policy, identity, limits)
-        .unwrap_or_default()
+    match rl {
+        Some(rl) => rl
+            .effective_limits(policy, identity, limits)
+            .unwrap_or_default(),
+        // Without the module's settings, an override row still says its limits.
+        None => limits
+            .and_then(|l| inspect::parse_override_limits(l).ok())
+            .unwrap_or_default(),
+    }
 }
 
 pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
-    let rl = ratelimit(&valvula_config::load_file(config)?.config)?;
+    let rl = ratelimit_or_warn(&valvula_config::load_file(config)?.config);
     open(config, |s| {
         let now = valvula_store::Clock::system().now();
         let mut shown = 0;
@@ -627,8 +641,10 @@ pub fn usage(config: &Path, identity: Option<&str>) -> anyhow::Result<()> {
         }
         // mod-ratelimit.
         if let Some(r) = absent_table_ok(s.query(Stmt::new(
-            "SELECT DISTINCT ckey, win FROM vlv_counter WHERE ns = ? ORDER BY ckey, win",
-            vec![inspect::NAMESPACE.into()],
+            // Sliding windows on SQLite have buckets only, no counter row.
+            "SELECT ckey, win FROM vlv_counter WHERE ns = ? \
+             UNION SELECT ckey, win FROM vlv_slide WHERE ns = ? ORDER BY ckey, win",
+            vec![inspect::NAMESPACE.into(), inspect::NAMESPACE.into()],
         )))? {
             for row in &r.rows {
                 let (Value::Text(key), Value::Text(win)) = (&row[0], &row[1]) else {
@@ -706,8 +722,8 @@ pub fn reset(config: &Path, identity: &str) -> anyhow::Result<()> {
             n += t.affected;
         }
         if let Some(r) = absent_table_ok(s.query(Stmt::new(
-            "SELECT DISTINCT ckey FROM vlv_counter WHERE ns = ?",
-            vec![inspect::NAMESPACE.into()],
+            "SELECT ckey FROM vlv_counter WHERE ns = ? UNION SELECT ckey FROM vlv_slide WHERE ns = ?",
+            vec![inspect::NAMESPACE.into(), inspect::NAMESPACE.into()],
         )))? {
             for row in &r.rows {
                 if let Value::Text(key) = &row[0]

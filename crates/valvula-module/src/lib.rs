@@ -119,7 +119,8 @@ pub trait Module: Sized + Send + Sync + 'static {
     }
     /// Called once a minute (see [`Ticks`]); `now` is the host's clock.
     fn tick(&self, _ticks: Ticks, _now: i64) {}
-    /// The daemon is stopping.
+    /// The daemon is done with the module: it is stopping, or a reload that loaded it
+    /// was refused.
     fn close(self) {}
 }
 

@@ -124,7 +124,13 @@ impl Inspect {
     pub fn configured_limits(&self, policy: &str, identity: &str) -> Result<Vec<Window>, String> {
         let p = self.policy(policy)?;
         let ident = Ident::from_stored(p, identity);
-        let ip = ident.parts.iter().find_map(|a| a.parse::<IpAddr>().ok());
+        // The address part of the identity: a client address, or the network a
+        // `client_network/N` key stores (its first address lies in the same rules).
+        let ip = ident.parts.iter().find_map(|a| {
+            a.parse::<IpAddr>()
+                .ok()
+                .or_else(|| a.parse::<ipnet::IpNet>().ok().map(|n| n.addr()))
+        });
         Ok(config_rule(p, &ident, ip)
             .limits
             .iter()
@@ -165,6 +171,9 @@ mod tests {
         {"name": "net", "key": "client_address",
          "default": {"limits": [["day", 100]]},
          "rules": {"192.0.2.0/24": {"limits": [["day", 7]]}}},
+        {"name": "nets", "key": "client_network/24",
+         "default": {"limits": [["day", 100]]},
+         "rules": {"198.51.100.0/24": {"limits": [["day", 8]]}}},
         {"name": "combo", "key": "sasl_user+client_address",
          "default": {"limits": [["day", 100]]},
          "rules": {"a+b@example.com": {"limits": [["day", 5]]}}}
@@ -180,7 +189,7 @@ mod tests {
     #[test]
     fn rules_chosen_as_the_module_chooses_them() {
         let i = Inspect::from_section_json(SECTION).unwrap();
-        assert_eq!(i.policies(), ["out", "any", "net", "combo"]);
+        assert_eq!(i.policies(), ["out", "any", "net", "nets", "combo"]);
         let l = |p: &str, who: &str| i.configured_limits(p, who).unwrap();
         assert_eq!(l("out", "vip@example.com").len(), 2, "user rule");
         assert_eq!(l("out", "bob@example.com"), [day(50)], "domain rule");
@@ -191,6 +200,12 @@ mod tests {
         );
         assert_eq!(l("out", "carol@example.org"), [day(100)], "default");
         assert_eq!(l("net", "192.0.2.9"), [day(7)], "network rule");
+        assert_eq!(
+            l("nets", "198.51.100.0/24"),
+            [day(8)],
+            "a stored network's rule"
+        );
+        assert_eq!(l("nets", "203.0.113.0/24"), [day(100)], "another network");
         assert_eq!(
             l("any", "sender=alice@example.com"),
             [Window {
@@ -231,7 +246,7 @@ mod tests {
         );
         assert!(i.check_override_target("out", "alice@example.com").is_ok());
         let e = i.check_override_target("gone", "a").unwrap_err();
-        assert!(e.contains("out, any, net, combo"), "{e}");
+        assert!(e.contains("out, any, net, nets, combo"), "{e}");
         assert_eq!(
             parse_counter_key(&counter_key("out", "a:b@c")),
             Some(("out", "a:b@c"))

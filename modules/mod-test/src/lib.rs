@@ -169,6 +169,11 @@ impl Module for TestModule {
         *self.config.write().map_err(|_| "poisoned")? = c;
         Ok(())
     }
+
+    fn close(self) {
+        // Tests read this line: a module loaded for a reload that was refused is closed.
+        tracing::info!("mod-test closed");
+    }
 }
 
 export_module!(

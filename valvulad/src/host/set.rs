@@ -106,8 +106,9 @@ impl ModuleSet {
             if let Some(prev) = previous
                 && let Some((id, name)) = prev.loaded_as(&checked)
             {
+                // Its new dispatch settings (timeout, quarantine) take effect when the
+                // configuration is switched to, not before: a reload may still fail.
                 let d = prev.by_name[&name].clone();
-                d.update_settings(settings);
                 set.files.insert(id, (checked.real.clone(), name.clone()));
                 if entry.contains('/') {
                     set.entries.insert(entry.clone(), name.clone());
@@ -168,6 +169,12 @@ impl ModuleSet {
         if errors.is_empty() {
             Ok((set, reused))
         } else {
+            // The modules initialised for this set must not run on unseen.
+            for (name, d) in &set.by_name {
+                if !reused.contains(name) {
+                    d.close();
+                }
+            }
             Err(errors)
         }
     }

@@ -119,9 +119,12 @@ impl Daemon {
             }
         };
         let empty = toml::Table::new();
+        let settings = host::dispatch_settings(&config);
         let mut kept = Vec::new();
         for name in &reused {
             if let Some(d) = modules.get(name) {
+                // The new timeout and quarantine settings, now that nothing can fail.
+                d.update_settings(settings);
                 let section = config.module_sections.get(name).unwrap_or(&empty).clone();
                 if let Err(e) = d.reconf(section).await {
                     tracing::error!(module = %name, "reconf failed; the module keeps its previous settings: {e}");
