@@ -48,6 +48,7 @@ charge_states = []'
 
 start() { # name
     taskset -c 0 "$V" -c "$W/$1.toml" 2>"$W/$1.log" &
+    SERVER_PID=$!  # taskset execs valvulad: the same process
     # Ready when every listener answers valvula's checkserver probe.
     for _ in $(seq 1 100); do "$V" -c "$W/$1.toml" -p >/dev/null 2>&1 && return; sleep 0.1; done
     cat "$W/$1.log" >&2; exit 1
@@ -57,17 +58,18 @@ stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
 want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { # scenario port conns [extra bench options]
     local j
-    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --json "${@:4}")
-    python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('| %s | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %s | %d |' % (sys.argv[2], d['connections'], d['requests_per_second'], d['latency_ms']['p50'], d['latency_ms']['p99'], d['latency_ms']['p99_9'], d['latency_ms']['max'], ' '.join('%s=%d' % kv for kv in d['actions'].items()), d['errors']))" "$j" "$1"
+    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --server-pid "$SERVER_PID" --json "${@:4}")
+    python3 -c "import json,sys; d=json.loads(sys.argv[1]); s=d['server']; print('| %s | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %.2f | %.1f | %s | %d |' % (sys.argv[2], d['connections'], d['requests_per_second'], d['latency_ms']['p50'], d['latency_ms']['p99'], d['latency_ms']['p99_9'], d['latency_ms']['max'], s['switches_per_request'], s['cpu_us_per_request'], ' '.join('%s=%d' % kv for kv in d['actions'].items()), d['errors']))" "$j" "$1"
 }
 tickets() { # sql-runner: 1000 users on one plan
     { echo "INSERT INTO ticket_plan (id, name, total_limit, day_limit, month_limit) VALUES (1, 'bench', -1, -1, -1);"
       for i in $(seq 0 999); do echo "INSERT INTO domain_ticket (sasl_user, valid_until, ticket_plan_id) VALUES ('user$i@example.com', -1, 1);"; done; } | "$@"
 }
 
-echo "| scenario | connections | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | actions | errors |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| scenario | connections | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | switches/request | µs CPU/request | actions | errors |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 taskset -c 0 "$B" serve-dunno --listen 127.0.0.1:3690 --threads 1 2>/dev/null &
+SERVER_PID=$!
 sleep 0.5
 if want ceiling; then for c in $CONNS; do row "ceiling (parse, answer dunno)" 3690 "$c"; done; fi
 pkill -f "valvula-bench serve-dunno" || true

@@ -103,6 +103,55 @@ struct RunArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// The server's process: report its context switches and CPU time per request over
+    /// the measured window (from /proc), figures that hold on a noisy machine.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+/// What the server spent, from /proc: context switches of all its threads, and CPU time.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cost {
+    switches: u64,
+    cpu_s: f64,
+}
+
+/// Linux reports utime and stime in USER_HZ ticks, 100 a second on every architecture's
+/// user ABI.
+const USER_HZ: f64 = 100.0;
+
+fn cost_of(pid: u32) -> anyhow::Result<Cost> {
+    let mut switches = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end while it is read: its switches are then not counted.
+        let status = std::fs::read_to_string(t?.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    // utime and stime of the whole thread group (ended threads included): the 14th and
+    // 15th fields, counted after the parenthesised command name, which may hold spaces.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: no command name"))?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(f.get(i)
+            .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat: short"))?
+            .parse::<f64>()?)
+    };
+    // After ")": field 3 (state) is index 0, so utime (14) is 11 and stime (15) is 12.
+    Ok(Cost {
+        switches,
+        cpu_s: (ticks(11)? + ticks(12)?) / USER_HZ,
+    })
 }
 
 /// xorshift64*: fast, seedable, plenty for choosing identities.
@@ -377,6 +426,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let args = Arc::new(args);
     let start = Instant::now();
+    // The server's cost at the start and the end of the measured window.
+    let sampler = args.server_pid.map(|pid| {
+        let a = args.clone();
+        tokio::spawn(async move {
+            if a.requests == 0 {
+                tokio::time::sleep_until((start + Duration::from_secs_f64(a.warmup)).into()).await;
+            }
+            let before = cost_of(pid)?;
+            if a.requests == 0 {
+                tokio::time::sleep_until(
+                    (start + Duration::from_secs_f64(a.warmup + a.duration)).into(),
+                )
+                .await;
+            }
+            anyhow::Ok(before)
+        })
+    });
     let tasks: Vec<_> = (0..args.connections)
         .map(|c| {
             tokio::spawn(connection(
@@ -402,9 +468,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.duration
     };
+    let server = match (sampler, args.server_pid) {
+        (Some(s), Some(pid)) => {
+            let before = s.await??;
+            let after = cost_of(pid)?;
+            Some(Cost {
+                switches: after.switches.saturating_sub(before.switches),
+                cpu_s: after.cpu_s - before.cpu_s,
+            })
+        }
+        _ => None,
+    };
     all.latencies_us.sort_unstable();
     let l = &all.latencies_us;
     let count = l.len() as u64;
+    let per_request = server.map(|c| {
+        let n = count.max(1) as f64;
+        (c.switches as f64 / n, c.cpu_s * 1e6 / n)
+    });
     let rps = count as f64 / elapsed;
     let p = |x| percentile(l, x) as f64 / 1000.0;
     if args.json {
@@ -414,6 +495,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "requests": count, "seconds": elapsed, "requests_per_second": rps,
             "latency_ms": {"p50": p(50.0), "p90": p(90.0), "p99": p(99.0), "p99_9": p(99.9), "max": l.last().copied().unwrap_or(0) as f64 / 1000.0},
             "actions": all.actions, "errors": all.errors,
+            "server": per_request.map(|(sw, us)| serde_json::json!({"switches_per_request": sw, "cpu_us_per_request": us})),
         });
         println!("{v}");
     } else {
@@ -435,6 +517,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|(a, n)| format!("{a}={n}"))
             .collect();
         println!("actions: {}  errors: {}", actions.join(" "), all.errors);
+        if let Some((sw, us)) = per_request {
+            println!("server per request: {sw:.2} context switches, {us:.1} µs CPU");
+        }
     }
     Ok(())
 }
