@@ -19,12 +19,14 @@ MODS=$PWD/target/release
 W=$(mktemp -d)
 trap 'pkill -f "$W" 2>/dev/null || true; pkill -f "valvula-bench serve-dunno" 2>/dev/null || true; rm -rf "$W"' EXIT
 
-config() { # name port modules storage module-sections
+# The shipped defaults: nothing below tunes the daemon or the modules (thread pools,
+# pool sizes and accounting as packaged); TUNED rows are extras, never the headline.
+config() { # name port modules storage module-sections [extra server settings]
     cat > "$W/$1.toml" <<CFG
 [server]
 module_dirs = ["$MODS"]
 admin_socket = ""
-module_threads = 64
+${6:-}
 [log]
 level = "warn"
 $4
@@ -37,7 +39,6 @@ $5
 CFG
 }
 RATELIMIT='[module.mod-ratelimit]
-accounting = false
 [[module.mod-ratelimit.policy]]
 name = "users"
 key = "sasl_user"
@@ -54,11 +55,11 @@ start() { # name
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
-# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tk newconn rlm tkm exact memory).
+# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tuned tk newconn rlm tkm exact memory).
 want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { # scenario port conns [extra bench options]
     local j
-    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --server-pid "$SERVER_PID" --json "${@:4}")
+    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --stage eod --server-pid "$SERVER_PID" --json "${@:4}")
     python3 -c "import json,sys; d=json.loads(sys.argv[1]); s=d['server']; print('| %s | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %.2f | %.1f | %s | %d |' % (sys.argv[2], d['connections'], d['requests_per_second'], d['latency_ms']['p50'], d['latency_ms']['p99'], d['latency_ms']['p99_9'], d['latency_ms']['max'], s['switches_per_request'], s['cpu_us_per_request'], ' '.join('%s=%d' % kv for kv in d['actions'].items()), d['errors']))" "$j" "$1"
 }
 tickets() { # sql-runner: 1000 users on one plan
@@ -81,6 +82,12 @@ if want empty; then start empty; for c in $CONNS; do row "valvulad, empty chain"
 config rl 3692 '"mod-ratelimit"' "[storage]
 path = \"$W/rl.db\"" "$RATELIMIT"
 if want rl; then start rl; for c in $CONNS; do row "mod-ratelimit, SQLite" 3692 "$c"; done; stop rl; fi
+# Extra: the tuned configuration earlier tables used (not what a user who changes
+# nothing gets).
+config rlt 3701 '"mod-ratelimit"' "[storage]
+path = \"$W/rlt.db\"" "${RATELIMIT/\[module.mod-ratelimit\]/[module.mod-ratelimit]
+accounting = false}" "module_threads = 64"
+if want tuned; then start rlt; for c in $CONNS; do row "mod-ratelimit, SQLite, tuned (module_threads 64, accounting off)" 3701 "$c"; done; stop rlt; fi
 
 config tk 3693 '"mod-ticket"' "[storage]
 path = \"$W/tk.db\"" "$TICKET"
@@ -98,13 +105,11 @@ if mariadb-admin ping >/dev/null 2>&1; then
     mariadb -uroot -e "DROP DATABASE IF EXISTS $DB; CREATE DATABASE $DB"
     config rlm 3694 '"mod-ratelimit"' "[storage]
 backend = \"mysql\"
-url = \"mysql://root@127.0.0.1:3306/$DB\"
-pool_size = 64" "$RATELIMIT"
+url = \"mysql://root@127.0.0.1:3306/$DB\"" "$RATELIMIT"
     if want rlm; then start rlm; for c in $CONNS; do row "mod-ratelimit, MariaDB" 3694 "$c"; done; stop rlm; fi
     config tkm 3695 '"mod-ticket"' "[storage]
 backend = \"mysql\"
-url = \"mysql://root@127.0.0.1:3306/$DB\"
-pool_size = 64" "$TICKET"
+url = \"mysql://root@127.0.0.1:3306/$DB\"" "$TICKET"
     if want tkm; then start tkm; tickets mariadb -uroot "$DB"; for c in $CONNS; do row "mod-ticket, MariaDB" 3695 "$c"; done; stop tkm; fi
     mariadb -uroot -e "DROP DATABASE $DB"
 fi
