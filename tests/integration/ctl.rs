@@ -365,13 +365,7 @@ fn admin_session(storage: &str) {
     );
     let p = Proc::start(&modules, &[]);
     let cfg = p.config_path.display().to_string();
-    let run = |more: &[&str]| {
-        let mut a = vec!["--config", cfg.as_str()];
-        a.extend_from_slice(more);
-        let r = ctl(&a);
-        assert_eq!(r.0, 0, "{more:?}: {}{}", r.1, r.2);
-        r.1
-    };
+    let run = |more: &[&str]| ctl_ok(&cfg, more).0;
     assert!(
         run(&["plan", "add", "basic", "--day", "3", "--month", "100"]).contains("plan 1 added")
     );
@@ -525,13 +519,7 @@ fn usage_follows_the_module_on_networks_sliding_windows_and_a_broken_section() {
     );
     let p = Proc::start(&cfg_text, &[]);
     let cfg = p.config_path.display().to_string();
-    let run = |more: &[&str]| {
-        let mut a = vec!["--config", cfg.as_str()];
-        a.extend_from_slice(more);
-        let r = ctl(&a);
-        assert_eq!(r.0, 0, "{more:?}: {}{}", r.1, r.2);
-        (r.1, r.2)
-    };
+    let run = |more: &[&str]| ctl_ok(&cfg, more);
     let addr = p.addrs()[0].clone();
     let (out, _) = run(&["-t", &addr, "--sasl-user", "alice@example.com"]);
     assert!(out.contains("action=dunno"), "{out}");
@@ -820,6 +808,15 @@ fn hooks_a_real_postfix() {
             .contains("Rejecting operation because day limit reached (1)"),
         "{r:?}"
     );
+}
+
+/// valvula-ctl with `--config cfg` and `args`, which must succeed: (stdout, stderr).
+fn ctl_ok(cfg: &str, args: &[&str]) -> (String, String) {
+    let mut a = vec!["--config", cfg];
+    a.extend_from_slice(args);
+    let (code, out, err) = ctl(&a);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    (out, err)
 }
 
 /// A MariaDB account with a password, allowed on one test database; dropped afterwards.

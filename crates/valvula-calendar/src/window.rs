@@ -135,12 +135,6 @@ pub struct Window {
     pub limit: i64,
 }
 
-impl Window {
-    pub fn limited(self) -> bool {
-        self.limit >= 0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,23 +203,5 @@ mod tests {
             "UTC day {start}"
         );
         assert_eq!(WindowKind::Sliding(600).span(tokyo, 1_234), (1_200, 1_800));
-    }
-
-    #[test]
-    fn a_negative_limit_counts_without_limiting() {
-        assert!(
-            !Window {
-                kind: WindowKind::Day,
-                limit: -1
-            }
-            .limited()
-        );
-        assert!(
-            Window {
-                kind: WindowKind::Day,
-                limit: 0
-            }
-            .limited()
-        );
     }
 }

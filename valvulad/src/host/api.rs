@@ -1,6 +1,7 @@
 //! The host side of the C ABI: what `vlv_module_ctx *` and `vlv_request *` point at,
-//! and the host services every module gets in one static table. Raw pointers live here
-//! (and in `storage`, the storage services), nowhere else.
+//! and the request, reply, log and clock services (`table` lists them for modules).
+//! Raw pointers live here, in `storage` (the storage services) and in `load` (calls
+//! into the module), nowhere else.
 
 use std::collections::HashMap;
 use std::ffi::c_char;
