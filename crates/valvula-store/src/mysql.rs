@@ -786,19 +786,22 @@ impl Shared {
                 r = &mut work => Some(r),
                 () = tokio::time::sleep_until(deadline) => {
                     if committing.load(Ordering::Acquire) {
-                        tracing::warn!(target: crate::LOG_TARGET,
-                            jobs = batch.writes.len() + batch.consumes.len(),
-                            "the database stopped answering after a COMMIT went out; waiting for its outcome"
+                        // A COMMIT still unanswered at the batch's deadline: away, or only
+                        // slow (a loaded server; the COMMIT may have gone out just before
+                        // the deadline). Asked as for any call that ran out of time, so a
+                        // slow COMMIT never fails every other key as an outage would.
+                        let what = format!(
+                            "no answer to a COMMIT within {:?} (storage timeout)",
+                            self.timeout
                         );
-                        // A COMMIT unanswered for the storage timeout: the database is
-                        // away. Other calls fail at once and the probe watches for it.
-                        self.record::<()>(
-                            &Err(StoreError::Unavailable(format!(
-                                "no answer to a COMMIT within {:?} (storage timeout)",
-                                self.timeout
-                            ))),
-                            true,
-                        );
+                        if let e @ StoreError::Unavailable(_) = self.timed_out(&what).await {
+                            tracing::warn!(target: crate::LOG_TARGET,
+                                jobs = batch.writes.len() + batch.consumes.len(),
+                                "the database stopped answering after a COMMIT went out; waiting for its outcome"
+                            );
+                            // Other calls fail at once and the probe watches for it.
+                            self.record::<()>(&Err(e), true);
+                        }
                         let r = tokio::time::timeout(IN_DOUBT_MAX, work).await.unwrap_or_else(|_| {
                             Err(StoreError::InDoubt(format!(
                                 "no answer to a COMMIT within {IN_DOUBT_MAX:?}"
