@@ -111,5 +111,7 @@ VLV_MODULE_EXPORT const vlv_module_def vlv_module_v1 = {
     example_process,
     example_reconf,
     example_close,
-    NULL,
+    NULL, /* tick */
+    NULL, /* process_poll (ABI 0.5): this module answers at once */
+    NULL, /* process_drop */
 };

@@ -43,7 +43,7 @@ extern "C" {
 
 /* ABI version this header describes. */
 #define VLV_ABI_MAJOR 0
-#define VLV_ABI_MINOR 4
+#define VLV_ABI_MINOR 5
 
 /* First field of vlv_module_def: the bytes "VLVM" read as a little-endian
  * uint32. Guards against loading a library that merely has the symbol. */
@@ -81,6 +81,17 @@ typedef struct vlv_str {
 #define VLV_E_FAILED (-4)
 /* The service is temporarily unavailable (e.g. the database is down). */
 #define VLV_E_UNAVAILABLE (-5)
+/* ABI 0.5: an asynchronous storage call was submitted; its status and outputs
+ * are written before the host calls process_poll() again (see process_poll). */
+#define VLV_PENDING 1
+/* ABI 0.5: returned by process_poll on its first call (nothing submitted): decide
+ * this request with process() on a worker thread instead, because it must block
+ * (a rare, slow path such as a schema change or a day's rollover). */
+#define VLV_BLOCKING 2
+
+/* ABI 0.5: consume_async() flag: answer what the call would charge, charge
+ * nothing (as peek()). */
+#define VLV_CONSUME_PEEK 0x1u
 
 /* ---------------------------------------------------------------------------
  * Policy actions (uint32_t), for reply_set()
@@ -404,6 +415,42 @@ typedef struct vlv_host_api {
      * configuration was read), e.g. "Europe/Madrid". *name: static, valid until
      * the daemon exits. Returns VLV_OK, or VLV_E_UNAVAILABLE without storage. */
     int32_t (*time_zone)(vlv_module_ctx *ctx, vlv_str *name);
+
+    /* ---- ABI 0.5: completion-based storage. Check with
+     * VLV_HAS(host, vlv_host_api, sql_exec_async).
+     *
+     * For modules with a process_poll hook: a request waits for the database
+     * without holding a thread, and the commit of its charge is shared with
+     * the other requests of the moment (one transaction, one disk flush).
+     * Call them only from process_poll, with the req it was given (anything
+     * else: VLV_E_INVALID). Each copies its inputs (SQL, parameters, keys,
+     * windows, token) before it returns, and returns either VLV_PENDING (the
+     * call was submitted) or its final status at once (an invalid argument).
+     * Either way, *status and the outputs are written before the host calls
+     * process_poll again for this request: the module returns VLV_PENDING from
+     * process_poll, and is polled again once every call it submitted has its
+     * answer. Until then the output pointers (and charges[i].states) must stay
+     * valid; the host writes nothing after process_drop().
+     * Statuses as the synchronous forms. */
+
+    /* consume_all() (flags 0) or peek() of several keys (VLV_CONSUME_PEEK). */
+    int32_t (*consume_async)(vlv_module_ctx *ctx, vlv_request *req, vlv_str token,
+                             uint32_t flags, vlv_charge *charges, size_t n,
+                             uint32_t *admitted, uint32_t *repeated, int32_t *status);
+
+    /* sql_query(): *rows is set when *status is VLV_OK; free it with
+     * rows_free() (also from process_drop if the call is abandoned later). */
+    int32_t (*sql_query_async)(vlv_module_ctx *ctx, vlv_request *req, vlv_str sql,
+                               const vlv_value *params, size_t n_params,
+                               vlv_rows **rows, int32_t *status);
+
+    /* sql_exec() of a write (INSERT, UPDATE, DELETE, REPLACE; schema changes
+     * belong in init or tick: VLV_E_INVALID here), or with a token (len > 0)
+     * sql_exec_once(). affected, last_insert_id and repeated may be NULL. */
+    int32_t (*sql_exec_async)(vlv_module_ctx *ctx, vlv_request *req, vlv_str token,
+                              vlv_str sql, const vlv_value *params, size_t n_params,
+                              uint64_t *affected, int64_t *last_insert_id,
+                              uint32_t *repeated, int32_t *status);
 } vlv_host_api;
 
 /* How long consume_once(), consume_all() and sql_exec_once() remember a token:
@@ -469,6 +516,32 @@ typedef struct vlv_module_def {
      * DAY and MONTH added when those begin. Runs on the blocking pool under
      * the module timeout. Optional (NULL). */
     void (*tick)(void *state, uint32_t kinds, int64_t now);
+
+    /* ---- ABI 0.5 (optional, NULL in older modules).
+     *
+     * Decides one request like process(), but may wait for the database
+     * without holding a thread: when set, the host calls it instead of
+     * process(), on its event loop, under the listener's module timeout.
+     * First call: *call is NULL. To wait, submit calls with the _async
+     * storage functions, keep what you need in memory of your own, point
+     * *call at it and return VLV_PENDING; once every submitted call has its
+     * answer, the host calls process_poll again with the same req and *call.
+     * Finish as process() does (reply_set, return a status), after freeing
+     * *call. If the host gives up on the request (timeout, shutdown) while a
+     * call is pending, it calls process_drop(state, *call) instead, and never
+     * polls that call again.
+     * It must not block: no sleeping, no synchronous storage calls (they
+     * would stall every request of the listener); a request that must block
+     * returns VLV_BLOCKING from its first poll, and the host calls process()
+     * for it on a worker thread. THREADS: polls of one
+     * request never overlap, but may run on different threads; polls of
+     * different requests run concurrently. A module with VLV_FLAG_SERIALIZE
+     * is called through process() as before. */
+    int32_t (*process_poll)(void *state, vlv_request *req, void **call);
+
+    /* Frees a call the host abandoned (see process_poll). Required with
+     * process_poll when the module keeps memory in *call. */
+    void (*process_drop)(void *state, void *call);
 } vlv_module_def;
 
 /* Declares the symbol in a module:

@@ -175,7 +175,7 @@ fn each_load_error_is_specific() {
             e,
             LoadError::ShortStruct {
                 size: 32,
-                need: 104,
+                need: 120,
                 ..
             }
         ),
@@ -780,5 +780,122 @@ async fn reload_as_the_daemon_user_loads_through_the_checked_descriptor() {
         "action=reject sender blocked by mod-example\n\n",
         "{}",
         p.log()
+    );
+}
+
+#[tokio::test]
+async fn c_module_built_for_abi_0_4_loads_and_answers() {
+    let dir = module_tempdir();
+    let so = build(dir.path(), "c/abi_0_4.c", "abi_0_4.so", &[]);
+    let cfg = config_for(&[&so], &["abi-0-4"], "");
+    let (_d, a) = start_loaded(cfg).await;
+    let mut c = Client::connect(&a[0]).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[("sender", "old@x")])).await,
+        "action=reject old module says no\n\n"
+    );
+    assert_eq!(c.ask(&postfix_request(&[])).await, "action=dunno\n\n");
+}
+
+/// ABI 0.5 from C: a module on process_poll and consume_async counts exactly under
+/// concurrency, is charged once per instance, and its mistakes (VLV_PENDING with
+/// nothing submitted) cost the request, not the daemon; VLV_BLOCKING reaches process().
+#[test]
+fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = module_tempdir();
+    let so = build(
+        dir.path(),
+        "c/async_counter.c",
+        "async_counter.so",
+        &["FIXTURE_LIMIT=50"],
+    );
+    let db = tempfile::tempdir().unwrap();
+    let cfg = config_for(
+        &[&so],
+        &["async-counter"],
+        &format!("[storage]\npath = {:?}\n", db.path().join("v.db")),
+    );
+    let store = valvula_store::Store::open(&cfg.storage, rt.handle().clone()).unwrap();
+    let (modules, _) = ModuleSet::load(
+        &cfg,
+        None,
+        &Services::new(store.clone(), valvula_store::Clock::system()),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let (_daemon, a) = rt.block_on(start(cfg, modules));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for conn in 0..16 {
+            let addr = a[0].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = Client::connect(&addr).await;
+                let mut answers = Vec::new();
+                for i in 0..10 {
+                    let instance = format!("{conn}.{i}");
+                    let r = c
+                        .ask(&postfix_request(&[("sender", "s@x"), ("instance", &instance)]))
+                        .await;
+                    answers.push(r);
+                }
+                answers
+            }));
+        }
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.extend(t.await.unwrap());
+        }
+        let admitted = answers.iter().filter(|r| *r == "action=dunno\n\n").count();
+        let refused = answers
+            .iter()
+            .filter(|r| *r == "action=reject limit reached\n\n")
+            .count();
+        assert_eq!(
+            (admitted, refused),
+            (50, 110),
+            "160 requests against a limit of 50; answers: {answers:?}"
+        );
+
+        let mut c = Client::connect(&a[0]).await;
+        for _ in 0..3 {
+            let r = c
+                .ask(&postfix_request(&[("sender", "t@x"), ("instance", "same")]))
+                .await;
+            assert_eq!(r, "action=dunno\n\n", "a re-sent request");
+        }
+        let r = c.ask(&postfix_request(&[("sender", "block@x")])).await;
+        assert_eq!(r, "action=ok blocking\n\n", "VLV_BLOCKING runs process()");
+        let r = c.ask(&postfix_request(&[("sender", "pending@x")])).await;
+        assert!(
+            r.starts_with("action=defer"),
+            "VLV_PENDING with nothing submitted gets the on-error action: {r:?}"
+        );
+        let r = c
+            .ask(&postfix_request(&[("sender", "u@x"), ("instance", "u1")]))
+            .await;
+        assert_eq!(
+            r, "action=warn a call was dropped\n\n",
+            "the abandoned call was handed back through process_drop"
+        );
+    });
+    let used = store
+        .peek(
+            "async-counter",
+            "t@x",
+            0,
+            &[valvula_store::Window {
+                kind: valvula_store::WindowKind::Day,
+                limit: 50,
+            }],
+            valvula_store::Clock::system().now(),
+        )
+        .unwrap();
+    assert_eq!(
+        used.windows[0].used, 1,
+        "one instance sent three times is charged once: {used:?}"
     );
 }

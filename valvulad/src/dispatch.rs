@@ -40,6 +40,10 @@ pub enum HandlerError {
     RequestData(String),
     #[error("{0}")]
     Other(String),
+    /// An asynchronous call asked to be run on a worker thread instead (ABI 0.5
+    /// `VLV_BLOCKING`): not an outcome, the dispatcher runs `handle` for it.
+    #[error("module asked for a worker thread")]
+    Blocking,
 }
 
 impl HandlerError {
@@ -66,6 +70,30 @@ pub struct CallWatch {
     outage: AtomicBool,
     request_data: AtomicBool,
 }
+
+impl CallWatch {
+    /// The call waits on the database from now on (until [`CallWatch::left_storage`]).
+    pub(crate) fn entered_storage(&self) {
+        self.in_storage.fetch_add(1, Ordering::AcqRel);
+    }
+    pub(crate) fn left_storage(&self) {
+        self.in_storage.fetch_sub(1, Ordering::AcqRel);
+    }
+    /// What the call's storage calls met.
+    pub(crate) fn note(&self, outage: bool, request_data: bool) {
+        if outage {
+            self.outage.store(true, Ordering::Release);
+        }
+        if request_data {
+            self.request_data.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A module call that runs on the request's own task (ABI 0.5 `process_poll`).
+pub type AsyncCall = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<Reply>, HandlerError>> + Send + 'static>,
+>;
 
 thread_local! {
     static WATCH: std::cell::RefCell<Option<Arc<CallWatch>>> = const { std::cell::RefCell::new(None) };
@@ -126,6 +154,13 @@ pub trait Handler: Send + Sync + 'static {
     }
     /// Decides one request: `Ok(None)` is DUNNO.
     fn handle(&self, req: &Request) -> Result<Option<Reply>, HandlerError>;
+    /// Decides one request on the request's own task, waiting for the database without
+    /// holding a thread; `None` when the module has no such entry (then `handle` runs
+    /// on the module's worker threads). `watch` learns when the call waits on storage
+    /// and what its storage calls met.
+    fn handle_async(&self, _req: &Arc<Request>, _watch: &Arc<CallWatch>) -> Option<AsyncCall> {
+        None
+    }
     /// The configuration was reloaded; `section` is the module's new `[module.NAME]`.
     fn reconf(&self, _section: &toml::Table) -> Result<(), HandlerError> {
         Ok(())
@@ -304,7 +339,29 @@ impl Dispatcher {
         let settings = self.settings();
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let result = if self.handler.nonblocking() {
+        let watch = Arc::new(CallWatch::default());
+        let result = if let Some(call) = self.handler.handle_async(req, &watch) {
+            let r = match tokio::time::timeout(
+                settings.timeout,
+                futures_util::FutureExt::catch_unwind(AssertUnwindSafe(call)),
+            )
+            .await
+            {
+                Err(_) if watch.in_storage.load(Ordering::Acquire) > 0 => {
+                    Err(HandlerError::Unavailable(format!(
+                        "module still waiting on the database after {:?}",
+                        settings.timeout
+                    )))
+                }
+                Err(_) => Err(HandlerError::Timeout(settings.timeout)),
+                Ok(Err(p)) => Err(HandlerError::Panicked(valvula_store::sync::panic_text(&*p))),
+                Ok(Ok(r)) => r,
+            };
+            match r {
+                Err(HandlerError::Blocking) => self.call_blocking(req, settings.timeout).await,
+                r => Self::judged(r, &watch),
+            }
+        } else if self.handler.nonblocking() {
             match catch_unwind(AssertUnwindSafe(|| self.handler.handle(req))) {
                 Ok(r) => r,
                 Err(p) => Err(HandlerError::Panicked(valvula_store::sync::panic_text(&*p))),
@@ -383,7 +440,15 @@ impl Dispatcher {
         let handler = self.handler.clone();
         let req = req.clone();
         let (r, watch) = self.on_pool(timeout, move || handler.handle(&req)).await;
-        let r = r.and_then(|r| r);
+        Self::judged(r.and_then(|r| r), &watch)
+    }
+
+    /// A call's result in the light of what its storage calls met: a failure after an
+    /// outage or a refused request value is not the module's fault.
+    fn judged(
+        r: Result<Option<Reply>, HandlerError>,
+        watch: &CallWatch,
+    ) -> Result<Option<Reply>, HandlerError> {
         if watch.outage.load(Ordering::Acquire) {
             // Whatever the module made of it, the database was away during the call.
             return r.map_err(|e| match e {

@@ -11,7 +11,7 @@ use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 
 pub const VLV_ABI_MAJOR: u16 = 0;
-pub const VLV_ABI_MINOR: u16 = 4;
+pub const VLV_ABI_MINOR: u16 = 5;
 pub const VLV_ONCE_KEEP_SECONDS: i64 = 3_600;
 pub const VLV_MODULE_MAGIC: u32 = 0x4D56_4C56;
 /// `VLV_MODULE_SYMBOL`, NUL-terminated for dlsym.
@@ -23,6 +23,14 @@ pub const VLV_E_INVALID: i32 = -2;
 pub const VLV_E_TOO_SMALL: i32 = -3;
 pub const VLV_E_FAILED: i32 = -4;
 pub const VLV_E_UNAVAILABLE: i32 = -5;
+/// ABI 0.5: an asynchronous call was submitted; its answer comes before the next poll.
+pub const VLV_PENDING: i32 = 1;
+/// ABI 0.5: `process_poll` asks for this request to be decided by `process` on a
+/// worker thread instead (it must block: a rare, slow path).
+pub const VLV_BLOCKING: i32 = 2;
+
+/// ABI 0.5: `consume_async` answers what it would charge, charging nothing.
+pub const VLV_CONSUME_PEEK: u32 = 0x1;
 
 pub const VLV_ACTION_DUNNO: u32 = 0;
 pub const VLV_ACTION_OK: u32 = 1;
@@ -264,6 +272,45 @@ pub struct vlv_host_api {
     >,
     pub time_zone:
         Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, name: *mut vlv_str) -> i32>,
+    // ABI 0.5: completion-based storage, from `process_poll` only.
+    pub consume_async: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            req: *mut vlv_request,
+            token: vlv_str,
+            flags: u32,
+            charges: *mut vlv_charge,
+            n: usize,
+            admitted: *mut u32,
+            repeated: *mut u32,
+            status: *mut i32,
+        ) -> i32,
+    >,
+    pub sql_query_async: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            req: *mut vlv_request,
+            sql: vlv_str,
+            params: *const vlv_value,
+            n_params: usize,
+            rows: *mut *mut vlv_rows,
+            status: *mut i32,
+        ) -> i32,
+    >,
+    pub sql_exec_async: Option<
+        unsafe extern "C" fn(
+            ctx: *mut vlv_module_ctx,
+            req: *mut vlv_request,
+            token: vlv_str,
+            sql: vlv_str,
+            params: *const vlv_value,
+            n_params: usize,
+            affected: *mut u64,
+            last_insert_id: *mut i64,
+            repeated: *mut u32,
+            status: *mut i32,
+        ) -> i32,
+    >,
 }
 
 pub type ConsumeOnceFn = unsafe extern "C" fn(
@@ -311,6 +358,15 @@ pub struct vlv_module_def {
     pub reconf: Option<unsafe extern "C" fn(state: *mut c_void) -> i32>,
     pub close: Option<unsafe extern "C" fn(state: *mut c_void)>,
     pub tick: Option<unsafe extern "C" fn(state: *mut c_void, kinds: u32, now: i64)>,
+    // ABI 0.5: completion-based processing.
+    pub process_poll: Option<
+        unsafe extern "C" fn(
+            state: *mut c_void,
+            req: *mut vlv_request,
+            call: *mut *mut c_void,
+        ) -> i32,
+    >,
+    pub process_drop: Option<unsafe extern "C" fn(state: *mut c_void, call: *mut c_void)>,
 }
 
 // SAFETY: the definition is immutable static data of the module; its pointers refer to
@@ -332,7 +388,8 @@ pub const fn module_def_min_size(minor: u16) -> Option<usize> {
         // 0.0 and 0.1 defined every field up to `tick`; 0.2 to 0.4 only added host
         // services, so the module definition kept that layout. A minor that adds a
         // hook adds an arm here ending at its last field.
-        0..=VLV_ABI_MINOR => Some(offset_of!(vlv_module_def, tick) + size_of::<usize>()),
+        0..=4 => Some(offset_of!(vlv_module_def, tick) + size_of::<usize>()),
+        5 => Some(offset_of!(vlv_module_def, process_drop) + size_of::<usize>()),
         _ => None,
     }
 }
@@ -367,7 +424,10 @@ const _: () = {
     assert!(offset_of!(vlv_host_api, sql_exec_once) == 160);
     assert!(offset_of!(vlv_host_api, consume_all) == 168);
     assert!(offset_of!(vlv_host_api, time_zone) == 176);
-    assert!(size_of::<vlv_host_api>() == 184);
+    assert!(offset_of!(vlv_host_api, consume_async) == 184);
+    assert!(offset_of!(vlv_host_api, sql_query_async) == 192);
+    assert!(offset_of!(vlv_host_api, sql_exec_async) == 200);
+    assert!(size_of::<vlv_host_api>() == 208);
     assert!(size_of::<vlv_charge>() == 56);
     assert!(offset_of!(vlv_charge, amount) == 16);
     assert!(offset_of!(vlv_charge, windows) == 24);
@@ -399,8 +459,11 @@ const _: () = {
     assert!(offset_of!(vlv_module_def, reconf) == 80);
     assert!(offset_of!(vlv_module_def, close) == 88);
     assert!(offset_of!(vlv_module_def, tick) == 96);
-    assert!(size_of::<vlv_module_def>() == 104);
+    assert!(offset_of!(vlv_module_def, process_poll) == 104);
+    assert!(offset_of!(vlv_module_def, process_drop) == 112);
+    assert!(size_of::<vlv_module_def>() == 120);
     assert!(matches!(module_def_min_size(1), Some(104)));
-    assert!(matches!(module_def_min_size(VLV_ABI_MINOR), Some(104)));
+    assert!(matches!(module_def_min_size(4), Some(104)));
+    assert!(matches!(module_def_min_size(VLV_ABI_MINOR), Some(120)));
     assert!(module_def_min_size(VLV_ABI_MINOR + 1).is_none());
 };

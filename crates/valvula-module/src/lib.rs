@@ -23,6 +23,7 @@
 //! panic (a panic becomes an error status, which the daemon answers with the listener's
 //! on-error action) and route `tracing` events to the daemon's log.
 
+mod asynchronous;
 mod bounded;
 mod host;
 mod log_bridge;
@@ -43,6 +44,20 @@ pub use valvula_policy::Action;
 
 /// Errors a module reports; the daemon logs them and applies the on-error action.
 pub type Error = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Returned by `process_async` before its first storage call when this request must
+/// block (a schema change, a rollover): the daemon then decides it with `process` on a
+/// worker thread (ABI 0.5 `VLV_BLOCKING`), where [`Request::polled`] is false.
+#[derive(Debug, Clone, Copy)]
+pub struct RunBlocking;
+
+impl std::fmt::Display for RunBlocking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this request needs a worker thread")
+    }
+}
+
+impl std::error::Error for RunBlocking {}
 
 /// Which clock boundaries a tick crossed (`VLV_TICK_*` bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,11 +123,30 @@ impl Verdict {
 /// What a module implements. One value is created by `init` and shared by every thread
 /// that calls `process` (so it is `Sync`: use atomics or locks for mutable state, or set
 /// the SERIALIZE flag in [`export_module!`]).
+///
+/// Implement `process`, or set [`Module::ASYNC`] and implement `process_async` (each
+/// one's default calls the other): then a daemon of ABI 0.5 runs the request on its
+/// own task, and the `_async` storage calls ([`Host::consume_all_async`],
+/// [`Host::query_async`], ...) wait for the database without holding a thread, their
+/// commits shared with the other requests of the moment. An older daemon calls
+/// `process`, which then runs the same future with the calls done synchronously.
 pub trait Module: Sized + Send + Sync + 'static {
+    /// Export `process_async` as the module's `process_poll` (ABI 0.5).
+    const ASYNC: bool = false;
     /// Called once at load. Keep `host` for logging and configuration.
     fn init(host: Host) -> Result<Self, Error>;
     /// Decides one request.
-    fn process(&self, req: &Request<'_>) -> Result<Verdict, Error>;
+    fn process(&self, req: &Request<'_>) -> Result<Verdict, Error> {
+        trampolines::ready_now(self.process_async(req))
+    }
+    /// Decides one request on the daemon's event loop (with [`Module::ASYNC`]). It must
+    /// not block: wait for the database only through the `_async` storage calls.
+    fn process_async<'a>(
+        &'a self,
+        req: &'a Request<'a>,
+    ) -> impl std::future::Future<Output = Result<Verdict, Error>> + Send + 'a {
+        async move { self.process(req) }
+    }
     /// The daemon reloaded its configuration; re-read it with [`Host::config`].
     fn reconf(&self) -> Result<(), Error> {
         Ok(())

@@ -6,8 +6,18 @@ use crate::abi::{self, vlv_host_api, vlv_request, vlv_str};
 pub struct Request<'a> {
     api: &'static vlv_host_api,
     raw: *mut vlv_request,
+    /// Polled by a daemon of ABI 0.5 (`process_poll`): the `_async` storage calls are
+    /// submitted rather than run at once.
+    polled: bool,
     _call: PhantomData<&'a ()>,
 }
+
+// SAFETY: the request is only read through the host's request_get/request_attr, which
+// may be called from any thread while the call is live; a `process_async` future that
+// holds it is polled by one thread at a time.
+unsafe impl Sync for Request<'_> {}
+// SAFETY: as above.
+unsafe impl Send for Request<'_> {}
 
 fn as_str<'a>(s: vlv_str) -> &'a str {
     if s.ptr.is_null() || s.len == 0 {
@@ -21,16 +31,24 @@ fn as_str<'a>(s: vlv_str) -> &'a str {
 }
 
 impl<'a> Request<'a> {
-    pub(crate) fn new(api: &'static vlv_host_api, raw: *mut vlv_request) -> Self {
+    pub(crate) fn new(api: &'static vlv_host_api, raw: *mut vlv_request, polled: bool) -> Self {
         Request {
             api,
             raw,
+            polled,
             _call: PhantomData,
         }
     }
 
     pub(crate) fn raw(&self) -> *mut vlv_request {
         self.raw
+    }
+
+    /// Whether the request is being decided on the daemon's event loop (a
+    /// `process_async` polled by a daemon of ABI 0.5), where nothing may block: return
+    /// [`crate::RunBlocking`] from its first step to be called on a worker thread.
+    pub fn polled(&self) -> bool {
+        self.polled
     }
 
     /// The value of attribute `name` (the last one if Postfix sent it twice); `Some("")`

@@ -98,7 +98,7 @@ impl fmt::Display for StorageError {
 
 impl std::error::Error for StorageError {}
 
-fn status(rc: i32) -> Result<(), StorageError> {
+pub(crate) fn status(rc: i32) -> Result<(), StorageError> {
     match rc {
         abi::VLV_OK => Ok(()),
         abi::VLV_E_UNAVAILABLE => Err(StorageError::Unavailable),
@@ -161,7 +161,7 @@ pub struct Consumption {
 }
 
 /// The ABI form of a parameter; it borrows the text or bytes of `v`.
-fn raw(v: &Value) -> vlv_value {
+pub(crate) fn raw(v: &Value) -> vlv_value {
     let mut r = vlv_value {
         r#type: abi::VLV_VALUE_NULL,
         reserved: 0,
@@ -194,7 +194,7 @@ fn raw(v: &Value) -> vlv_value {
     r
 }
 
-fn bytes(s: vlv_str) -> Vec<u8> {
+pub(crate) fn bytes(s: vlv_str) -> Vec<u8> {
     if s.ptr.is_null() || s.len == 0 {
         return Vec::new();
     }
@@ -202,7 +202,7 @@ fn bytes(s: vlv_str) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(s.ptr.cast::<u8>(), s.len) }.to_vec()
 }
 
-fn cooked(v: &vlv_value) -> Value {
+pub(crate) fn cooked(v: &vlv_value) -> Value {
     match v.r#type {
         abi::VLV_VALUE_INT => Value::Int(v.i),
         abi::VLV_VALUE_FLOAT => Value::Float(v.f),
@@ -212,7 +212,7 @@ fn cooked(v: &vlv_value) -> Value {
     }
 }
 
-fn raw_window(w: &Window) -> vlv_window {
+pub(crate) fn raw_window(w: &Window) -> vlv_window {
     let (kind, seconds) = match w.kind {
         WindowKind::Hour => (abi::VLV_WINDOW_HOUR, 0),
         WindowKind::Day => (abi::VLV_WINDOW_DAY, 0),
@@ -228,7 +228,7 @@ fn raw_window(w: &Window) -> vlv_window {
     }
 }
 
-fn cooked_states(states: &[vlv_window_state]) -> Vec<WindowState> {
+pub(crate) fn cooked_states(states: &[vlv_window_state]) -> Vec<WindowState> {
     states
         .iter()
         .map(|s| WindowState {
@@ -242,7 +242,7 @@ fn cooked_states(states: &[vlv_window_state]) -> Vec<WindowState> {
 
 /// The host's table when it reaches the function pointer at `offset` (an older daemon's
 /// table is shorter), e.g. `offset_of!(vlv_host_api, reset)`.
-fn reaching(api: &vlv_host_api, offset: usize) -> Result<&vlv_host_api, StorageError> {
+pub(crate) fn reaching(api: &vlv_host_api, offset: usize) -> Result<&vlv_host_api, StorageError> {
     if (api.struct_size as usize) < offset + std::mem::size_of::<usize>() {
         return Err(StorageError::NotSupported);
     }
@@ -354,14 +354,7 @@ impl Host {
     /// Runs a query and copies its result.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows, StorageError> {
         let api = storage_api(self.api())?;
-        let (Some(q), Some(count), Some(cols), Some(get), Some(name), Some(free)) = (
-            api.sql_query,
-            api.rows_count,
-            api.rows_columns,
-            api.rows_get,
-            api.rows_column_name,
-            api.rows_free,
-        ) else {
+        let Some(q) = api.sql_query else {
             return Err(StorageError::NotSupported);
         };
         let raws: Vec<vlv_value> = params.iter().map(raw).collect();
@@ -376,6 +369,27 @@ impl Host {
                 &mut rows,
             )
         })?;
+        // SAFETY: rows is the live handle the host just gave us.
+        unsafe { copy_rows(api, rows) }.ok_or(StorageError::NotSupported)
+    }
+}
+
+/// Copies a result out of a host handle, then frees the handle.
+///
+/// # Safety
+/// `rows` is a live handle from this host's `sql_query` or `sql_query_async`, not used
+/// afterwards.
+pub(crate) unsafe fn copy_rows(api: &vlv_host_api, rows: *mut abi::vlv_rows) -> Option<Rows> {
+    let (Some(count), Some(cols), Some(get), Some(name), Some(free)) = (
+        api.rows_count,
+        api.rows_columns,
+        api.rows_get,
+        api.rows_column_name,
+        api.rows_free,
+    ) else {
+        return None;
+    };
+    {
         // SAFETY: rows is a live handle until the free below; cells are copied first.
         unsafe {
             let (n, m) = (count(rows), cols(rows));
@@ -396,10 +410,12 @@ impl Host {
                 out.rows.push(row);
             }
             free(rows);
-            Ok(out)
+            Some(out)
         }
     }
+}
 
+impl Host {
     fn charge(
         &self,
         key: &str,

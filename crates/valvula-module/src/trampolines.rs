@@ -7,7 +7,11 @@ use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::abi::{self, vlv_host_api, vlv_module_ctx, vlv_module_def, vlv_request, vlv_str};
-use crate::{Action, Host, LogLevel, Module, Request, Ticks};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use crate::{Action, Error, Host, LogLevel, Module, Request, Ticks, Verdict};
 
 /// What the `state` pointer given to the host points at.
 struct Slot<M> {
@@ -36,7 +40,40 @@ pub const fn definition<M: Module>(
         reconf: Some(reconf::<M>),
         close: Some(close::<M>),
         tick: Some(tick::<M>),
+        process_poll: if M::ASYNC {
+            Some(process_poll::<M>)
+        } else {
+            None
+        },
+        process_drop: if M::ASYNC {
+            Some(process_drop::<M>)
+        } else {
+            None
+        },
     }
+}
+
+/// Runs a `process_async` future whose storage calls are synchronous (called from
+/// `process`): it is ready at the first poll.
+pub(crate) fn ready_now<F: Future<Output = Result<Verdict, Error>>>(
+    f: F,
+) -> Result<Verdict, Error> {
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Err(
+            "process_async waited for something other than the host's storage calls; \
+             called through process() it must finish at once"
+                .into(),
+        ),
+    }
+}
+
+/// What `*call` points at between polls of one request.
+struct Call<'m> {
+    /// Declared first: dropped before the request it borrows.
+    future: Pin<Box<dyn Future<Output = Result<Verdict, Error>> + Send + 'm>>,
+    _request: Box<Request<'m>>,
 }
 
 fn panic_text(p: &(dyn Any + Send)) -> &str {
@@ -106,9 +143,89 @@ unsafe extern "C" fn process<M: Module>(state: *mut c_void, req: *mut vlv_reques
     let Some(slot) = (unsafe { slot::<M>(state) }) else {
         return abi::VLV_E_INVALID;
     };
-    let api = slot.host.api();
-    let request = Request::new(api, req);
+    let request = Request::new(slot.host.api(), req, false);
     let r = catch_unwind(AssertUnwindSafe(|| slot.module.process(&request)));
+    finish(slot, req, r)
+}
+
+unsafe extern "C" fn process_poll<M: Module>(
+    state: *mut c_void,
+    req: *mut vlv_request,
+    call: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: the host passes back the state init returned.
+    let Some(slot) = (unsafe { slot::<M>(state) }) else {
+        return abi::VLV_E_INVALID;
+    };
+    if call.is_null() {
+        return abi::VLV_E_INVALID;
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: call is the host's slot for this request's call pointer.
+        let mut current = unsafe { (*call).cast::<Call<'static>>() };
+        if current.is_null() {
+            let request = Box::new(Request::new(slot.host.api(), req, true));
+            // SAFETY: the module lives until close, which the host calls only after
+            // every call ended or was dropped; the request box lives in the Call with
+            // the future, and the host passes the same req to every poll of the call
+            // (header, ABI 0.5). So both outlive the future, which is dropped first.
+            let (module, r): (&'static M, &'static Request<'static>) = unsafe {
+                (
+                    &*std::ptr::from_ref(&slot.module),
+                    &*std::ptr::from_ref::<Request<'_>>(&*request).cast::<Request<'static>>(),
+                )
+            };
+            current = Box::into_raw(Box::new(Call {
+                future: Box::pin(module.process_async(r)),
+                _request: request,
+            }));
+            // SAFETY: as above; the host keeps the pointer for the next poll or drop.
+            unsafe { *call = current.cast() };
+        }
+        // SAFETY: current is the live Call this request's first poll made.
+        let c = unsafe { &mut *current };
+        c.future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+    }));
+    let blocking = matches!(&r, Ok(Poll::Ready(Err(e))) if e.is::<crate::RunBlocking>());
+    let r = match r {
+        Ok(Poll::Pending) => return abi::VLV_PENDING,
+        Ok(Poll::Ready(r)) => Ok(r),
+        Err(p) => Err(p),
+    };
+    // Finished (or panicked): the call is freed here, never polled again.
+    // SAFETY: the pointer this function stored; taken back once and cleared.
+    let done = unsafe { std::mem::replace(&mut *call, std::ptr::null_mut()) };
+    if !done.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: a Box<Call> made above, freed once.
+            drop(unsafe { Box::from_raw(done.cast::<Call<'static>>()) })
+        }));
+    }
+    if blocking {
+        return abi::VLV_BLOCKING;
+    }
+    finish(slot, req, r)
+}
+
+unsafe extern "C" fn process_drop<M: Module>(_state: *mut c_void, call: *mut c_void) {
+    if call.is_null() {
+        return;
+    }
+    // SAFETY: the host gives back a call pointer process_poll made, once, and never
+    // polls it again.
+    let c = unsafe { Box::from_raw(call.cast::<Call<'static>>()) };
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(c)));
+}
+
+/// Hands a finished `process` or `process_poll` call's verdict to the host.
+fn finish<M: Module>(
+    slot: &Slot<M>,
+    req: *mut vlv_request,
+    r: std::thread::Result<Result<Verdict, Error>>,
+) -> i32 {
+    let api = slot.host.api();
     match r {
         Ok(Ok(v)) if v.action == Action::Dunno && v.text.is_empty() => abi::VLV_OK,
         Ok(Ok(mut v)) => {
@@ -128,13 +245,7 @@ unsafe extern "C" fn process<M: Module>(state: *mut c_void, req: *mut vlv_reques
             }
             // SAFETY: req is the live request of this call; the text is copied by the
             // host before reply_set returns.
-            let rc = unsafe {
-                set(
-                    request.raw(),
-                    action_code(v.action),
-                    vlv_str::from_str(&v.text),
-                )
-            };
+            let rc = unsafe { set(req, action_code(v.action), vlv_str::from_str(&v.text)) };
             if rc != abi::VLV_OK {
                 slot.host.log(
                     LogLevel::Error,

@@ -6,8 +6,11 @@
 //! affected rows say yes or no), so two daemons on one MariaDB database admit exactly the
 //! limit between them. A consumption is answered only after its transaction committed.
 //!
-//! Modules call in from their worker threads, synchronously; the backends do their own
-//! threading (a group-commit writer thread for SQLite, the async pool for MySQL).
+//! Modules call in either synchronously from their worker threads, or (ABI 0.5) with
+//! the `_async` forms from the request's own task, which waits for the commit without
+//! holding a thread. The backends group the calls of many requests into one
+//! transaction either way (a group-commit writer thread for SQLite, lanes on the async
+//! pool for MySQL).
 
 mod clock;
 mod consume;
@@ -225,8 +228,29 @@ pub(crate) enum Expire {
     Tokens { before: i64 },
 }
 
+/// The answer of a storage call made from a task: submitted when the call was made
+/// (so it joins the next batch whether or not it is awaited at once), resolved after
+/// its transaction committed.
+pub type StoreFuture<T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'static>>;
+
+fn ready<T: Send + 'static>(r: Result<T>) -> StoreFuture<T> {
+    Box::pin(std::future::ready(r))
+}
+
 /// What a backend does; [`Store`] validates before calling it.
 pub(crate) trait Engine: Send + Sync {
+    /// A write (INSERT, UPDATE, DELETE, REPLACE) from a task.
+    fn exec_async(&self, stmt: Stmt) -> StoreFuture<Exec>;
+    fn exec_once_async(
+        &self,
+        ns: &str,
+        token: &str,
+        stmt: Stmt,
+        now: i64,
+    ) -> StoreFuture<Option<Exec>>;
+    fn query_async(&self, stmt: Stmt) -> StoreFuture<Rows>;
+    fn consume_async(&self, req: consume::Request) -> StoreFuture<Outcome>;
     fn exec(&self, stmt: Stmt) -> Result<Exec>;
     fn batch(&self, stmts: Vec<Stmt>) -> Result<Vec<Exec>>;
     fn query(&self, stmt: Stmt) -> Result<Rows>;
@@ -598,6 +622,67 @@ impl Store {
         }];
         let req = self.request(ns, &c, true, None, now)?;
         self.engine.consume(req).map(Outcome::single)
+    }
+
+    /// [`Store::consume_all`] (or, with `peek`, what it would answer) from a task.
+    pub fn consume_all_async(
+        &self,
+        ns: &str,
+        token: Option<&str>,
+        charges: &[Charge<'_>],
+        peek: bool,
+        now: i64,
+    ) -> StoreFuture<Outcome> {
+        match self.request(ns, charges, peek, if peek { None } else { token }, now) {
+            Ok(req) => self.engine.consume_async(req),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// [`Store::query`] from a task.
+    pub fn query_async(&self, stmt: Stmt) -> StoreFuture<Rows> {
+        if let Err(e) = check_sql(&stmt.sql) {
+            return ready(Err(e));
+        }
+        tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "query");
+        self.engine.query_async(stmt)
+    }
+
+    /// A write from a task; with `once = Some((ns, token))`, at most once per token
+    /// ([`Store::exec_once`]: `None` when done before). Schema changes are not taken:
+    /// they belong in `init` or `tick`, where a long one holds no request.
+    pub fn exec_async(
+        &self,
+        stmt: Stmt,
+        once: Option<(&str, &str)>,
+        now: i64,
+    ) -> StoreFuture<Option<Exec>> {
+        if let Err(e) = check_sql(&stmt.sql) {
+            return ready(Err(e));
+        }
+        if !is_dml(&stmt.sql) {
+            return ready(Err(StoreError::Invalid(
+                "the asynchronous exec takes an INSERT, UPDATE, DELETE or REPLACE statement; \
+                 run schema changes with sql_exec from init or tick"
+                    .into(),
+            )));
+        }
+        tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "exec");
+        match once {
+            None => {
+                let f = self.engine.exec_async(stmt);
+                Box::pin(async move { f.await.map(Some) })
+            }
+            Some((ns, token)) => {
+                if let Err(e) = sized("namespace", ns, MAX_NAMESPACE_BYTES) {
+                    return ready(Err(e));
+                }
+                match stored_key("token", token) {
+                    Ok(t) => self.engine.exec_once_async(ns, &t, stmt, now),
+                    Err(e) => ready(Err(e)),
+                }
+            }
+        }
     }
 
     /// Forgets every counter of `key` (all windows). Returns the rows removed.

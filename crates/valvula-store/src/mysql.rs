@@ -1123,6 +1123,42 @@ impl Mysql {
         }
     }
 
+    /// [`Mysql::submit`] for a task: queued now, awaited without holding a thread.
+    fn submit_async<T: Send + 'static>(
+        &self,
+        h: u64,
+        work: impl FnOnce(Promise<Result<T>>, Instant) -> Work,
+    ) -> super::StoreFuture<T> {
+        if let Err(e) = self.shared.fail_fast() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let lane = &self.lanes[h as usize % self.lanes.len()];
+        let (tx, rx): (Promise<Result<T>>, Answer<Result<T>>) = crate::sync::oneshot();
+        let timeout = self.shared.timeout;
+        let deadline = std::time::Instant::now() + timeout;
+        if lane.send(work(tx, deadline.into())).is_err() {
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(
+                "the runtime stopped".into(),
+            ))));
+        }
+        Box::pin(async move {
+            match rx.wait_until_async(deadline).await {
+                Waited::Value(r) => r,
+                Waited::Dropped => Err(StoreError::Unavailable("the runtime stopped".into())),
+                Waited::GaveUp => Err(StoreError::Unavailable(format!(
+                    "no transaction within {timeout:?} (storage timeout): the database is busy or stalled"
+                ))),
+            }
+        })
+    }
+
+    fn write_async(&self, w: Write) -> super::StoreFuture<Option<Exec>> {
+        let s = match &w {
+            Write::Exec(s) | Write::Once { stmt: s, .. } => s,
+        };
+        self.submit_async(hash_of(row_key(s)), |tx, d| Work::Write(w, tx, d))
+    }
+
     /// A write goes to the lane of the row it most likely touches, so that two writes
     /// of one row never wait on each other's locks from two lanes (two lane
     /// transactions taking such rows in opposite orders deadlock: seen with
@@ -1136,6 +1172,46 @@ impl Mysql {
 }
 
 impl Engine for Mysql {
+    fn exec_async(&self, stmt: Stmt) -> super::StoreFuture<Exec> {
+        let f = self.write_async(Write::Exec(stmt));
+        Box::pin(async move { f.await.map(|e| e.unwrap_or_default()) })
+    }
+
+    fn exec_once_async(
+        &self,
+        ns: &str,
+        token: &str,
+        stmt: Stmt,
+        now: i64,
+    ) -> super::StoreFuture<Option<Exec>> {
+        self.write_async(Write::Once {
+            ns: ns.to_owned(),
+            token: token.to_owned(),
+            now,
+            stmt,
+        })
+    }
+
+    fn query_async(&self, stmt: Stmt) -> super::StoreFuture<Rows> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let timeout = shared.timeout;
+            shared
+                .attempt(false, timeout, move |c| {
+                    let s = stmt.clone();
+                    Box::pin(async move { query_rows(c, &s.sql, s.params).await })
+                })
+                .await
+        })
+    }
+
+    fn consume_async(&self, req: consume::Request) -> super::StoreFuture<Outcome> {
+        let first = req.parts.first().map(|p| p.key.clone()).unwrap_or_default();
+        self.submit_async(hash_of((&req.ns, &first)), |tx, d| {
+            Work::Consume(req, tx, d)
+        })
+    }
+
     fn exec(&self, stmt: Stmt) -> Result<Exec> {
         if super::is_dml(&stmt.sql) {
             return self.write(Write::Exec(stmt)).map(|e| e.unwrap_or_default());

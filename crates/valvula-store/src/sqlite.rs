@@ -593,14 +593,35 @@ impl Sqlite {
     /// outage: reads go on working on a full or read-only disk, and letting them end it
     /// made every failed write start a new one (thousands of lines a second).
     fn record<T>(&self, r: &Result<T>, write: bool) {
-        match r {
-            Err(StoreError::Unavailable(m)) => {
-                self.outage.failed(m);
-            }
-            Err(StoreError::Busy(_)) => {}
-            Ok(_) if write => self.outage.ok(),
-            _ => {}
+        record_on(&self.outage, r, write);
+    }
+
+    /// [`Sqlite::call`] for a task: the job is queued now, the future waits for the
+    /// writer's answer without holding a thread.
+    fn call_async<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Job,
+    ) -> super::StoreFuture<T> {
+        let (tx, rx) = oneshot();
+        let stopped =
+            || StoreError::Unavailable("the SQLite writer dropped the job (see the log)".into());
+        if self.jobs.push(make(tx)).is_err() {
+            return Box::pin(std::future::ready(Err(stopped())));
         }
+        let (outage, path, timeout) = (self.outage.clone(), self.path.clone(), self.timeout);
+        let deadline = Instant::now() + timeout;
+        Box::pin(async move {
+            let r = match rx.wait_until_async(deadline).await {
+                Waited::Value(r) => r,
+                Waited::Dropped => Err(stopped()),
+                Waited::GaveUp => Err(StoreError::Unavailable(format!(
+                    "{}: no transaction within {timeout:?} (storage timeout): the database is busy or stalled",
+                    path.display(),
+                ))),
+            };
+            record_on(&outage, &r, true);
+            r
+        })
     }
 
     /// Hands a job to the writer and waits for its answer. A job the writer has not
@@ -632,6 +653,18 @@ impl Sqlite {
     }
 }
 
+/// Records how a call went, for the outage log (see [`Sqlite::record`]).
+fn record_on<T>(outage: &Outage, r: &Result<T>, write: bool) {
+    match r {
+        Err(StoreError::Unavailable(m)) => {
+            outage.failed(m);
+        }
+        Err(StoreError::Busy(_)) => {}
+        Ok(_) if write => outage.ok(),
+        _ => {}
+    }
+}
+
 impl Drop for Sqlite {
     /// The writer finishes the queued jobs, then ends (closing its connection).
     fn drop(&mut self) {
@@ -640,6 +673,26 @@ impl Drop for Sqlite {
 }
 
 impl Engine for Sqlite {
+    fn exec_async(&self, stmt: Stmt) -> super::StoreFuture<Exec> {
+        self.call_async(|tx| Job::Exec(stmt, tx))
+    }
+    fn exec_once_async(
+        &self,
+        ns: &str,
+        token: &str,
+        stmt: Stmt,
+        now: i64,
+    ) -> super::StoreFuture<Option<Exec>> {
+        self.call_async(|tx| Job::Once(ns.to_owned(), token.to_owned(), now, stmt, tx))
+    }
+    fn query_async(&self, stmt: Stmt) -> super::StoreFuture<Rows> {
+        // A read of a local file takes microseconds and never waits for the writer
+        // (WAL): done at once on the caller's thread.
+        Box::pin(std::future::ready(self.query(stmt)))
+    }
+    fn consume_async(&self, req: consume::Request) -> super::StoreFuture<Outcome> {
+        self.call_async(|tx| Job::Consume(req, tx))
+    }
     fn exec(&self, stmt: Stmt) -> Result<Exec> {
         self.call(|tx| Job::Exec(stmt, tx))
     }

@@ -6,6 +6,7 @@
 //! runtime needed. A mutex and a condition variable go to sleep on the futex directly.
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Locking that goes on after a panic elsewhere. A thread that panicked while holding
@@ -135,6 +136,9 @@ enum SlotState<T> {
 struct Slot<T> {
     state: Mutex<SlotState<T>>,
     ready: Condvar,
+    /// The task awaiting the value (async waiters); set under the `state` lock, so an
+    /// answer given between the waiter's check and its registration is not missed.
+    waker: Mutex<Option<std::task::Waker>>,
 }
 
 /// The sending half of a one-value hand-off.
@@ -148,6 +152,7 @@ pub fn oneshot<T>() -> (Promise<T>, Answer<T>) {
     let slot = Arc::new(Slot {
         state: Mutex::new(SlotState::Pending),
         ready: Condvar::new(),
+        waker: Mutex::new(None),
     });
     (Promise(Some(slot.clone())), Answer(slot))
 }
@@ -161,6 +166,9 @@ impl<T> Promise<T> {
             }
             drop(st);
             slot.ready.notify_all();
+            if let Some(w) = lock(&slot.waker).take() {
+                w.wake();
+            }
         }
     }
 
@@ -250,6 +258,56 @@ impl<T> Answer<T> {
                     st = self.0.ready.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
             }
+        }
+    }
+}
+
+impl<T> Answer<T> {
+    fn poll_waited(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        expired: bool,
+    ) -> std::task::Poll<Waited<T>> {
+        let mut st = lock(&self.0.state);
+        match &*st {
+            SlotState::Done(_) => {
+                let SlotState::Done(v) = std::mem::replace(&mut *st, SlotState::Cancelled) else {
+                    unreachable!("matched Done")
+                };
+                std::task::Poll::Ready(v.map_or(Waited::Dropped, Waited::Value))
+            }
+            SlotState::Pending if expired => {
+                *st = SlotState::Cancelled;
+                std::task::Poll::Ready(Waited::GaveUp)
+            }
+            _ => {
+                *lock(&self.0.waker) = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    /// [`Answer::wait_until`] for a task: the same rules (an unclaimed job is cancelled
+    /// at the deadline, a claimed one is waited for past it) without holding a thread.
+    pub async fn wait_until_async(self, deadline: std::time::Instant) -> Waited<T> {
+        let sleep = tokio::time::sleep_until(deadline.into());
+        let mut sleep = std::pin::pin!(sleep);
+        std::future::poll_fn(|cx| {
+            let expired = sleep.as_mut().poll(cx).is_ready();
+            self.poll_waited(cx, expired)
+        })
+        .await
+    }
+}
+
+impl<T> Drop for Answer<T> {
+    /// A waiter that goes away (its request was answered on a timeout, its task was
+    /// dropped) cancels a job the producer has not started: it must not take effect
+    /// after its request was answered without it.
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        if matches!(*st, SlotState::Pending) {
+            *st = SlotState::Cancelled;
         }
     }
 }

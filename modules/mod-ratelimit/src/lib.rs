@@ -343,7 +343,7 @@ impl RateLimit {
     }
 
     /// The policies that apply to the request, with what each counts.
-    fn applied<'s>(
+    async fn applied<'s>(
         &self,
         s: &'s Settings,
         req: &Request<'_>,
@@ -364,7 +364,7 @@ impl RateLimit {
                 continue;
             };
             let base = config_rule(p, &ident, req.client_address().and_then(|a| a.parse().ok()));
-            let rule = tables::effective_rule(self, p, &ident.stored(), base, now)?;
+            let rule = tables::effective_rule(self, req, p, &ident.stored(), base, now).await?;
             if rule.limits.is_empty() {
                 continue;
             }
@@ -435,7 +435,7 @@ impl RateLimit {
     }
 
     /// Charges every applied policy together (all or none) and answers.
-    fn charge(
+    async fn charge(
         &self,
         s: &Settings,
         applied: &[Applied<'_>],
@@ -455,7 +455,10 @@ impl RateLimit {
         // all policies at once: the host records the token with the charges, in one
         // transaction.
         let token = token_of(req, "ratelimit", &charges);
-        let c = self.host.consume_all(token.as_deref(), &charges)?;
+        let c = self
+            .host
+            .consume_all_async(req, token.as_deref(), &charges)
+            .await?;
         if c.repeated {
             tracing::info!(
                 instance = req.instance().unwrap_or(""),
@@ -487,12 +490,15 @@ impl RateLimit {
                     amount: a.amount,
                     windows: &unlimited,
                 }];
-                self.host.consume_all(
-                    token_of(req, "ratelimit-refused", &counted).as_deref(),
-                    &counted,
-                )?;
+                self.host
+                    .consume_all_async(
+                        req,
+                        token_of(req, "ratelimit-refused", &counted).as_deref(),
+                        &counted,
+                    )
+                    .await?;
             }
-            return Ok(self.refusal(s, a, part, now));
+            return Ok(self.refusal(s, a, part, req, now).await);
         }
         let mut soft = None;
         for (a, part) in applied.iter().zip(&c.charges) {
@@ -509,6 +515,7 @@ impl RateLimit {
                     req,
                     now,
                 )
+                .await
             {
                 self.warn_accounting(&a.policy.name, &e.to_string(), now);
             }
@@ -525,7 +532,14 @@ impl RateLimit {
     }
 
     /// The reply for a refusal, the log line, and the first-refusal notification.
-    fn refusal(&self, s: &Settings, a: &Applied<'_>, c: &Consumption, now: i64) -> Verdict {
+    async fn refusal(
+        &self,
+        s: &Settings,
+        a: &Applied<'_>,
+        c: &Consumption,
+        req: &Request<'_>,
+        now: i64,
+    ) -> Verdict {
         let (p, rule, ident) = (a.policy, &a.rule, a.ident.shown());
         let (i, st) = c
             .windows
@@ -539,14 +553,17 @@ impl RateLimit {
         tracing::warn!(policy = %p.name, identity = %ident, window = %name, used = st.used, limit, retry_after = retry, "rate limit reached");
         // Once per identity and window: a log event and the notification command.
         let key = inspect::notify_key(&p.name, &a.ident.stored());
-        if let Ok(first) = self.host.consume(
-            &key,
-            1,
-            &[Window {
-                kind: *kind,
-                limit: 1,
-            }],
-        ) && first.admitted
+        let once = [Window {
+            kind: *kind,
+            limit: 1,
+        }];
+        let first = Charge {
+            key: &key,
+            amount: 1,
+            windows: &once,
+        };
+        if let Ok(first) = self.host.consume_async(req, first).await
+            && first.admitted
         {
             tracing::warn!(policy = %p.name, identity = %ident, window = %name, limit, "rate limit reached for the first time in this window");
             if let Some(cmd) = &s.notify_command {
@@ -571,6 +588,10 @@ impl RateLimit {
 }
 
 impl Module for RateLimit {
+    // Requests wait for their commit on the daemon's event loop (ABI 0.5), not on a
+    // worker thread each.
+    const ASYNC: bool = true;
+
     fn init(host: Host) -> Result<Self, Error> {
         let settings = load(&host)?;
         if let Err(e) = tables::ensure(&host) {
@@ -593,7 +614,7 @@ impl Module for RateLimit {
         })
     }
 
-    fn process(&self, req: &Request<'_>) -> Result<Verdict, Error> {
+    async fn process_async(&self, req: &Request<'_>) -> Result<Verdict, Error> {
         let s = self.settings()?;
         let ip: Option<IpAddr> = req.client_address().and_then(|a| a.parse().ok());
         if ip.is_some_and(|i| s.exempt_networks.iter().any(|n| n.contains(&i))) {
@@ -607,19 +628,25 @@ impl Module for RateLimit {
         let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
         let charge = s.charge_at.is_empty() || s.charge_at.contains(&state);
         let now = self.host.now();
-        let applied = self.applied(&s, req, sasl.is_some(), now)?;
+        let applied = self.applied(&s, req, sasl.is_some(), now).await?;
         if applied.is_empty() {
             return Ok(Verdict::dunno());
         }
         if charge {
-            return self.charge(&s, &applied, req, &state, now);
+            return self.charge(&s, &applied, req, &state, now).await;
         }
         // Not a charging stage: refuse early what the charge would refuse.
-        for a in &applied {
-            let c = self.host.peek(&a.key, a.amount, &a.windows)?;
-            if !c.admitted {
-                return Ok(self.refusal(&s, a, &c, now));
-            }
+        let charges: Vec<Charge<'_>> = applied
+            .iter()
+            .map(|a| Charge {
+                key: &a.key,
+                amount: a.amount,
+                windows: &a.windows,
+            })
+            .collect();
+        let c = self.host.peek_all_async(req, &charges).await?;
+        if let Some((a, c)) = applied.iter().zip(&c.charges).find(|(_, c)| !c.admitted) {
+            return Ok(self.refusal(&s, a, c, req, now).await);
         }
         Ok(Verdict::dunno())
     }

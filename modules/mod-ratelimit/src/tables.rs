@@ -171,8 +171,9 @@ fn period_start(zone: valvula_calendar::Zone, kind: WindowKind, now: i64) -> i64
 /// An override row that cannot be used (limits or action an operator mistyped) is
 /// logged and skipped: the configured rule applies. Operator data must never turn every
 /// request of an identity into a module failure.
-pub fn effective_rule(
+pub async fn effective_rule(
     m: &RateLimit,
+    req: &Request<'_>,
     p: &Policy,
     ident: &str,
     base: &Rule,
@@ -180,10 +181,12 @@ pub fn effective_rule(
 ) -> Result<Rule, Error> {
     let host = &m.host;
     let ident = stored_identity(ident);
-    let r = host.query(
+    let r = host
+        .query_async(
+            req,
         "SELECT id, limits, action, text, persist, period_start FROM ratelimit_override WHERE policy = ? AND identity = ?",
         &[p.name.as_str().into(), ident.as_ref().into()],
-    )?;
+    ).await?;
     let Some(row) = r.rows.first() else {
         return Ok(base.clone());
     };
@@ -196,37 +199,45 @@ pub fn effective_rule(
     match seen {
         // Edited with period_start cleared (valvula-ctl does): the override starts now.
         None => {
-            host.exec(
+            host
+                .exec_async(
+                req,
                 "UPDATE ratelimit_override SET period_start = ? WHERE id = ? AND period_start IS NULL",
                 &[current.into(), id.into()],
-            )?;
+            ).await?;
         }
         // A row started by a version that reckoned periods in UTC: the same window,
         // in this daemon's zone (else an upgrade ended every temporary override early).
         Some(s)
             if s != current && s == period_start(valvula_calendar::Zone::UTC, reference, now) =>
         {
-            host.exec(
+            host.exec_async(
+                req,
                 "UPDATE ratelimit_override SET period_start = ? WHERE id = ? AND period_start = ?",
                 &[current.into(), id.into(), s.into()],
-            )?;
+            )
+            .await?;
         }
         Some(s) if s != current => {
             if !persist {
                 // A new window: the temporary override ends (once, whoever sees it first).
-                host.exec(
+                host
+                    .exec_async(
+                    req,
                     "DELETE FROM ratelimit_override WHERE id = ? AND period_start = ? AND persist = 0",
                     &[id.into(), s.into()],
-                )?;
+                ).await?;
                 if has_override {
                     tracing::info!(policy = %p.name, identity = %ident, "temporary override ended with its window");
                 }
                 return Ok(base.clone());
             }
-            host.exec(
+            host.exec_async(
+                req,
                 "UPDATE ratelimit_override SET period_start = ? WHERE id = ? AND period_start = ?",
                 &[current.into(), id.into(), s.into()],
-            )?;
+            )
+            .await?;
         }
         _ => {}
     }
@@ -266,7 +277,7 @@ fn apply(base: &Rule, cells: &[Value]) -> Result<Rule, Error> {
 }
 
 /// Adds one admitted request to the identity's accounting row of the period.
-pub fn account(
+pub async fn account(
     host: &Host,
     zone: valvula_calendar::Zone,
     s: &Settings,
@@ -306,15 +317,17 @@ pub fn account(
         add("bytes_rcpt")
     );
     let update = update.as_str();
-    if host.exec(update, &params())?.affected == 0 {
-        host.exec(
+    if host.exec_async(req, update, &params()).await?.affected == 0 {
+        host.exec_async(
+            req,
             &format!(
                 "{} INTO ratelimit_accounting (policy, identity, period) VALUES (?, ?, ?)",
                 ignore(host)
             ),
             &[policy.into(), ident.into(), period.into()],
-        )?;
-        host.exec(update, &params())?;
+        )
+        .await?;
+        host.exec_async(req, update, &params()).await?;
     }
     Ok(())
 }

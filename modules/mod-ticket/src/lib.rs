@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use serde::Deserialize;
-use valvula_module::{Dialect, Error, Host, Module, Request, Ticks, Value, Verdict, export_module};
+use valvula_module::{
+    Dialect, Error, Host, Module, Request, RunBlocking, Ticks, Value, Verdict, export_module,
+};
 
 #[derive(Deserialize, Clone, Debug, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -169,7 +171,12 @@ enum Charged {
 impl Ticket {
     /// The exact match on one column (case-insensitive on both backends, as valvula's
     /// MySQL collation makes it).
-    fn exact(&self, col: Column, ident: &str) -> Result<Option<Row>, Error> {
+    async fn exact(
+        &self,
+        req: &Request<'_>,
+        col: Column,
+        ident: &str,
+    ) -> Result<Option<Row>, Error> {
         let nocase = if self.host.dialect() == Dialect::Sqlite {
             " COLLATE NOCASE"
         } else {
@@ -179,17 +186,22 @@ impl Ticket {
             "SELECT {TICKET_COLUMNS} FROM domain_ticket WHERE {} = ?{nocase} ORDER BY id LIMIT 1",
             col.name()
         );
-        let r = self.host.query(&sql, &[ident.into()])?;
+        let r = self.host.query_async(req, &sql, &[ident.into()]).await?;
         Ok(r.rows.first().map(|c| Row::from(c)))
     }
 
     /// The first row whose comma-separated list really contains `ident`.
-    fn listed(&self, col: Column, ident: &str) -> Result<Option<Row>, Error> {
+    async fn listed(
+        &self,
+        req: &Request<'_>,
+        col: Column,
+        ident: &str,
+    ) -> Result<Option<Row>, Error> {
         let sql = format!(
             "SELECT {TICKET_COLUMNS}, {c} FROM domain_ticket WHERE INSTR(LOWER({c}), LOWER(?)) > 0 ORDER BY id",
             c = col.name()
         );
-        let r = self.host.query(&sql, &[ident.into()])?;
+        let r = self.host.query_async(req, &sql, &[ident.into()]).await?;
         for cells in &r.rows {
             let list = cells[9].as_str().unwrap_or("");
             if list
@@ -203,25 +215,30 @@ impl Ticket {
     }
 
     /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list.
-    fn find(&self, user: Option<&str>, domain: Option<&str>) -> Result<Option<Found>, Error> {
+    async fn find(
+        &self,
+        req: &Request<'_>,
+        user: Option<&str>,
+        domain: Option<&str>,
+    ) -> Result<Option<Found>, Error> {
         let exact = |r: Row| Found {
             row: r,
             descriptive: None,
         };
         if let Some(u) = user
-            && let Some(r) = self.exact(Column::SaslUser, u)?
+            && let Some(r) = self.exact(req, Column::SaslUser, u).await?
         {
             return Ok(Some(exact(r)));
         }
         if let Some(d) = domain
-            && let Some(r) = self.exact(Column::Domain, d)?
+            && let Some(r) = self.exact(req, Column::Domain, d).await?
         {
             return Ok(Some(exact(r)));
         }
         // valvula names the SASL user when there is one, else the domain.
         let descriptive = user.or(domain).map(str::to_owned);
         if let Some(u) = user
-            && let Some(r) = self.listed(Column::SaslUser, u)?
+            && let Some(r) = self.listed(req, Column::SaslUser, u).await?
         {
             return Ok(Some(Found {
                 row: r,
@@ -229,7 +246,7 @@ impl Ticket {
             }));
         }
         if let Some(d) = domain
-            && let Some(r) = self.listed(Column::Domain, d)?
+            && let Some(r) = self.listed(req, Column::Domain, d).await?
         {
             return Ok(Some(Found {
                 row: r,
@@ -239,11 +256,15 @@ impl Ticket {
         Ok(None)
     }
 
-    fn plan(&self, id: i64) -> Result<Option<(i64, i64, i64)>, Error> {
-        let r = self.host.query(
-            "SELECT total_limit, day_limit, month_limit FROM ticket_plan WHERE id = ?",
-            &[id.into()],
-        )?;
+    async fn plan(&self, req: &Request<'_>, id: i64) -> Result<Option<(i64, i64, i64)>, Error> {
+        let r = self
+            .host
+            .query_async(
+                req,
+                "SELECT total_limit, day_limit, month_limit FROM ticket_plan WHERE id = ?",
+                &[id.into()],
+            )
+            .await?;
         Ok(r.rows.first().map(|c| (num(&c[0]), num(&c[1]), num(&c[2]))))
     }
 
@@ -272,8 +293,9 @@ impl Ticket {
     /// still admits it. One statement: exact under any concurrency. With a token (the
     /// request's `instance`, stage and recipient) the host runs it at most once, so a
     /// request Postfix re-sends after its policy timeout is not charged again.
-    fn charge(
+    async fn charge(
         &self,
+        req: &Request<'_>,
         id: i64,
         n: i64,
         (total, day, month): (i64, i64, i64),
@@ -302,11 +324,11 @@ impl Ticket {
             month.into(),
         ];
         let e = match token {
-            Some(t) => match self.host.exec_once(t, sql, &params)? {
+            Some(t) => match self.host.exec_once_async(req, t, sql, &params).await? {
                 Some(e) => e,
                 None => return Ok(Charged::Before),
             },
-            None => self.host.exec(sql, &params)?,
+            None => self.host.exec_async(req, sql, &params).await?,
         };
         Ok(if e.affected == 1 {
             Charged::Now
@@ -315,23 +337,31 @@ impl Ticket {
         })
     }
 
-    fn reload_row(&self, id: i64) -> Result<Option<Row>, Error> {
-        let r = self.host.query(
-            &format!("SELECT {TICKET_COLUMNS} FROM domain_ticket WHERE id = ?"),
-            &[id.into()],
-        )?;
+    async fn reload_row(&self, req: &Request<'_>, id: i64) -> Result<Option<Row>, Error> {
+        let r = self
+            .host
+            .query_async(
+                req,
+                &format!("SELECT {TICKET_COLUMNS} FROM domain_ticket WHERE id = ?"),
+                &[id.into()],
+            )
+            .await?;
         Ok(r.rows.first().map(|c| Row::from(c)))
     }
 
     /// DUNNO, or FILTER `<transport>:` when the ticket has an active outgoing IP.
-    fn dunno_or_filter(&self, row: &Row) -> Result<Verdict, Error> {
+    async fn dunno_or_filter(&self, req: &Request<'_>, row: &Row) -> Result<Verdict, Error> {
         if row.has_outgoing_ip == 0 || row.outgoing_ip_id <= 0 {
             return Ok(Verdict::dunno());
         }
-        let r = self.host.query(
-            "SELECT transport, is_active FROM outgoing_ip WHERE id = ?",
-            &[row.outgoing_ip_id.into()],
-        )?;
+        let r = self
+            .host
+            .query_async(
+                req,
+                "SELECT transport, is_active FROM outgoing_ip WHERE id = ?",
+                &[row.outgoing_ip_id.into()],
+            )
+            .await?;
         let Some(cells) = r.rows.first() else {
             return Ok(Verdict::dunno());
         };
@@ -418,6 +448,12 @@ impl std::error::Error for ZoneMismatch {}
 
 impl Ticket {
     /// Creates the tables and checks the zone once (again after a failure or reload).
+    /// Whether the tables are prepared and the day's rollover done: nothing to do
+    /// before charging.
+    fn ready_for(&self, now: i64) -> bool {
+        self.prepared.load(Ordering::Acquire) && now < self.day_ends_at.load(Ordering::Acquire)
+    }
+
     fn prepare(&self, zone: valvula_calendar::Zone, now: i64) -> Result<(), Error> {
         if self.prepared.load(Ordering::Acquire) {
             return Ok(());
@@ -462,6 +498,10 @@ impl Ticket {
 }
 
 impl Module for Ticket {
+    // Requests wait for the database on the daemon's event loop (ABI 0.5), not on a
+    // worker thread each.
+    const ASYNC: bool = true;
+
     fn init(host: Host) -> Result<Self, Error> {
         let settings = settings(&host)?;
         if host.dialect() == Dialect::None {
@@ -489,7 +529,7 @@ impl Module for Ticket {
         Ok(t)
     }
 
-    fn process(&self, req: &Request<'_>) -> Result<Verdict, Error> {
+    async fn process_async(&self, req: &Request<'_>) -> Result<Verdict, Error> {
         let (charge_here, debug, authenticated_only) = {
             let s = self.settings.read().map_err(|_| "poisoned")?;
             let state = req.protocol_state().unwrap_or("").to_ascii_uppercase();
@@ -517,8 +557,13 @@ impl Module for Ticket {
             return Ok(Verdict::dunno());
         }
         let zone = self.settings.read().map_err(|_| "poisoned")?.zone;
+        if req.polled() && !self.ready_for(self.host.now()) {
+            // Preparing the tables or rolling the day over waits on locks and runs
+            // transactions of its own: done on a worker thread, never on the event loop.
+            return Err(RunBlocking.into());
+        }
         self.roll_over_if_due(zone, self.host.now())?;
-        let Some(found) = self.find(user, domain)? else {
+        let Some(found) = self.find(req, user, domain).await? else {
             decision_log(user, domain, None, None, 0, &Verdict::dunno(), false);
             return Ok(Verdict::dunno());
         };
@@ -550,9 +595,9 @@ impl Module for Ticket {
                 None,
             );
         }
-        let Some(limits) = self.plan(row.plan_id)? else {
+        let Some(limits) = self.plan(req, row.plan_id).await? else {
             // No plan: accepted without counting, as valvula does.
-            let v = self.dunno_or_filter(row)?;
+            let v = self.dunno_or_filter(req, row).await?;
             decision_log(user, domain, Some(row), None, n, &v, false);
             return Ok(v);
         };
@@ -560,11 +605,13 @@ impl Module for Ticket {
             if let Some(text) = Self::over(row, n, limits) {
                 return reject(text, Some(limits));
             }
-            let v = self.dunno_or_filter(row)?;
+            let v = self.dunno_or_filter(req, row).await?;
             decision_log(user, domain, Some(row), Some(limits), n, &v, false);
             return Ok(v);
         }
-        let charged = self.charge(row.id, n, limits, req.once_token("ticket").as_deref())?;
+        let charged = self
+            .charge(req, row.id, n, limits, req.once_token("ticket").as_deref())
+            .await?;
         if charged == Charged::Before {
             tracing::info!(
                 ticket = row.id,
@@ -572,7 +619,7 @@ impl Module for Ticket {
                 state = req.protocol_state().unwrap_or(""),
                 "already charged for this request; not charged again"
             );
-            let v = self.dunno_or_filter(row)?;
+            let v = self.dunno_or_filter(req, row).await?;
             decision_log(user, domain, Some(row), Some(limits), 0, &v, false);
             return Ok(v);
         }
@@ -583,12 +630,15 @@ impl Module for Ticket {
                 month: row.month + n,
                 ..row.clone()
             };
-            let v = self.dunno_or_filter(row)?;
+            let v = self.dunno_or_filter(req, row).await?;
             decision_log(user, domain, Some(&charged), Some(limits), n, &v, true);
             return Ok(v);
         }
         // Refused by the database: tell which limit, from the counters as they are now.
-        let current = self.reload_row(row.id)?.unwrap_or_else(|| row.clone());
+        let current = self
+            .reload_row(req, row.id)
+            .await?
+            .unwrap_or_else(|| row.clone());
         let text = Self::over(&current, n, limits)
             .unwrap_or_else(|| "Rejecting operation because day limit reached (0)".to_owned());
         let v = Verdict::reject(text);

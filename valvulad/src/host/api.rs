@@ -51,10 +51,45 @@ pub(crate) struct ModuleCtx {
     pub(crate) storage_log: valvula_store::RateLog,
 }
 
-/// What `vlv_request *` points at during one `process` call.
+/// A storage call submitted during a `process_poll` (ABI 0.5): it writes its answer
+/// into the module's memory when it resolves, and tells what it met.
+pub(super) type PendingCall =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Noted> + Send + 'static>>;
+
+/// What the storage calls of one module call met: not the module's fault either way.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Noted {
+    pub(crate) outage: bool,
+    pub(crate) request_data: bool,
+}
+
+impl Noted {
+    pub(crate) fn merge(&mut self, o: Noted) {
+        self.outage |= o.outage;
+        self.request_data |= o.request_data;
+    }
+}
+
+/// What `vlv_request *` points at during one `process` call (or all the polls of one
+/// `process_poll` call).
 pub(super) struct RequestCall<'a> {
     pub(super) req: &'a Request,
     pub(super) reply: Option<Result<Reply, ReplyError>>,
+    /// Storage calls submitted by the running poll; `None` in a `process` call, where
+    /// the asynchronous storage calls are refused.
+    pub(super) pending: Option<Vec<PendingCall>>,
+    pub(super) noted: Noted,
+}
+
+impl<'a> RequestCall<'a> {
+    pub(super) fn new(req: &'a Request, polled: bool) -> Self {
+        RequestCall {
+            req,
+            reply: None,
+            pending: polled.then(Vec::new),
+            noted: Noted::default(),
+        }
+    }
 }
 
 pub(crate) fn bytes_of<'a>(s: vlv_str) -> &'a [u8] {

@@ -8,7 +8,7 @@ use std::sync::{Mutex, RwLock};
 use valvula_abi::{self as abi, vlv_module_ctx, vlv_module_def, vlv_request, vlv_str};
 use valvula_policy::{Action, Reply, Request};
 
-use crate::dispatch::{Handler, HandlerError};
+use crate::dispatch::{AsyncCall, CallWatch, Handler, HandlerError};
 use valvula_store::sync::{Unpoisoned, UnpoisonedRw};
 
 use super::api::*;
@@ -171,9 +171,20 @@ pub(super) fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened
             host_minor: hmin,
         });
     }
-    // SAFETY: struct_size says the module provides at least every field of our struct
-    // (need == size_of for the current minor).
-    let def = unsafe { ptr.cast::<vlv_module_def>().read_unaligned() };
+    // An older module's definition ends before the hooks later minors added: copy what
+    // it has and leave the rest NULL.
+    // Fields past its minor's layout are not the module's hooks, whatever its size says.
+    let have = (size as usize)
+        .min(std::mem::size_of::<vlv_module_def>())
+        .min(need);
+    let mut def = std::mem::MaybeUninit::<vlv_module_def>::zeroed();
+    // SAFETY: struct_size (checked against its minor's layout above) says the module
+    // provides `have` bytes at ptr; the destination is our own struct of at least that
+    // size, and all-zero bytes are a valid vlv_module_def (NULL hooks, empty strings).
+    let def = unsafe {
+        std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), def.as_mut_ptr().cast::<u8>(), have);
+        def.assume_init()
+    };
     let name = str_of(def.name);
     if !valid_name(&name) {
         return Err(LoadError::BadName { path: p, name });
@@ -262,6 +273,51 @@ impl LoadedModule {
     fn lock(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
         self.serialize.as_ref().map(|m| m.locked())
     }
+
+    /// The answer of a finished `process` or `process_poll` call.
+    fn answer(
+        status: i32,
+        reply: Option<Result<Reply, valvula_policy::ReplyError>>,
+    ) -> Result<Option<Reply>, HandlerError> {
+        if status == abi::VLV_E_UNAVAILABLE {
+            return Err(HandlerError::Unavailable(
+                "module reports a service it needs as unavailable".into(),
+            ));
+        }
+        if status != abi::VLV_OK {
+            return Err(HandlerError::Status(status));
+        }
+        match reply {
+            None => Ok(None),
+            Some(Err(e)) => Err(HandlerError::InvalidReply(e.to_string())),
+            Some(Ok(r)) if r.action() == Action::Dunno => Ok(None),
+            Some(Ok(r)) => Ok(Some(r)),
+        }
+    }
+}
+
+/// A `process_poll` call the host may give up on: dropped while the module still holds
+/// a call (a timeout, a shutdown), it hands the call back through `process_drop`.
+struct Abandon {
+    process_drop: Option<unsafe extern "C" fn(*mut c_void, *mut c_void)>,
+    state: usize,
+    /// The module's call pointer while it is pending; 0 when there is none.
+    call: usize,
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if self.call != 0
+            && let Some(f) = self.process_drop
+        {
+            // SAFETY: state is what init returned and call the pointer the module set in
+            // its last poll, which returned VLV_PENDING; it is never polled again. The
+            // pending storage calls were dropped first (they live in the future this
+            // guard belongs to, declared after it), so nothing writes the module's
+            // memory afterwards.
+            unsafe { f(self.state as *mut c_void, self.call as *mut c_void) }
+        }
+    }
 }
 
 impl Handler for LoadedModule {
@@ -277,8 +333,77 @@ impl Handler for LoadedModule {
         self.opened.def.flags & abi::VLV_FLAG_NONBLOCKING != 0
     }
 
+    fn handle_async(
+        &self,
+        req: &std::sync::Arc<Request>,
+        watch: &std::sync::Arc<CallWatch>,
+    ) -> Option<AsyncCall> {
+        let poll = self.opened.def.process_poll?;
+        if self.serialize.is_some() {
+            // One call at a time: the worker threads and their lock, as before.
+            return None;
+        }
+        let abandon = Abandon {
+            process_drop: self.opened.def.process_drop,
+            state: self.state,
+            call: 0,
+        };
+        let (req, watch) = (req.clone(), watch.clone());
+        let state = self.state;
+        Some(Box::pin(async move {
+            let mut abandon = abandon;
+            let mut call = RequestCall::new(&req, true);
+            let mut polled_before = false;
+            let status = loop {
+                let status = {
+                    let mut cp = abandon.call as *mut c_void;
+                    // SAFETY: state is what init returned; `call` lives across every poll
+                    // of this request and is reached only through the host functions, on
+                    // the thread running the poll; cp is the module's own call pointer.
+                    let status = unsafe {
+                        poll(
+                            state as *mut c_void,
+                            (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
+                            &mut cp,
+                        )
+                    };
+                    abandon.call = cp as usize;
+                    status
+                };
+                if status == abi::VLV_BLOCKING && !polled_before {
+                    abandon.call = 0;
+                    return Err(HandlerError::Blocking);
+                }
+                polled_before = true;
+                if status != abi::VLV_PENDING {
+                    // Finished: the module freed its call itself.
+                    abandon.call = 0;
+                    break status;
+                }
+                let pending = call
+                    .pending
+                    .as_mut()
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    return Err(HandlerError::Other(
+                        "module answered VLV_PENDING without a storage call pending".into(),
+                    ));
+                }
+                watch.entered_storage();
+                for p in pending {
+                    let noted = p.await;
+                    call.noted.merge(noted);
+                }
+                watch.left_storage();
+            };
+            watch.note(call.noted.outage, call.noted.request_data);
+            Self::answer(status, call.reply)
+        }))
+    }
+
     fn handle(&self, req: &Request) -> Result<Option<Reply>, HandlerError> {
-        let mut call = RequestCall { req, reply: None };
+        let mut call = RequestCall::new(req, false);
         let process = self.opened.def.process.expect("checked in open");
         let _g = self.lock();
         // SAFETY: state is what init returned; call lives across the call and is only
@@ -289,20 +414,7 @@ impl Handler for LoadedModule {
                 (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
             )
         };
-        if status == abi::VLV_E_UNAVAILABLE {
-            return Err(HandlerError::Unavailable(
-                "module reports a service it needs as unavailable".into(),
-            ));
-        }
-        if status != abi::VLV_OK {
-            return Err(HandlerError::Status(status));
-        }
-        match call.reply {
-            None => Ok(None),
-            Some(Err(e)) => Err(HandlerError::InvalidReply(e.to_string())),
-            Some(Ok(r)) if r.action() == Action::Dunno => Ok(None),
-            Some(Ok(r)) => Ok(Some(r)),
-        }
+        Self::answer(status, call.reply)
     }
 
     fn reconf(&self, section: &toml::Table) -> Result<(), HandlerError> {

@@ -3,11 +3,11 @@
 //! [`valvula_store::Store`].
 
 use valvula_abi::{
-    self as abi, vlv_charge, vlv_module_ctx, vlv_rows, vlv_stmt, vlv_str, vlv_value, vlv_window,
-    vlv_window_state,
+    self as abi, vlv_charge, vlv_module_ctx, vlv_request, vlv_rows, vlv_stmt, vlv_str, vlv_value,
+    vlv_window, vlv_window_state,
 };
 
-use super::api::{ModuleCtx, bytes_of};
+use super::api::{ModuleCtx, Noted, RequestCall, bytes_of};
 use valvula_store::{self as store, Stmt, Store, StoreError, Value, Window, WindowKind};
 
 /// The module's context, if the pointer is one the host handed out.
@@ -21,17 +21,34 @@ fn module_ctx<'a>(ctx: *mut vlv_module_ctx) -> Option<&'a ModuleCtx> {
 /// (database away, stalled, refusing this daemon, a commit in doubt) is noted for the
 /// running call: the module's failure that follows is the database's, not its own.
 fn store_status(ctx: &ModuleCtx, e: &StoreError) -> i32 {
+    let (code, noted) = classify(ctx, e);
+    if noted.outage {
+        crate::dispatch::note_storage_outage();
+    }
+    if noted.request_data {
+        crate::dispatch::note_request_data_problem();
+    }
+    code
+}
+
+/// The status of a storage error, and whether it is an outage or the request's data
+/// (neither is the module's fault); logs what the module cannot see.
+fn classify(ctx: &ModuleCtx, e: &StoreError) -> (i32, Noted) {
     if e.is_outage() {
         // The store logs outages itself, once a second.
-        crate::dispatch::note_storage_outage();
         tracing::debug!(module = %ctx.name, "storage unavailable: {e}");
-        return abi::VLV_E_UNAVAILABLE;
+        let noted = Noted {
+            outage: true,
+            request_data: false,
+        };
+        return (abi::VLV_E_UNAVAILABLE, noted);
     }
+    let mut noted = Noted::default();
     let (code, what) = match e {
         StoreError::Invalid(_) => (abi::VLV_E_INVALID, "invalid storage call"),
         StoreError::Data(_) => {
             // The request's data, not the module: noted so its failure is not a fault.
-            crate::dispatch::note_request_data_problem();
+            noted.request_data = true;
             (abi::VLV_E_INVALID, "request data refused by the database")
         }
         _ => (abi::VLV_E_FAILED, "SQL failed"),
@@ -43,7 +60,7 @@ fn store_status(ctx: &ModuleCtx, e: &StoreError) -> i32 {
             tracing::warn!(module = %ctx.name, "{what}: {e}");
         }
     }
-    code
+    (code, noted)
 }
 
 /// Runs a storage call for a module: finds its store, catches panics, maps errors.
@@ -570,4 +587,230 @@ pub(super) unsafe extern "C" fn host_time_zone(
         abi::VLV_OK
     })
     .unwrap_or(abi::VLV_E_FAILED)
+}
+
+/// A pointer into the module's memory that an asynchronous call writes its answer to.
+struct Out<T>(*mut T);
+
+// SAFETY: the pointer is only written by the pending call's future, which the host
+// polls between two polls of the module's call (never while the module runs) and drops
+// before process_drop; the module keeps the memory valid until then (header, ABI 0.5).
+unsafe impl<T> Send for Out<T> {}
+
+impl<T> Out<T> {
+    /// Writes `v` if the module asked for it (non-NULL).
+    ///
+    /// # Safety
+    /// Only from a pending call's future (see the `Send` impl).
+    unsafe fn set(&self, v: T) {
+        // SAFETY: per the contract above the pointer is NULL or the module's, valid.
+        if let Some(p) = unsafe { self.0.as_mut() } {
+            *p = v;
+        }
+    }
+}
+
+type Started = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// Submits an asynchronous storage call for the request being polled: `start` checks
+/// and copies the module's inputs and submits the call (so it joins the next batch);
+/// its future writes the outputs once the call is answered. Returns VLV_PENDING, or the
+/// final status at once.
+fn submit_async(
+    ctx: *mut vlv_module_ctx,
+    req: *mut vlv_request,
+    status: *mut i32,
+    start: impl FnOnce(&'static ModuleCtx, &Store) -> Result<Started, StoreError>,
+) -> i32 {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: ctx is the pointer the host gave init; ModuleCtx values are leaked.
+        let Some(m) = (unsafe { ctx.cast::<ModuleCtx>().as_ref() }) else {
+            return abi::VLV_E_INVALID;
+        };
+        // SAFETY: req is the RequestCall of the running process_poll (header: only
+        // there), used on its thread only.
+        let Some(call) = (unsafe { req.cast::<RequestCall<'_>>().as_mut() }) else {
+            return abi::VLV_E_INVALID;
+        };
+        if status.is_null() || call.pending.is_none() {
+            return abi::VLV_E_INVALID;
+        }
+        let out = Out(status);
+        let finish = |call: &mut RequestCall<'_>, code: i32, noted: Noted| {
+            call.noted.merge(noted);
+            // SAFETY: status was checked non-NULL; the module is running (this is its
+            // call), so writing its memory now is what it expects.
+            unsafe { out.set(code) };
+            code
+        };
+        let Some(store) = m.store.clone() else {
+            if m.storage_log.allow().is_some() {
+                tracing::warn!(module = %m.name, "storage call, but no storage is configured");
+            }
+            return finish(call, abi::VLV_E_UNAVAILABLE, Noted::default());
+        };
+        match start(m, &store) {
+            Err(e) => {
+                let (code, noted) = classify(m, &e);
+                finish(call, code, noted)
+            }
+            Ok(fut) => {
+                let status = Out(status);
+                call.pending
+                    .as_mut()
+                    .expect("checked above")
+                    .push(Box::pin(async move {
+                        let (code, noted) = match fut.await {
+                            Ok(()) => (abi::VLV_OK, Noted::default()),
+                            Err(e) => classify(m, &e),
+                        };
+                        // SAFETY: a pending call's future (see Out).
+                        unsafe { status.set(code) };
+                        noted
+                    }));
+                abi::VLV_PENDING
+            }
+        }
+    }))
+    .unwrap_or(abi::VLV_E_FAILED)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe extern "C" fn host_consume_async(
+    ctx: *mut vlv_module_ctx,
+    req: *mut vlv_request,
+    token: vlv_str,
+    flags: u32,
+    charges: *mut vlv_charge,
+    n: usize,
+    admitted: *mut u32,
+    repeated: *mut u32,
+    status: *mut i32,
+) -> i32 {
+    submit_async(ctx, req, status, |m, store| {
+        if flags & !abi::VLV_CONSUME_PEEK != 0 {
+            return Err(StoreError::Invalid(format!("unknown flags {flags:#x}")));
+        }
+        if n == 0 || charges.is_null() {
+            return Err(StoreError::Invalid("no charges given".into()));
+        }
+        if n > store::MAX_PARTS {
+            return Err(StoreError::Invalid(format!(
+                "{n} charges; at most {} keys are charged together",
+                store::MAX_PARTS
+            )));
+        }
+        // SAFETY: the module passes an array of n charges it owns; read here, during
+        // the call.
+        let list = unsafe { std::slice::from_raw_parts(charges, n) };
+        let mut keys = Vec::with_capacity(n);
+        let mut windows = Vec::with_capacity(n);
+        for (i, c) in list.iter().enumerate() {
+            let key = std::str::from_utf8(bytes_of(c.key))
+                .map_err(|_| StoreError::Invalid(format!("charge {i}: key is not UTF-8")))?;
+            keys.push(key);
+            windows.push(
+                windows_of(c.windows, c.n_windows)
+                    .map_err(|e| StoreError::Invalid(format!("charge {i}: {e}")))?,
+            );
+        }
+        let specs: Vec<store::Charge<'_>> = list
+            .iter()
+            .zip(&keys)
+            .zip(&windows)
+            .map(|((c, key), w)| store::Charge {
+                key,
+                amount: c.amount,
+                windows: w,
+            })
+            .collect();
+        let token = std::str::from_utf8(bytes_of(token))
+            .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
+        let token = (!token.is_empty()).then_some(token);
+        let peek = flags & abi::VLV_CONSUME_PEEK != 0;
+        let f = store.consume_all_async(&m.name, token, &specs, peek, m.clock.now());
+        let (admitted, repeated) = (Out(admitted), Out(repeated));
+        let parts: Vec<(Out<u32>, Out<vlv_window_state>, usize)> = list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                // SAFETY: i < n: a field of the module's charges array.
+                let admitted = unsafe { &raw mut (*charges.add(i)).admitted };
+                (Out(admitted), Out(c.states), c.n_windows)
+            })
+            .collect();
+        Ok(Box::pin(async move {
+            let o = f.await?;
+            // SAFETY: a pending call's future (see Out); each `states` holds n_windows
+            // entries (header).
+            unsafe {
+                admitted.set(u32::from(o.admitted));
+                repeated.set(u32::from(o.repeated));
+                for ((a, st, n), part) in parts.iter().zip(&o.parts) {
+                    a.set(u32::from(part.admitted));
+                    write_states(st.0, *n, &part.windows);
+                }
+            }
+            Ok(())
+        }))
+    })
+}
+
+pub(super) unsafe extern "C" fn host_sql_query_async(
+    ctx: *mut vlv_module_ctx,
+    req: *mut vlv_request,
+    sql: vlv_str,
+    params: *const vlv_value,
+    n_params: usize,
+    rows: *mut *mut vlv_rows,
+    status: *mut i32,
+) -> i32 {
+    submit_async(ctx, req, status, |_, store| {
+        if rows.is_null() {
+            return Err(StoreError::Invalid("rows is NULL".into()));
+        }
+        let f = store.query_async(Stmt::new(sql_text(sql)?, values_of(params, n_params)?));
+        let rows = Out(rows);
+        Ok(Box::pin(async move {
+            let r = f.await?;
+            let h = Box::into_raw(Box::new(RowsHandle { rows: r }));
+            // SAFETY: a pending call's future (see Out); the module frees the handle
+            // with rows_free.
+            unsafe { rows.set(h.cast()) };
+            Ok(())
+        }))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe extern "C" fn host_sql_exec_async(
+    ctx: *mut vlv_module_ctx,
+    req: *mut vlv_request,
+    token: vlv_str,
+    sql: vlv_str,
+    params: *const vlv_value,
+    n_params: usize,
+    affected: *mut u64,
+    last_insert_id: *mut i64,
+    repeated: *mut u32,
+    status: *mut i32,
+) -> i32 {
+    submit_async(ctx, req, status, |m, store| {
+        let token = std::str::from_utf8(bytes_of(token))
+            .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
+        let stmt = Stmt::new(sql_text(sql)?, values_of(params, n_params)?);
+        let once = (!token.is_empty()).then_some((m.name.as_str(), token));
+        let f = store.exec_async(stmt, once, m.clock.now());
+        let (affected, last, repeated) = (Out(affected), Out(last_insert_id), Out(repeated));
+        Ok(Box::pin(async move {
+            let r = f.await?;
+            // SAFETY: a pending call's future (see Out).
+            unsafe {
+                affected.set(r.map_or(0, |e| e.affected));
+                last.set(r.map_or(0, |e| e.last_insert_id));
+                repeated.set(u32::from(r.is_none()));
+            }
+            Ok(())
+        }))
+    })
 }

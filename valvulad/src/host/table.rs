@@ -34,4 +34,7 @@ pub(super) static HOST_API: vlv_host_api = vlv_host_api {
     sql_exec_once: Some(host_sql_exec_once),
     consume_all: Some(host_consume_all),
     time_zone: Some(host_time_zone),
+    consume_async: Some(host_consume_async),
+    sql_query_async: Some(host_sql_query_async),
+    sql_exec_async: Some(host_sql_exec_async),
 };
