@@ -12,10 +12,16 @@ cd "$(dirname "$0")/.."
 SECS=${1:-5}
 shift || true
 CONNS=${*:-1 8 64 256}
-cargo build --release --locked -p valvula-bench -p valvulad -p mod-ticket -p mod-ratelimit >&2
+# BENCH_BUILD=DIR measures the binaries and modules in DIR (another version's release
+# build, for before/after rows in one run) instead of building this tree.
+if [ -z "${BENCH_BUILD:-}" ]; then
+    cargo build --release --locked -p valvula-bench -p valvulad -p mod-ticket -p mod-ratelimit >&2
+fi
+REL=${BENCH_BUILD:-$PWD/target/release}
 B=$PWD/target/release/valvula-bench
-V=$PWD/target/release/valvulad
-MODS=$PWD/target/release
+[ -x "$B" ] || B=$REL/valvula-bench
+V=$REL/valvulad
+MODS=$REL
 W=$(mktemp -d)
 trap 'pkill -f "$W" 2>/dev/null || true; pkill -f "valvula-bench serve-dunno" 2>/dev/null || true; rm -rf "$W"' EXIT
 
@@ -55,7 +61,7 @@ start() { # name
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
-# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling empty rl tuned tk newconn rlm tkm exact memory).
+# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling ready empty rl tuned tk newconn rlm tkm exact memory).
 want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { # scenario port conns [extra bench options]
     local j
@@ -74,6 +80,13 @@ SERVER_PID=$!
 sleep 0.5
 if want ceiling; then for c in $CONNS; do row "ceiling (parse, answer dunno)" 3690 "$c"; done; fi
 pkill -f "valvula-bench serve-dunno" || true
+
+# The configuration the package ships (etc/valvulad.toml: mod-ticket, log level info),
+# only moved to this run's port, database and module directory; its users have no
+# ticket, so a request is a lookup and no write.
+sed -e "s|^module_dirs = .*|module_dirs = [\"$MODS\"]|" -e "s|^path = .*|path = \"$W/ready.db\"|" \
+    -e "s|^address = .*|address = \"127.0.0.1:3702\"|" etc/valvulad.toml > "$W/ready.toml"
+if want ready; then start ready; for c in $CONNS; do row "shipped configuration (mod-ticket, SQLite, no ticket: lookup only)" 3702 "$c"; done; stop ready; fi
 
 config empty 3691 "" "[storage]
 path = \"$W/empty.db\"" ""

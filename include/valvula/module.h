@@ -451,6 +451,10 @@ typedef struct vlv_host_api {
                               vlv_str sql, const vlv_value *params, size_t n_params,
                               uint64_t *affected, int64_t *last_insert_id,
                               uint32_t *repeated, int32_t *status);
+
+    /* The most verbose VLV_LOG_* level the daemon writes now (0: none), so a
+     * module need not format lines that would be dropped. Any thread. */
+    uint32_t (*log_level)(vlv_module_ctx *ctx);
 } vlv_host_api;
 
 /* How long consume_once(), consume_all() and sql_exec_once() remember a token:

@@ -838,7 +838,10 @@ fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
                 for i in 0..10 {
                     let instance = format!("{conn}.{i}");
                     let r = c
-                        .ask(&postfix_request(&[("sender", "s@x"), ("instance", &instance)]))
+                        .ask(&postfix_request(&[
+                            ("sender", "s@x"),
+                            ("instance", &instance),
+                        ]))
                         .await;
                     answers.push(r);
                 }

@@ -311,6 +311,7 @@ pub struct vlv_host_api {
             status: *mut i32,
         ) -> i32,
     >,
+    pub log_level: Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx) -> u32>,
 }
 
 pub type ConsumeOnceFn = unsafe extern "C" fn(
@@ -427,7 +428,8 @@ const _: () = {
     assert!(offset_of!(vlv_host_api, consume_async) == 184);
     assert!(offset_of!(vlv_host_api, sql_query_async) == 192);
     assert!(offset_of!(vlv_host_api, sql_exec_async) == 200);
-    assert!(size_of::<vlv_host_api>() == 208);
+    assert!(offset_of!(vlv_host_api, log_level) == 208);
+    assert!(size_of::<vlv_host_api>() == 216);
     assert!(size_of::<vlv_charge>() == 56);
     assert!(offset_of!(vlv_charge, amount) == 16);
     assert!(offset_of!(vlv_charge, windows) == 24);

@@ -46,6 +46,19 @@ impl Host {
         self.ctx
     }
 
+    /// The most verbose level the daemon logs now, as a `VLV_LOG_*` number (0: none);
+    /// a daemon older than ABI 0.5 is taken to log everything up to debug.
+    pub(crate) fn log_level_now(&self) -> u32 {
+        let api = self.api;
+        let has = api.struct_size as usize
+            >= std::mem::offset_of!(abi::vlv_host_api, log_level) + std::mem::size_of::<usize>();
+        match api.log_level {
+            // SAFETY: the table reaches the field (checked) and ctx is this module's.
+            Some(f) if has => unsafe { f(self.ctx) },
+            _ => abi::VLV_LOG_DEBUG,
+        }
+    }
+
     /// Writes one line to the daemon's log. Prefer `tracing` macros: they end up here.
     pub fn log(&self, level: LogLevel, msg: &str) {
         if let Some(f) = self.api.log {

@@ -45,7 +45,23 @@ impl Visit for Line {
 
 impl Subscriber for Bridge {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        *metadata.level() <= Level::DEBUG
+        // Asked every time (the callsites' interest is "sometimes"): the daemon's level
+        // changes with a reload, and a line it would drop is not worth formatting.
+        let most = self.host.log_level_now();
+        let level = match *metadata.level() {
+            Level::ERROR => LogLevel::Error,
+            Level::WARN => LogLevel::Warn,
+            Level::INFO => LogLevel::Info,
+            Level::DEBUG => LogLevel::Debug,
+            Level::TRACE => LogLevel::Trace,
+        };
+        level as u32 <= most.min(LogLevel::Debug as u32)
+    }
+    fn register_callsite(
+        &self,
+        _metadata: &'static Metadata<'static>,
+    ) -> tracing_core::subscriber::Interest {
+        tracing_core::subscriber::Interest::sometimes()
     }
     fn new_span(&self, _span: &Attributes<'_>) -> Id {
         Id::from_u64(1)

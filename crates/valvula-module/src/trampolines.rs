@@ -46,7 +46,7 @@ pub const fn definition<M: Module>(
             None
         },
         process_drop: if M::ASYNC {
-            Some(process_drop::<M>)
+            Some(process_drop)
         } else {
             None
         },
@@ -209,7 +209,7 @@ unsafe extern "C" fn process_poll<M: Module>(
     finish(slot, req, r)
 }
 
-unsafe extern "C" fn process_drop<M: Module>(_state: *mut c_void, call: *mut c_void) {
+unsafe extern "C" fn process_drop(_state: *mut c_void, call: *mut c_void) {
     if call.is_null() {
         return;
     }

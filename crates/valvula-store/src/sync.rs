@@ -85,6 +85,27 @@ impl<T> Queue<T> {
         Ok(())
     }
 
+    /// Adds an item without waking a consumer: the caller wakes one later
+    /// ([`Queue::wake`]), once more items have joined it. A consumer that is awake takes
+    /// it with the others anyway.
+    pub fn push_quiet(&self, item: T) -> Result<(), T> {
+        let mut q = lock(&self.inner);
+        if q.closed {
+            return Err(item);
+        }
+        q.items.push_back(item);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.inner).items.is_empty()
+    }
+
+    /// Wakes one waiting consumer.
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
     /// Waits for an item; `None` once the queue is closed and drained.
     pub fn pop(&self) -> Option<T> {
         let mut q = lock(&self.inner);
@@ -97,6 +118,13 @@ impl<T> Queue<T> {
             }
             q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Takes up to `max` items without waiting (none: an empty list).
+    pub fn take_now(&self, max: usize) -> Vec<T> {
+        let mut q = lock(&self.inner);
+        let n = q.items.len().min(max);
+        q.items.drain(..n).collect()
     }
 
     /// Waits for at least one item, then takes up to `max` of them.

@@ -265,6 +265,19 @@ pub(super) unsafe extern "C" fn host_reply_set(
     rc
 }
 
+pub(super) unsafe extern "C" fn host_log_level(_ctx: *mut vlv_module_ctx) -> u32 {
+    use tracing::level_filters::LevelFilter;
+    // The subscriber's own hint: the most verbose level any of its directives allows.
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => abi::VLV_LOG_ERROR,
+        LevelFilter::WARN => abi::VLV_LOG_WARN,
+        LevelFilter::INFO => abi::VLV_LOG_INFO,
+        LevelFilter::DEBUG => abi::VLV_LOG_DEBUG,
+        _ => abi::VLV_LOG_TRACE,
+    }
+}
+
 pub(super) unsafe extern "C" fn host_now(ctx: *mut vlv_module_ctx) -> i64 {
     // SAFETY: ctx is the pointer the host gave init; it lives until exit.
     match unsafe { ctx.cast::<ModuleCtx>().as_ref() } {

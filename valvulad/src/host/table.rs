@@ -37,4 +37,5 @@ pub(super) static HOST_API: vlv_host_api = vlv_host_api {
     consume_async: Some(host_consume_async),
     sql_query_async: Some(host_sql_query_async),
     sql_exec_async: Some(host_sql_exec_async),
+    log_level: Some(host_log_level),
 };
