@@ -433,9 +433,16 @@ typedef struct vlv_host_api {
      * valid; the host writes nothing after process_drop().
      * Statuses as the synchronous forms. */
 
-    /* consume_all() (flags 0) or peek() of several keys (VLV_CONSUME_PEEK). */
+    /* consume_all() (flags 0) or peek() of several keys (VLV_CONSUME_PEEK).
+     * then: n_then (0-16) writes (INSERT, UPDATE, DELETE, REPLACE) made in the
+     * charge's own transaction once it is admitted, and not when it is refused,
+     * repeated or a peek: an accounting row committed with its charge, in the
+     * same disk flush. Each is atomic on its own: one that fails is undone alone
+     * and does not undo the charge. then_status (n_then entries, may be NULL)
+     * receives each one's status, or VLV_E_NOT_FOUND when it did not run. */
     int32_t (*consume_async)(vlv_module_ctx *ctx, vlv_request *req, vlv_str token,
                              uint32_t flags, vlv_charge *charges, size_t n,
+                             const vlv_stmt *then, size_t n_then, int32_t *then_status,
                              uint32_t *admitted, uint32_t *repeated, int32_t *status);
 
     /* sql_query(): *rows is set when *status is VLV_OK; free it with

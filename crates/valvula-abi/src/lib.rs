@@ -273,19 +273,7 @@ pub struct vlv_host_api {
     pub time_zone:
         Option<unsafe extern "C" fn(ctx: *mut vlv_module_ctx, name: *mut vlv_str) -> i32>,
     // ABI 0.5: completion-based storage, from `process_poll` only.
-    pub consume_async: Option<
-        unsafe extern "C" fn(
-            ctx: *mut vlv_module_ctx,
-            req: *mut vlv_request,
-            token: vlv_str,
-            flags: u32,
-            charges: *mut vlv_charge,
-            n: usize,
-            admitted: *mut u32,
-            repeated: *mut u32,
-            status: *mut i32,
-        ) -> i32,
-    >,
+    pub consume_async: Option<ConsumeAsyncFn>,
     pub sql_query_async: Option<
         unsafe extern "C" fn(
             ctx: *mut vlv_module_ctx,
@@ -324,6 +312,21 @@ pub type ConsumeOnceFn = unsafe extern "C" fn(
     states: *mut vlv_window_state,
     admitted: *mut u32,
     repeated: *mut u32,
+) -> i32;
+
+pub type ConsumeAsyncFn = unsafe extern "C" fn(
+    ctx: *mut vlv_module_ctx,
+    req: *mut vlv_request,
+    token: vlv_str,
+    flags: u32,
+    charges: *mut vlv_charge,
+    n: usize,
+    then: *const vlv_stmt,
+    n_then: usize,
+    then_status: *mut i32,
+    admitted: *mut u32,
+    repeated: *mut u32,
+    status: *mut i32,
 ) -> i32;
 
 /// Signature shared by `consume` and `peek`.

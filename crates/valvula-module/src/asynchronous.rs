@@ -11,7 +11,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::abi::{self, vlv_charge, vlv_host_api, vlv_rows, vlv_str, vlv_value, vlv_window_state};
+use crate::abi::{
+    self, vlv_charge, vlv_host_api, vlv_rows, vlv_stmt, vlv_str, vlv_value, vlv_window_state,
+};
 use crate::storage::{
     Charge, Consumption, Consumptions, Exec, Rows, StorageError, Value, cooked_states, copy_rows,
     raw, raw_window, reaching, status,
@@ -112,6 +114,7 @@ struct Charged {
     states: Vec<Vec<vlv_window_state>>,
     admitted: u32,
     repeated: u32,
+    then_status: Vec<i32>,
 }
 
 // SAFETY: the raw pointers in `charges` point into `states` (and at the caller's keys
@@ -127,7 +130,23 @@ impl Host {
         token: Option<&str>,
         charges: &[Charge<'_>],
     ) -> Result<Consumptions, StorageError> {
-        self.charge_async(req, token, charges, 0).await
+        Ok(self.charge_async(req, token, charges, 0, &[]).await?.0)
+    }
+
+    /// [`Host::consume_all_async`], and once the charge is admitted (not when refused
+    /// or repeated), the writes `then` in the charge's own transaction: an accounting
+    /// row committed with its charge, in the same disk flush. Each write is atomic on
+    /// its own; one that fails does not undo the charge. The second value holds each
+    /// write's result, empty when they did not run. (Under a daemon older than ABI 0.5
+    /// the writes follow the charge in transactions of their own.)
+    pub async fn consume_all_then_async(
+        &self,
+        req: &Request<'_>,
+        token: Option<&str>,
+        charges: &[Charge<'_>],
+        then: &[(&str, &[Value])],
+    ) -> Result<(Consumptions, Vec<Result<(), StorageError>>), StorageError> {
+        self.charge_async(req, token, charges, 0, then).await
     }
 
     /// What [`Host::consume_all_async`] would answer, without charging.
@@ -136,8 +155,10 @@ impl Host {
         req: &Request<'_>,
         charges: &[Charge<'_>],
     ) -> Result<Consumptions, StorageError> {
-        self.charge_async(req, None, charges, abi::VLV_CONSUME_PEEK)
-            .await
+        Ok(self
+            .charge_async(req, None, charges, abi::VLV_CONSUME_PEEK, &[])
+            .await?
+            .0)
     }
 
     /// [`Host::consume`] from `process_async`.
@@ -146,7 +167,7 @@ impl Host {
         req: &Request<'_>,
         charge: Charge<'_>,
     ) -> Result<Consumption, StorageError> {
-        let mut c = self.charge_async(req, None, &[charge], 0).await?;
+        let (mut c, _) = self.charge_async(req, None, &[charge], 0, &[]).await?;
         Ok(c.charges.remove(0))
     }
 
@@ -156,7 +177,8 @@ impl Host {
         token: Option<&str>,
         charges: &[Charge<'_>],
         flags: u32,
-    ) -> Result<Consumptions, StorageError> {
+        then: &[(&str, &[Value])],
+    ) -> Result<(Consumptions, Vec<Result<(), StorageError>>), StorageError> {
         let Some(api) = polled(self, req) else {
             if flags & abi::VLV_CONSUME_PEEK != 0 {
                 // No peek of several keys before ABI 0.5: one by one.
@@ -170,9 +192,16 @@ impl Host {
                     out.admitted &= one.admitted;
                     out.charges.push(one);
                 }
-                return Ok(out);
+                return Ok((out, Vec::new()));
             }
-            return self.consume_all(token, charges);
+            let c = self.consume_all(token, charges)?;
+            let mut done = Vec::new();
+            if c.admitted && !c.repeated {
+                for (sql, params) in then {
+                    done.push(self.exec(sql, params).map(|_| ()));
+                }
+            }
+            return Ok((c, done));
         };
         let f = api.consume_async.ok_or(StorageError::NotSupported)?;
         let windows: Vec<Vec<abi::vlv_window>> = charges
@@ -187,6 +216,7 @@ impl Host {
                 .collect(),
             admitted: 0,
             repeated: 0,
+            then_status: vec![abi::VLV_E_NOT_FOUND; then.len()],
         });
         // SAFETY: the block is ours (not yet handed to the host).
         let out = unsafe { &mut *w.out_ptr() };
@@ -204,21 +234,40 @@ impl Host {
                 reserved: 0,
             })
             .collect();
-        // SAFETY: the keys, windows and token are read (copied) before the call
-        // returns; the charges' out fields, their states and the flags live in the
-        // heap block, which stays put until answered (see Waiting).
-        let rc = unsafe {
-            f(
-                self.ctx(),
-                req.raw(),
-                vlv_str::from_str(token.unwrap_or("")),
-                flags,
-                out.charges.as_mut_ptr(),
-                out.charges.len(),
-                &raw mut out.admitted,
-                &raw mut out.repeated,
-                w.status_ptr(),
-            )
+        let rc = {
+            let params: Vec<Vec<vlv_value>> = then
+                .iter()
+                .map(|(_, p)| p.iter().map(raw).collect())
+                .collect();
+            let stmts: Vec<vlv_stmt> = then
+                .iter()
+                .zip(&params)
+                .map(|((sql, _), p)| vlv_stmt {
+                    sql: vlv_str::from_str(sql),
+                    params: p.as_ptr(),
+                    n_params: p.len(),
+                })
+                .collect();
+            // SAFETY: the keys, windows, token and statements are read (copied) before
+            // the call returns; the charges' out fields, their states, the statuses
+            // and the flags live in the heap block, which stays put until answered
+            // (see Waiting).
+            unsafe {
+                f(
+                    self.ctx(),
+                    req.raw(),
+                    vlv_str::from_str(token.unwrap_or("")),
+                    flags,
+                    out.charges.as_mut_ptr(),
+                    out.charges.len(),
+                    stmts.as_ptr(),
+                    stmts.len(),
+                    out.then_status.as_mut_ptr(),
+                    &raw mut out.admitted,
+                    &raw mut out.repeated,
+                    w.status_ptr(),
+                )
+            }
         };
         if rc != abi::VLV_PENDING {
             status(rc)?;
@@ -226,7 +275,13 @@ impl Host {
         let (rc, out) = w.await;
         status(rc)?;
         let per: Vec<bool> = out.charges.iter().map(|c| c.admitted != 0).collect();
-        Ok(Consumptions {
+        let done: Vec<Result<(), StorageError>> = out
+            .then_status
+            .iter()
+            .take_while(|s| **s != abi::VLV_E_NOT_FOUND)
+            .map(|s| status(*s))
+            .collect();
+        let c = Consumptions {
             admitted: out.admitted != 0,
             repeated: out.repeated != 0,
             charges: out
@@ -239,7 +294,8 @@ impl Host {
                     windows: cooked_states(st),
                 })
                 .collect(),
-        })
+        };
+        Ok((c, done))
     }
 
     /// [`Host::query`] from `process_async`.

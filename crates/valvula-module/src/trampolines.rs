@@ -45,11 +45,7 @@ pub const fn definition<M: Module>(
         } else {
             None
         },
-        process_drop: if M::ASYNC {
-            Some(process_drop)
-        } else {
-            None
-        },
+        process_drop: if M::ASYNC { Some(process_drop) } else { None },
     }
 }
 

@@ -37,6 +37,10 @@ pub struct Request {
     pub zone: Zone,
     /// `consume_once`: the token that makes a repeated charge a no-op.
     pub once: Option<String>,
+    /// Writes made in the charge's transaction when it is admitted (not when refused,
+    /// repeated or a peek): a module's accounting row, committed with its charge. Each
+    /// is atomic on its own: a failing one is undone alone and does not undo the charge.
+    pub then: Vec<super::Stmt>,
 }
 
 impl Request {
@@ -55,6 +59,9 @@ pub struct Outcome {
     pub admitted: bool,
     pub repeated: bool,
     pub parts: Vec<Consumption>,
+    /// Rows each of the request's `then` statements changed, or its error; empty when
+    /// they did not run.
+    pub then: Vec<Result<u64>>,
 }
 
 impl Outcome {
@@ -292,6 +299,7 @@ pub(crate) async fn run_batch<T: Tx>(
                     admitted: true,
                     repeated: true,
                     parts: look(r, &mut st, true),
+                    then: Vec::new(),
                 }
             }
             _ => {
@@ -413,6 +421,22 @@ pub(crate) async fn run_batch<T: Tx>(
         )
         .await?;
     }
+    // The admitted charges' own writes, in the same transaction.
+    for (r, o) in reqs.iter().zip(out.iter_mut()) {
+        if r.then.is_empty() || !o.admitted || o.repeated || !r.charges() {
+            continue;
+        }
+        for stmt in &r.then {
+            match tx.exec(&stmt.sql, stmt.params.clone()).await {
+                Ok(e) => o.then.push(Ok(e.affected)),
+                // The whole transaction is in question: the batch fails (or is retried).
+                Err(e) if e.is_outage() || matches!(e, super::StoreError::Conflict(_)) => {
+                    return Err(e);
+                }
+                Err(e) => o.then.push(Err(e)),
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -495,6 +519,7 @@ fn decide_all(r: &Request, st: &mut State) -> Outcome {
                 admitted: false,
                 repeated: false,
                 parts: look(r, st, false),
+                then: Vec::new(),
             };
         }
     }
@@ -502,6 +527,7 @@ fn decide_all(r: &Request, st: &mut State) -> Outcome {
         admitted: parts.iter().all(|c| c.admitted),
         repeated: false,
         parts,
+        then: Vec::new(),
     }
 }
 

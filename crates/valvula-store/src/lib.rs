@@ -287,6 +287,8 @@ pub const MAX_NAMESPACE_BYTES: usize = 64;
 pub const MAX_WINDOWS: usize = 16;
 /// Keys charged together by one [`Store::consume_all`] at most.
 pub const MAX_PARTS: usize = 16;
+/// Statements made with one admitted charge at most.
+pub const MAX_THEN: usize = 16;
 /// Rows one maintenance transaction deletes at most: a few milliseconds of work, so no
 /// request waits behind the housekeeping for longer.
 pub const EXPIRE_BATCH: usize = 500;
@@ -548,6 +550,7 @@ impl Store {
             peek,
             zone: self.zone,
             once: once.map(|t| stored_key("token", t)).transpose()?,
+            then: Vec::new(),
         })
     }
 
@@ -625,6 +628,8 @@ impl Store {
     }
 
     /// [`Store::consume_all`] (or, with `peek`, what it would answer) from a task.
+    /// `then`: writes made in the charge's own transaction once it is admitted (see
+    /// [`consume::Request::then`]), answered in [`Outcome::then`].
     pub fn consume_all_async(
         &self,
         ns: &str,
@@ -632,9 +637,29 @@ impl Store {
         charges: &[Charge<'_>],
         peek: bool,
         now: i64,
+        then: Vec<Stmt>,
     ) -> StoreFuture<Outcome> {
+        for s in &then {
+            if let Err(e) = check_sql(&s.sql) {
+                return ready(Err(e));
+            }
+            if !is_dml(&s.sql) {
+                return ready(Err(StoreError::Invalid(
+                    "statements after a charge are INSERT, UPDATE, DELETE or REPLACE".into(),
+                )));
+            }
+        }
+        if then.len() > MAX_THEN {
+            return ready(Err(StoreError::Invalid(format!(
+                "{} statements after a charge; at most {MAX_THEN}",
+                then.len()
+            ))));
+        }
         match self.request(ns, charges, peek, if peek { None } else { token }, now) {
-            Ok(req) => self.engine.consume_async(req),
+            Ok(mut req) => {
+                req.then = then;
+                self.engine.consume_async(req)
+            }
             Err(e) => ready(Err(e)),
         }
     }

@@ -892,6 +892,7 @@ mod tests {
                     });
                 }
                 reqs.push(consume::Request {
+                    then: Vec::new(),
                     ns: ["m", "n"][next(2) as usize].into(),
                     parts,
                     now,

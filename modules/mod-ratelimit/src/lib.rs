@@ -455,10 +455,42 @@ impl RateLimit {
         // all policies at once: the host records the token with the charges, in one
         // transaction.
         let token = token_of(req, "ratelimit", &charges);
-        let c = self
+        // The accounting rows go in the charge's own transaction: no second commit.
+        let accounting: Vec<(String, Vec<valvula_module::Value>)> = if s.accounting {
+            let dialect = self.host.dialect();
+            applied
+                .iter()
+                .map(|a| {
+                    tables::account(
+                        dialect,
+                        self.zone,
+                        s,
+                        &a.policy.name,
+                        &a.ident.stored(),
+                        req,
+                        now,
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let then: Vec<(&str, &[valvula_module::Value])> = accounting
+            .iter()
+            .map(|(sql, p)| (sql.as_str(), p.as_slice()))
+            .collect();
+        let (c, accounted) = self
             .host
-            .consume_all_async(req, token.as_deref(), &charges)
+            .consume_all_then_async(req, token.as_deref(), &charges, &then)
             .await?;
+        // The charge is committed: the request is admitted whatever happened to its
+        // accounting rows. Failing it now would answer the on-error action for mail
+        // whose quota is already used.
+        for (a, r) in applied.iter().zip(&accounted) {
+            if let Err(e) = r {
+                self.warn_accounting(&a.policy.name, &e.to_string(), now);
+            }
+        }
         if c.repeated {
             tracing::info!(
                 instance = req.instance().unwrap_or(""),
@@ -502,23 +534,6 @@ impl RateLimit {
         }
         let mut soft = None;
         for (a, part) in applied.iter().zip(&c.charges) {
-            // The charge is committed: the request is admitted whatever happens to its
-            // accounting row. Failing it now would answer the on-error action for mail
-            // whose quota is already used.
-            if s.accounting
-                && let Err(e) = tables::account(
-                    &self.host,
-                    self.zone,
-                    s,
-                    &a.policy.name,
-                    &a.ident.stored(),
-                    req,
-                    now,
-                )
-                .await
-            {
-                self.warn_accounting(&a.policy.name, &e.to_string(), now);
-            }
             soft = soft.or_else(|| Self::soft(a, part, now));
             tracing::info!(
                 policy = %a.policy.name,

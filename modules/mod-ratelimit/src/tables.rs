@@ -18,14 +18,6 @@ pub fn stored_identity(ident: &str) -> std::borrow::Cow<'_, str> {
     valvula_module::bounded(ident, IDENTITY_BYTES)
 }
 
-fn ignore(host: &Host) -> &'static str {
-    if host.dialect() == Dialect::Mysql {
-        "INSERT IGNORE"
-    } else {
-        "INSERT OR IGNORE"
-    }
-}
-
 /// Creates the tables when missing (our own tables: full DDL, unique keys included).
 ///
 /// On MySQL they are `utf8mb4` with the binary collation, whatever the database's
@@ -276,60 +268,56 @@ fn apply(base: &Rule, cells: &[Value]) -> Result<Rule, Error> {
     Ok(rule)
 }
 
-/// Adds one admitted request to the identity's accounting row of the period.
-pub async fn account(
-    host: &Host,
+/// The write that adds one admitted request to the identity's accounting row of the
+/// period: one upsert, made in the charge's own transaction (see
+/// `Host::consume_all_then_async`). Sums saturate: a total never wraps, and never
+/// overflows into an SQL error.
+pub fn account(
+    dialect: Dialect,
     zone: valvula_calendar::Zone,
     s: &Settings,
     policy: &str,
     ident: &str,
     req: &Request<'_>,
     now: i64,
-) -> Result<(), Error> {
+) -> (String, Vec<Value>) {
     let ident = stored_identity(ident);
-    let ident = ident.as_ref();
     let period = period_start(zone, s.accounting_period, now);
     let rcpts = req.recipient_count().max(1) as i64;
     let size = req.size() as i64;
-    let params = || -> Vec<Value> {
-        vec![
-            1i64.into(),
-            rcpts.into(),
-            size.into(),
-            size.saturating_mul(rcpts).into(),
-            policy.into(),
-            ident.into(),
-            period.into(),
-        ]
-    };
-    // Saturating sums: a total never wraps, and never overflows into an SQL error.
-    let least = if host.dialect() == Dialect::Mysql {
-        "LEAST"
+    let params = vec![
+        policy.into(),
+        ident.as_ref().into(),
+        period.into(),
+        1i64.into(),
+        rcpts.into(),
+        size.into(),
+        size.saturating_mul(rcpts).into(),
+    ];
+    let cols = ["messages", "recipients", "bytes", "bytes_rcpt"];
+    let update = if dialect == Dialect::Mysql {
+        let add: Vec<String> = cols
+            .iter()
+            .map(|c| format!("{c} = {c} + LEAST(VALUES({c}), 9223372036854775807 - {c})"))
+            .collect();
+        format!("ON DUPLICATE KEY UPDATE {}", add.join(", "))
     } else {
-        "MIN"
-    };
-    let add = |c: &str| format!("{c} = {c} + {least}(?, 9223372036854775807 - {c})");
-    let update = format!(
-        "UPDATE ratelimit_accounting SET {}, {}, {}, {} WHERE policy = ? AND identity = ? AND period = ?",
-        add("messages"),
-        add("recipients"),
-        add("bytes"),
-        add("bytes_rcpt")
-    );
-    let update = update.as_str();
-    if host.exec_async(req, update, &params()).await?.affected == 0 {
-        host.exec_async(
-            req,
-            &format!(
-                "{} INTO ratelimit_accounting (policy, identity, period) VALUES (?, ?, ?)",
-                ignore(host)
-            ),
-            &[policy.into(), ident.into(), period.into()],
+        let add: Vec<String> = cols
+            .iter()
+            .map(|c| format!("{c} = {c} + MIN(excluded.{c}, 9223372036854775807 - {c})"))
+            .collect();
+        format!(
+            "ON CONFLICT (policy, identity, period) DO UPDATE SET {}",
+            add.join(", ")
         )
-        .await?;
-        host.exec_async(req, update, &params()).await?;
-    }
-    Ok(())
+    };
+    (
+        format!(
+            "INSERT INTO ratelimit_accounting (policy, identity, period, {}) VALUES (?, ?, ?, ?, ?, ?, ?) {update}",
+            cols.join(", ")
+        ),
+        params,
+    )
 }
 
 /// Rows one housekeeping statement deletes at most, and statements per tick: a few

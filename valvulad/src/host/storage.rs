@@ -683,11 +683,33 @@ pub(super) unsafe extern "C" fn host_consume_async(
     flags: u32,
     charges: *mut vlv_charge,
     n: usize,
+    then: *const vlv_stmt,
+    n_then: usize,
+    then_status: *mut i32,
     admitted: *mut u32,
     repeated: *mut u32,
     status: *mut i32,
 ) -> i32 {
     submit_async(ctx, req, status, |m, store| {
+        if n_then > 0 && then.is_null() {
+            return Err(StoreError::Invalid("then is NULL".into()));
+        }
+        let then_list = if n_then == 0 {
+            &[][..]
+        } else {
+            // SAFETY: the module passes an array of n_then statements it owns, read
+            // (copied) here, during the call.
+            unsafe { std::slice::from_raw_parts(then, n_then) }
+        };
+        let then_stmts = then_list
+            .iter()
+            .map(|s| {
+                Ok(Stmt::new(
+                    sql_text(s.sql)?,
+                    values_of(s.params, s.n_params)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         if flags & !abi::VLV_CONSUME_PEEK != 0 {
             return Err(StoreError::Invalid(format!("unknown flags {flags:#x}")));
         }
@@ -728,8 +750,18 @@ pub(super) unsafe extern "C" fn host_consume_async(
             .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
         let token = (!token.is_empty()).then_some(token);
         let peek = flags & abi::VLV_CONSUME_PEEK != 0;
-        let f = store.consume_all_async(&m.name, token, &specs, peek, m.clock.now());
+        let f = store.consume_all_async(&m.name, token, &specs, peek, m.clock.now(), then_stmts);
         let (admitted, repeated) = (Out(admitted), Out(repeated));
+        let then_status: Vec<Out<i32>> = (0..n_then)
+            .map(|i| {
+                if then_status.is_null() {
+                    Out(std::ptr::null_mut())
+                } else {
+                    // SAFETY: the header makes then_status an array of n_then entries.
+                    Out(unsafe { then_status.add(i) })
+                }
+            })
+            .collect();
         let parts: Vec<(Out<u32>, Out<vlv_window_state>, usize)> = list
             .iter()
             .enumerate()
@@ -750,6 +782,21 @@ pub(super) unsafe extern "C" fn host_consume_async(
                     a.set(u32::from(part.admitted));
                     write_states(st.0, *n, &part.windows);
                 }
+                for (i, out) in then_status.iter().enumerate() {
+                    out.set(match o.then.get(i) {
+                        None => abi::VLV_E_NOT_FOUND,
+                        Some(Ok(_)) => abi::VLV_OK,
+                        Some(Err(StoreError::Invalid(_) | StoreError::Data(_))) => {
+                            abi::VLV_E_INVALID
+                        }
+                        Some(Err(_)) => abi::VLV_E_FAILED,
+                    });
+                }
+            }
+            if let Some(Err(e)) = o.then.iter().find(|r| r.is_err())
+                && m.storage_log.allow().is_some()
+            {
+                tracing::warn!(module = %m.name, "a write after a charge failed (the charge stands): {e}");
             }
             Ok(())
         }))
