@@ -87,6 +87,10 @@ struct Ticket {
 /// The columns of a ticket row this module reads, in this order.
 const TICKET_COLUMNS: &str = "id, total_used, current_day_usage, current_month_usage, valid_until, \
                               ticket_plan_id, block_ticket, has_outgoing_ip, outgoing_ip_id";
+/// The same columns of `domain_ticket t` (its id as `tid`).
+const TICKET_COLUMNS_T: &str = "t.id AS tid, t.total_used, t.current_day_usage, \
+     t.current_month_usage, t.valid_until, t.ticket_plan_id, t.block_ticket, \
+     t.has_outgoing_ip, t.outgoing_ip_id";
 
 /// A `domain_ticket` row; NULL numbers read as 0, as valvula reads them.
 #[derive(Debug, Clone, Default)]
@@ -126,6 +130,8 @@ impl Row {
 /// matches the identity (valvula's "descriptive" name).
 struct Found {
     row: Row,
+    /// The plan's (total, day, month) limits; `None` when the plan does not exist.
+    plan: Option<(i64, i64, i64)>,
     descriptive: Option<String>,
 }
 
@@ -169,103 +175,89 @@ enum Charged {
 }
 
 impl Ticket {
-    /// The exact match on one column (case-insensitive on both backends, as valvula's
-    /// MySQL collation makes it).
-    async fn exact(
+    /// The ticket rows that may apply, with their plan joined in: the exact matches
+    /// (`lists` false) or the list rows whose column contains `ident` as a substring
+    /// (`lists` true), in valvula's order of precedence (the SASL user's, then the
+    /// domain's; lowest id first). One query, one round trip, for both identities.
+    async fn candidates(
         &self,
         req: &Request<'_>,
-        col: Column,
-        ident: &str,
-    ) -> Result<Option<Row>, Error> {
+        user: Option<&str>,
+        domain: Option<&str>,
+        lists: bool,
+    ) -> Result<Vec<Vec<Value>>, Error> {
+        // Exact matches are case-insensitive on both backends, as valvula's MySQL
+        // collation makes them.
         let nocase = if self.host.dialect() == Dialect::Sqlite {
             " COLLATE NOCASE"
         } else {
             ""
         };
-        let sql = format!(
-            "SELECT {TICKET_COLUMNS} FROM domain_ticket WHERE {} = ?{nocase} ORDER BY id LIMIT 1",
-            col.name()
-        );
-        let r = self.host.query_async(req, &sql, &[ident.into()]).await?;
-        Ok(r.rows.first().map(|c| Row::from(c)))
-    }
-
-    /// The first row whose comma-separated list really contains `ident`.
-    async fn listed(
-        &self,
-        req: &Request<'_>,
-        col: Column,
-        ident: &str,
-    ) -> Result<Option<Row>, Error> {
-        let sql = format!(
-            "SELECT {TICKET_COLUMNS}, {c} FROM domain_ticket WHERE INSTR(LOWER({c}), LOWER(?)) > 0 ORDER BY id",
-            c = col.name()
-        );
-        let r = self.host.query_async(req, &sql, &[ident.into()]).await?;
-        for cells in &r.rows {
-            let list = cells[9].as_str().unwrap_or("");
-            if list
-                .split(',')
-                .any(|item| item.trim().eq_ignore_ascii_case(ident))
-            {
-                return Ok(Some(Row::from(cells)));
-            }
+        let mut branches = Vec::new();
+        let mut params: Vec<Value> = Vec::new();
+        for (pri, col, ident) in [(1, Column::SaslUser, user), (2, Column::Domain, domain)] {
+            let Some(ident) = ident else {
+                continue;
+            };
+            let c = col.name();
+            let (list, cond) = if lists {
+                (
+                    format!("t.{c}"),
+                    format!("INSTR(LOWER(t.{c}), LOWER(?)) > 0"),
+                )
+            } else {
+                ("NULL".to_owned(), format!("t.{c} = ?{nocase}"))
+            };
+            branches.push(format!(
+                "SELECT {TICKET_COLUMNS_T}, {list} AS list, {pri} AS pri, p.id AS pid, \
+                 p.total_limit, p.day_limit, p.month_limit \
+                 FROM domain_ticket t LEFT JOIN ticket_plan p ON p.id = t.ticket_plan_id \
+                 WHERE {cond}"
+            ));
+            params.push(ident.into());
         }
-        Ok(None)
+        if branches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!("{} ORDER BY pri, tid", branches.join(" UNION ALL "));
+        Ok(self.host.query_async(req, &sql, &params).await?.rows)
     }
 
-    /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list.
+    /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list;
+    /// with the ticket's plan limits (`None`: no such plan).
     async fn find(
         &self,
         req: &Request<'_>,
         user: Option<&str>,
         domain: Option<&str>,
     ) -> Result<Option<Found>, Error> {
-        let exact = |r: Row| Found {
-            row: r,
-            descriptive: None,
-        };
-        if let Some(u) = user
-            && let Some(r) = self.exact(req, Column::SaslUser, u).await?
-        {
-            return Ok(Some(exact(r)));
-        }
-        if let Some(d) = domain
-            && let Some(r) = self.exact(req, Column::Domain, d).await?
-        {
-            return Ok(Some(exact(r)));
+        let plan =
+            |c: &[Value]| (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])));
+        if let Some(c) = self.candidates(req, user, domain, false).await?.first() {
+            return Ok(Some(Found {
+                row: Row::from(c),
+                plan: plan(c),
+                descriptive: None,
+            }));
         }
         // valvula names the SASL user when there is one, else the domain.
         let descriptive = user.or(domain).map(str::to_owned);
-        if let Some(u) = user
-            && let Some(r) = self.listed(req, Column::SaslUser, u).await?
-        {
-            return Ok(Some(Found {
-                row: r,
-                descriptive,
-            }));
-        }
-        if let Some(d) = domain
-            && let Some(r) = self.listed(req, Column::Domain, d).await?
-        {
-            return Ok(Some(Found {
-                row: r,
-                descriptive,
-            }));
+        for c in self.candidates(req, user, domain, true).await? {
+            let ident = if num(&c[10]) == 1 { user } else { domain };
+            let list = c[9].as_str().unwrap_or("");
+            if let Some(ident) = ident
+                && list
+                    .split(',')
+                    .any(|item| item.trim().eq_ignore_ascii_case(ident))
+            {
+                return Ok(Some(Found {
+                    row: Row::from(&c),
+                    plan: plan(&c),
+                    descriptive,
+                }));
+            }
         }
         Ok(None)
-    }
-
-    async fn plan(&self, req: &Request<'_>, id: i64) -> Result<Option<(i64, i64, i64)>, Error> {
-        let r = self
-            .host
-            .query_async(
-                req,
-                "SELECT total_limit, day_limit, month_limit FROM ticket_plan WHERE id = ?",
-                &[id.into()],
-            )
-            .await?;
-        Ok(r.rows.first().map(|c| (num(&c[0]), num(&c[1]), num(&c[2]))))
     }
 
     /// valvula's reject text for the first limit `row + n` exceeds, if any.
@@ -595,7 +587,7 @@ impl Module for Ticket {
                 None,
             );
         }
-        let Some(limits) = self.plan(req, row.plan_id).await? else {
+        let Some(limits) = found.plan else {
             // No plan: accepted without counting, as valvula does.
             let v = self.dunno_or_filter(req, row).await?;
             decision_log(user, domain, Some(row), None, n, &v, false);
