@@ -18,6 +18,12 @@ mod config;
 pub mod inspect;
 mod tables;
 
+// Requests allocate many small short-lived values; glibc's malloc and free were a
+// quarter of a charged request's instructions (BENCHMARKS.md). A module has its own
+// allocator: nothing allocated here is freed by the daemon, or the other way round.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
