@@ -429,8 +429,9 @@ typedef struct vlv_host_api {
      * Either way, *status and the outputs are written before the host calls
      * process_poll again for this request: the module returns VLV_PENDING from
      * process_poll, and is polled again once every call it submitted has its
-     * answer. Until then the output pointers (and charges[i].states) must stay
-     * valid; the host writes nothing after process_drop().
+     * answer. Until then the output pointers, the charges array itself (the
+     * host writes each charges[i].admitted) and charges[i].states must stay valid;
+     * the host writes nothing after process_drop().
      * Statuses as the synchronous forms. */
 
     /* consume_all() (flags 0) or peek() of several keys (VLV_CONSUME_PEEK).

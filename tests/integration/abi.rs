@@ -872,6 +872,16 @@ fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
         }
         let r = c.ask(&postfix_request(&[("sender", "block@x")])).await;
         assert_eq!(r, "action=ok blocking\n\n", "VLV_BLOCKING runs process()");
+        let r = c
+            .ask(&postfix_request(&[
+                ("sender", "blocklate@x"),
+                ("instance", "bl"),
+            ]))
+            .await;
+        assert!(
+            r.starts_with("action=defer"),
+            "VLV_BLOCKING after a submitted charge is refused, process() not run: {r:?}"
+        );
         let r = c.ask(&postfix_request(&[("sender", "pending@x")])).await;
         assert!(
             r.starts_with("action=defer"),
@@ -900,5 +910,93 @@ fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
     assert_eq!(
         used.windows[0].used, 1,
         "one instance sent three times is charged once: {used:?}"
+    );
+}
+
+/// Another connection holding the SQLite write lock (a second daemon, valvula-ctl)
+/// makes charges wait; it must not stall the event loop, so a listener that needs no
+/// database answers at once meanwhile, even with a single runtime thread.
+#[test]
+fn a_locked_sqlite_file_never_stalls_other_listeners() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = module_tempdir();
+    let so = build(dir.path(), "c/async_counter.c", "async_counter.so", &[]);
+    let db = tempfile::tempdir().unwrap();
+    let path = db.path().join("v.db");
+    let cfg = parse_config(&format!(
+        "[server]\nmodules = [{so:?}]\nmodule_timeout = \"3s\"\n\
+         [[listener]]\nname=\"charging\"\naddress=\"127.0.0.1:0\"\nmodules=[\"async-counter\"]\non_error=\"defer\"\n\
+         [[listener]]\nname=\"plain\"\naddress=\"127.0.0.1:0\"\nmodules=[]\n\
+         [storage]\npath = {path:?}\ntimeout = \"2s\"\n"
+    ));
+    let store = valvula_store::Store::open(&cfg.storage, rt.handle().clone()).unwrap();
+    let (modules, _) = ModuleSet::load(
+        &cfg,
+        None,
+        &Services::new(store.clone(), valvula_store::Clock::system()),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let (_daemon, a) = rt.block_on(start(cfg, modules));
+    // One charge first, so the tables exist and the writer has its connection.
+    let r = rt.block_on(async {
+        Client::connect(&a[0])
+            .await
+            .ask(&postfix_request(&[
+                ("sender", "s@x"),
+                ("instance", "first"),
+            ]))
+            .await
+    });
+    assert_eq!(r, "action=dunno\n\n");
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let waiting: Vec<_> = (0..5)
+        .map(|i| {
+            let addr = a[0].clone();
+            rt.spawn(async move {
+                let instance = format!("locked{i}");
+                Client::connect(&addr)
+                    .await
+                    .ask(&postfix_request(&[
+                        ("sender", "s@x"),
+                        ("instance", &instance),
+                    ]))
+                    .await
+            })
+        })
+        .collect();
+    // Let the charges reach the store and wait on the lock.
+    std::thread::sleep(Duration::from_millis(300));
+    let worst = rt.block_on(async {
+        let mut worst = Duration::ZERO;
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let r = Client::connect(&a[1])
+                .await
+                .ask(&postfix_request(&[]))
+                .await;
+            assert_eq!(r, "action=dunno\n\n");
+            worst = worst.max(started.elapsed());
+        }
+        worst
+    });
+    other.execute_batch("COMMIT").unwrap();
+    let answers: Vec<String> = waiting
+        .into_iter()
+        .map(|t| rt.block_on(t).unwrap())
+        .collect();
+    assert!(
+        worst < Duration::from_millis(250),
+        "a listener without a database waited {worst:?} while the SQLite file was locked"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|r| r == "action=dunno\n\n" || r.starts_with("action=defer")),
+        "{answers:?}"
     );
 }

@@ -309,7 +309,7 @@ impl Host {
             return self.query(sql, params);
         };
         let f = api.sql_query_async.ok_or(StorageError::NotSupported)?;
-        let w = Waiting::new(RowsOut(std::ptr::null_mut()));
+        let w = Waiting::new(RowsOut(std::ptr::null_mut(), api.rows_free));
         // The parameters are copied by the host: not kept across the wait (raw
         // pointers are not Send).
         let rc = {
@@ -331,10 +331,11 @@ impl Host {
         if rc != abi::VLV_PENDING {
             status(rc)?;
         }
-        let (rc, rows) = w.await;
+        let (rc, mut rows) = w.await;
         status(rc)?;
-        // SAFETY: a handle the host just gave us, used once.
-        unsafe { copy_rows(api, rows.0) }.ok_or(StorageError::NotSupported)
+        let handle = std::mem::replace(&mut rows.0, std::ptr::null_mut());
+        // SAFETY: a handle the host just gave us, used once (copy_rows frees it).
+        unsafe { copy_rows(api, handle) }.ok_or(StorageError::NotSupported)
     }
 
     /// [`Host::exec`] of a write from `process_async`.
@@ -405,8 +406,21 @@ impl Host {
     }
 }
 
-/// The result handle an asynchronous query answers with.
-struct RowsOut(*mut vlv_rows);
+/// The result handle an asynchronous query answers with, and the host's function that
+/// frees it: a handle answered to a call the module no longer waits for (its future
+/// dropped) is freed with its block, not leaked.
+struct RowsOut(*mut vlv_rows, Option<unsafe extern "C" fn(*mut vlv_rows)>);
 
 // SAFETY: a host handle, usable from any thread; moved with its block between polls.
 unsafe impl Send for RowsOut {}
+
+impl Drop for RowsOut {
+    fn drop(&mut self) {
+        if let Some(free) = self.1
+            && !self.0.is_null()
+        {
+            // SAFETY: a live handle of the host's (not yet copied out), freed once.
+            unsafe { free(self.0) }
+        }
+    }
+}

@@ -93,6 +93,10 @@ pub(crate) trait Tx {
     async fn rows_bulk(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>> {
         self.rows(sql, params).await
     }
+    /// Whether a statement that failed with `e` ended the whole transaction (InnoDB
+    /// rolls it back on a deadlock; SQLite on a full disk or an OR ROLLBACK conflict):
+    /// then nothing done so far in it stands, and the batch must fail or be retried.
+    fn ended_by(&self, e: &super::StoreError) -> bool;
 }
 
 fn int(v: &Value) -> i64 {
@@ -429,8 +433,13 @@ pub(crate) async fn run_batch<T: Tx>(
         for stmt in &r.then {
             match tx.exec(&stmt.sql, stmt.params.clone()).await {
                 Ok(e) => o.then.push(Ok(e.affected)),
-                // The whole transaction is in question: the batch fails (or is retried).
-                Err(e) if e.is_outage() || matches!(e, super::StoreError::Conflict(_)) => {
+                // The whole transaction is in question or gone: the batch fails (or is
+                // retried), never answered as charged.
+                Err(e)
+                    if e.is_outage()
+                        || matches!(e, super::StoreError::Conflict(_))
+                        || tx.ended_by(&e) =>
+                {
                     return Err(e);
                 }
                 Err(e) => o.then.push(Err(e)),

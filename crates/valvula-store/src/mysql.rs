@@ -261,6 +261,11 @@ async fn query_rows<Q: Queryable>(q: &mut Q, sql: &str, p: Vec<Value>) -> Result
 struct MyTx<'a, 'c>(&'a mut mysql_async::Transaction<'c>);
 
 impl Tx for MyTx<'_, '_> {
+    fn ended_by(&self, e: &StoreError) -> bool {
+        // A deadlock rolls the whole transaction back; a lock wait timeout only the
+        // statement, but the batch is retried for it all the same.
+        retryable(e)
+    }
     async fn exec(&mut self, sql: &str, p: Vec<Value>) -> Result<Exec> {
         self.0.exec_drop(sql, params(p)).await.map_err(err)?;
         Ok(Exec {

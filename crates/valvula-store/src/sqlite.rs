@@ -193,6 +193,9 @@ impl Tx for ConnTx<'_> {
     async fn rows(&mut self, sql: &str, params: Vec<Value>) -> Result<Vec<Vec<Value>>> {
         query_one(self.0, &Stmt::new(sql, params)).map(|r| r.rows)
     }
+    fn ended_by(&self, _e: &StoreError) -> bool {
+        self.0.is_autocommit()
+    }
 }
 
 /// Drives a future that never waits (SQLite calls are synchronous) to completion.
@@ -285,19 +288,40 @@ impl Writer {
     }
 
     /// Runs a batch of jobs in one transaction and answers them after the commit.
-    fn run(&mut self, mut jobs: Vec<Job>) {
+    /// `inline`: a task leads the batch on the event loop, which must not sleep in
+    /// SQLite's busy handler while another connection (another daemon, valvula-ctl)
+    /// holds the write lock: then the jobs come back, for the writer thread.
+    fn run(&mut self, mut jobs: Vec<Job>, inline: bool) -> Option<Vec<Job>> {
         // A job whose caller gave up must not run: its request was answered already.
         jobs.retain(Job::claim);
         if jobs.is_empty() {
-            return;
+            return None;
         }
+        let timeout = self.timeout;
         let conn = match self.conn() {
             Ok(c) => c,
-            Err(e) => return answer_all(jobs, &e),
+            Err(e) => {
+                answer_all(jobs, &e);
+                return None;
+            }
         };
-        if let Err(e) = step(conn, "BEGIN IMMEDIATE") {
+        if inline {
+            let _ = conn.busy_timeout(Duration::ZERO);
+            let begun = step(conn, "BEGIN IMMEDIATE");
+            let _ = conn.busy_timeout(timeout);
+            match begun {
+                Ok(()) => {}
+                Err(StoreError::Busy(_)) => return Some(jobs),
+                Err(e) => {
+                    self.failed(&e);
+                    answer_all(jobs, &e);
+                    return None;
+                }
+            }
+        } else if let Err(e) = step(conn, "BEGIN IMMEDIATE") {
             self.failed(&e);
-            return answer_all(jobs, &e);
+            answer_all(jobs, &e);
+            return None;
         }
         let mut done: Vec<(Job, Done)> = Vec::with_capacity(jobs.len());
         // Consumptions are decided together (one read, one write for all of them); the
@@ -353,7 +377,7 @@ impl Writer {
                 answer_err(job, &lost());
             }
             self.failed(&lost());
-            return;
+            return None;
         }
         if !consumes.is_empty() {
             let reqs: Vec<consume::Request> = consumes
@@ -380,7 +404,8 @@ impl Writer {
                 (Err(e), true) => {
                     let _ = step(conn, "ROLLBACK");
                     self.failed(e);
-                    return answer_all(consumes, e);
+                    answer_all(consumes, e);
+                    return None;
                 }
                 (Ok(_), false) => step(conn, "RELEASE consume"),
                 (Err(_), false) => {
@@ -417,12 +442,13 @@ impl Writer {
             for (job, _) in done {
                 answer(job, Done::Failed(e.clone()));
             }
-            return;
+            return None;
         }
         self.commit_us = commit_us;
         for (job, result) in done {
             answer(job, result);
         }
+        None
     }
 }
 
@@ -554,22 +580,27 @@ fn answer_all(jobs: Vec<Job>, e: &StoreError) {
 
 fn writer_loop(w: Arc<Mutex<Writer>>, rx: Arc<Queue<Job>>) {
     while let Some(jobs) = rx.pop_many(MAX_BATCH) {
-        run_batch(&mut w.locked(), jobs);
+        run_batch(&mut w.locked(), jobs, false);
     }
 }
 
-/// Runs one batch on the writer's connection, from the writer thread or from the task
-/// that leads a batch.
-fn run_batch(w: &mut Writer, jobs: Vec<Job>) {
+/// Runs one batch on the writer's connection, from the writer thread or (`inline`) from
+/// the task that leads a batch; the jobs an inline batch could not start (the database
+/// locked by another connection) come back.
+fn run_batch(w: &mut Writer, jobs: Vec<Job>, inline: bool) -> Option<Vec<Job>> {
     // A bug in one batch must not end the writer: every later write would fail for
     // good. Its jobs are answered as failed (their promises dropped), and the
     // connection, perhaps inside a transaction, is opened afresh.
-    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(jobs))) {
-        tracing::error!(target: crate::LOG_TARGET,
-            "SQLite writer: a batch failed with a panic ({}); its requests got the on-error answer, the writer goes on",
-            crate::sync::panic_text(&*p)
-        );
-        w.conn = None;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(jobs, inline))) {
+        Ok(back) => back,
+        Err(p) => {
+            tracing::error!(target: crate::LOG_TARGET,
+                "SQLite writer: a batch failed with a panic ({}); its requests got the on-error answer, the writer goes on",
+                crate::sync::panic_text(&*p)
+            );
+            w.conn = None;
+            None
+        }
     }
 }
 
@@ -716,7 +747,20 @@ impl Sqlite {
                 if batch.is_empty() {
                     return;
                 }
-                run_batch(&mut w, batch);
+                if let Some(back) = run_batch(&mut w, batch, true) {
+                    // Another connection holds the write lock: the writer thread waits
+                    // for it, not the event loop.
+                    drop(w);
+                    for job in back {
+                        if let Err(job) = jobs.push(job) {
+                            answer_err(
+                                job,
+                                &StoreError::Unavailable("the SQLite writer stopped".into()),
+                            );
+                        }
+                    }
+                    return;
+                }
                 last.store(w.commit_us, Ordering::Relaxed);
                 drop(w);
                 if !jobs.is_empty() {
@@ -913,6 +957,84 @@ mod tests {
         assert!(
             admitted > 20,
             "the random mix charged too little to mean anything: {admitted}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod then_tests {
+    use crate::{Charge, Clock, Stmt, StorageConfig, Store, Window, WindowKind};
+
+    /// A write after a charge that ends the whole transaction (here an OR ROLLBACK
+    /// conflict; on InnoDB a deadlock) must fail the charge, never leave it answered
+    /// as admitted while it was rolled back. One that fails alone leaves the charge.
+    #[test]
+    fn a_write_that_ends_the_transaction_fails_the_charge() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            backend: crate::Backend::Sqlite {
+                path: dir.path().join("t.db"),
+                synchronous_full: true,
+            },
+            zone: crate::Zone::UTC,
+            timeout: crate::DEFAULT_TIMEOUT,
+            record_zone: true,
+        };
+        let store = Store::open(&cfg, rt.handle().clone()).unwrap();
+        store
+            .exec(Stmt::new("CREATE TABLE t (id INTEGER PRIMARY KEY)", vec![]))
+            .unwrap();
+        store
+            .exec(Stmt::new("INSERT INTO t (id) VALUES (1)", vec![]))
+            .unwrap();
+        let now = Clock::system().now();
+        let day = [Window {
+            kind: WindowKind::Day,
+            limit: 10,
+        }];
+        let c = [Charge {
+            key: "k",
+            amount: 1,
+            windows: &day,
+        }];
+        let charge = |then: &[&str]| {
+            rt.block_on(store.consume_all_async(
+                "ns",
+                None,
+                &c,
+                false,
+                now,
+                then.iter().map(|t| Stmt::new(*t, vec![])).collect(),
+            ))
+        };
+        let r = charge(&[
+            "INSERT OR ROLLBACK INTO t (id) VALUES (1)",
+            "INSERT INTO t (id) VALUES (2)",
+        ]);
+        assert!(r.is_err(), "a rolled-back charge was answered: {r:?}");
+        let after = store
+            .query(Stmt::new("SELECT COUNT(*) FROM t WHERE id = 2", vec![]))
+            .unwrap();
+        assert_eq!(
+            after.rows[0][0],
+            crate::Value::Int(0),
+            "a write after the rollback was kept on its own"
+        );
+        let o = charge(&["INSERT INTO t (id) VALUES (1)"]).expect("the charge itself is fine");
+        assert!(o.admitted, "{o:?}");
+        assert!(
+            o.then[0].is_err(),
+            "the duplicate failed on its own: {:?}",
+            o.then
+        );
+        assert_eq!(
+            o.parts[0].windows[0].used, 1,
+            "only the second charge stands: {o:?}"
         );
     }
 }

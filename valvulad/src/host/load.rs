@@ -370,8 +370,16 @@ impl Handler for LoadedModule {
                     abandon.call = cp as usize;
                     status
                 };
-                if status == abi::VLV_BLOCKING && !polled_before {
-                    abandon.call = 0;
+                if status == abi::VLV_BLOCKING {
+                    let submitted = call.pending.as_ref().is_some_and(|p| !p.is_empty());
+                    if polled_before || submitted {
+                        // process() would run what the submitted calls may already have
+                        // done: refused, the module's fault. Its call (if it kept one)
+                        // is handed back through process_drop.
+                        return Err(HandlerError::Other(
+                            "module answered VLV_BLOCKING after submitting a storage call".into(),
+                        ));
+                    }
                     return Err(HandlerError::Blocking);
                 }
                 polled_before = true;
