@@ -61,11 +61,11 @@ start() { # name
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
-# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling ready empty rl tuned tk newconn rlm tkm exact memory).
+# BENCH_ONLY="rl tkm" runs only those scenarios (ceiling ready empty rl tuned scale tk newconn rlm rlm64 tkm exact memory).
 want() { [ -z "${BENCH_ONLY:-}" ] || [[ " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { # scenario port conns [extra bench options]
     local j
-    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities 1000 --stage eod --server-pid "$SERVER_PID" --json "${@:4}")
+    j=$(taskset -c 1 "$B" run --target "127.0.0.1:$2" --connections "$3" --duration "$SECS" --warmup 1 --threads 1 --identities "${IDENTITIES:-1000}" --stage eod --server-pid "$SERVER_PID" --json "${@:4}")
     python3 -c "import json,sys; d=json.loads(sys.argv[1]); s=d['server']; print('| %s | %d | %.0f | %.3f | %.3f | %.3f | %.3f | %.2f | %.1f | %s | %d |' % (sys.argv[2], d['connections'], d['requests_per_second'], d['latency_ms']['p50'], d['latency_ms']['p99'], d['latency_ms']['p99_9'], d['latency_ms']['max'], s['switches_per_request'], s['cpu_us_per_request'], ' '.join('%s=%d' % kv for kv in d['actions'].items()), d['errors']))" "$j" "$1"
 }
 tickets() { # sql-runner: 1000 users on one plan
@@ -102,6 +102,28 @@ path = \"$W/rlt.db\"" "${RATELIMIT/\[module.mod-ratelimit\]/[module.mod-ratelimi
 accounting = false}" "module_threads = 64"
 if want tuned; then start rlt; for c in $CONNS; do row "mod-ratelimit, SQLite, tuned (module_threads 64, accounting off)" 3701 "$c"; done; stop rlt; fi
 
+# Cost does not grow with the work: the same charging load over 1,000,000 identities,
+# each already with its counter rows, accounting row and a token (as after a busy hour),
+# against the 1,000 of the row above.
+config scale 3703 '"mod-ratelimit"' "[storage]
+path = \"$W/scale.db\"" "$RATELIMIT"
+if want scale; then
+    start scale
+    taskset -c 1 "$B" run --target 127.0.0.1:3703 --connections 1 --duration 1 --warmup 0 --threads 1 --identities 1 --stage eod >/dev/null
+    stop scale
+    sqlite3 "$W/scale.db" "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)
+        INSERT OR IGNORE INTO vlv_counter (ns, ckey, win, period, used)
+            SELECT c.ns, 'users:user' || n.i || '@example.com', c.win, c.period, 1 FROM n, vlv_counter c;
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)
+        INSERT OR IGNORE INTO ratelimit_accounting (policy, identity, period, messages, recipients, bytes, bytes_rcpt)
+            SELECT a.policy, 'user' || n.i || '@example.com', a.period, 1, 1, 1, 1 FROM n, (SELECT * FROM ratelimit_accounting LIMIT 1) a;
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 999999)
+        INSERT OR IGNORE INTO vlv_once (ns, token, at) SELECT o.ns, o.token || n.i, o.at FROM n, (SELECT * FROM vlv_once LIMIT 1) o;"
+    start scale
+    for c in $CONNS; do IDENTITIES=1000000 row "mod-ratelimit, SQLite, 1,000,000 identities ($(du -m "$W/scale.db" | cut -f1) MB database)" 3703 "$c"; done
+    stop scale
+fi
+
 config tk 3693 '"mod-ticket"' "[storage]
 path = \"$W/tk.db\"" "$TICKET"
 if want tk; then start tk; tickets sqlite3 "$W/tk.db"; for c in $CONNS; do row "mod-ticket, SQLite" 3693 "$c"; done; stop tk; fi
@@ -120,6 +142,11 @@ if mariadb-admin ping >/dev/null 2>&1; then
 backend = \"mysql\"
 url = \"mysql://root@127.0.0.1:3306/$DB\"" "$RATELIMIT"
     if want rlm; then start rlm; for c in $CONNS; do row "mod-ratelimit, MariaDB" 3694 "$c"; done; stop rlm; fi
+    # Extra: more module threads, which doubled MariaDB's figure before ABI 0.5.
+    config rlm64 3704 '"mod-ratelimit"' "[storage]
+backend = \"mysql\"
+url = \"mysql://root@127.0.0.1:3306/$DB\"" "$RATELIMIT" "module_threads = 64"
+    if want rlm64; then start rlm64; for c in $CONNS; do row "mod-ratelimit, MariaDB, module_threads 64" 3704 "$c"; done; stop rlm64; fi
     config tkm 3695 '"mod-ticket"' "[storage]
 backend = \"mysql\"
 url = \"mysql://root@127.0.0.1:3306/$DB\"" "$TICKET"
