@@ -135,19 +135,10 @@ fn open_conn(path: &PathBuf, synchronous_full: bool, timeout: Duration) -> Resul
         if synchronous_full { "FULL" } else { "NORMAL" },
     )
     .map_err(sql_err)?;
-    // Pages read through a memory map of the file (shared with the OS page cache)
-    // rather than copied in by a read call each: with a million identities the
-    // database outgrows SQLite's own 2 MB page cache, and every charge read pages
-    // from the kernel (measured: twice the CPU per request of 1,000 identities).
-    c.pragma_update(None, "mmap_size", MMAP_BYTES)
-        .map_err(sql_err)?;
     c.set_prepared_statement_cache_capacity(64);
     Ok(c)
 }
 
-/// How much of the database file is read through a memory map (address space, not
-/// memory: the pages are the OS page cache's).
-const MMAP_BYTES: i64 = 1 << 30;
 
 /// A statement without parameters or rows (transaction control), prepared once.
 fn step(c: &Connection, sql: &str) -> Result<()> {
