@@ -139,7 +139,6 @@ fn open_conn(path: &PathBuf, synchronous_full: bool, timeout: Duration) -> Resul
     Ok(c)
 }
 
-
 /// A statement without parameters or rows (transaction control), prepared once.
 fn step(c: &Connection, sql: &str) -> Result<()> {
     c.prepare_cached(sql)
