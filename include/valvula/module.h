@@ -520,7 +520,9 @@ typedef struct vlv_module_def {
     int32_t (*reconf)(void *state);
 
     /* The daemon is stopping; no other hook is called afterwards. Free the
-     * state. The library itself is never unloaded. Optional (NULL). */
+     * state. The library itself is never unloaded. Optional (NULL).
+     * A process_poll call still pending at close (a request past the shutdown
+     * grace) is never polled or handed to process_drop again. */
     void (*close)(void *state);
 
     /* Clock boundaries crossed: kinds is a set of VLV_TICK_* bits, now the

@@ -1000,3 +1000,63 @@ fn a_locked_sqlite_file_never_stalls_other_listeners() {
         "{answers:?}"
     );
 }
+
+/// Requests still waiting on the database when the shutdown grace ends: the module is
+/// closed, and its pending calls, dropped afterwards with their tasks, never reach
+/// process_drop (the fixture aborts the process if one does).
+#[test]
+fn no_hook_runs_after_close_even_for_calls_still_pending() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = module_tempdir();
+    let so = build(dir.path(), "c/async_counter.c", "async_counter.so", &[]);
+    let db = tempfile::tempdir().unwrap();
+    let path = db.path().join("v.db");
+    let cfg = parse_config(&format!(
+        "[server]\nmodules = [{so:?}]\nmodule_timeout = \"10s\"\n\
+         [[listener]]\nname=\"charging\"\naddress=\"127.0.0.1:0\"\nmodules=[\"async-counter\"]\n\
+         [storage]\npath = {path:?}\ntimeout = \"8s\"\n"
+    ));
+    let store = valvula_store::Store::open(&cfg.storage, rt.handle().clone()).unwrap();
+    let (modules, _) = ModuleSet::load(
+        &cfg,
+        None,
+        &Services::new(store.clone(), valvula_store::Clock::system()),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let (daemon, a) = rt.block_on(start(cfg, modules));
+    let r = rt.block_on(async {
+        Client::connect(&a[0])
+            .await
+            .ask(&postfix_request(&[
+                ("sender", "s@x"),
+                ("instance", "first"),
+            ]))
+            .await
+    });
+    assert_eq!(r, "action=dunno\n\n");
+    // Charges that cannot commit: another connection holds the write lock.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    for i in 0..4 {
+        let addr = a[0].clone();
+        rt.spawn(async move {
+            let instance = format!("pending{i}");
+            Client::connect(&addr)
+                .await
+                .ask(&postfix_request(&[
+                    ("sender", "s@x"),
+                    ("instance", &instance),
+                ]))
+                .await
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(daemon.shutdown(Duration::from_millis(100)));
+    // The tasks (and their pending calls) go with the runtime, after close.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    other.execute_batch("ROLLBACK").unwrap();
+}

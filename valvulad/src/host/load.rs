@@ -245,6 +245,7 @@ impl Opened {
             ctx,
             state: state as usize,
             serialize,
+            closed: std::sync::Arc::new(RwLock::new(false)),
             opened: self,
         })
     }
@@ -258,6 +259,10 @@ pub struct LoadedModule {
     /// which threads may use it (see VLV_FLAG_SERIALIZE).
     state: usize,
     serialize: Option<Mutex<()>>,
+    /// Closed: set (under the write lock) before `close` runs. A `process_poll` call
+    /// still pending then (a request past the shutdown grace) is neither polled nor
+    /// handed to `process_drop` again: no hook runs after `close`.
+    closed: std::sync::Arc<RwLock<bool>>,
 }
 
 impl LoadedModule {
@@ -303,11 +308,14 @@ struct Abandon {
     state: usize,
     /// The module's call pointer while it is pending; 0 when there is none.
     call: usize,
+    closed: std::sync::Arc<RwLock<bool>>,
 }
 
 impl Drop for Abandon {
     fn drop(&mut self) {
+        let closed = self.closed.read_now();
         if self.call != 0
+            && !*closed
             && let Some(f) = self.process_drop
         {
             // SAFETY: state is what init returned and call the pointer the module set in
@@ -347,6 +355,7 @@ impl Handler for LoadedModule {
             process_drop: self.opened.def.process_drop,
             state: self.state,
             call: 0,
+            closed: self.closed.clone(),
         };
         let (req, watch) = (req.clone(), watch.clone());
         let state = self.state;
@@ -356,6 +365,10 @@ impl Handler for LoadedModule {
             let mut polled_before = false;
             let status = loop {
                 let status = {
+                    let closed = abandon.closed.read_now();
+                    if *closed {
+                        return Err(HandlerError::Other("module is closed".into()));
+                    }
                     let mut cp = abandon.call as *mut c_void;
                     // SAFETY: state is what init returned; `call` lives across every poll
                     // of this request and is reached only through the host functions, on
@@ -449,6 +462,8 @@ impl Handler for LoadedModule {
     }
 
     fn close(&self) {
+        // Waits for a poll under way (they never block), and keeps any later one out.
+        *self.closed.write_now() = true;
         if let Some(close) = self.opened.def.close {
             let _g = self.lock();
             // SAFETY: called once (the dispatcher guards it), after which no hook runs.

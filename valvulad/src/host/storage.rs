@@ -504,6 +504,54 @@ pub(super) unsafe extern "C" fn host_reset(ctx: *mut vlv_module_ctx, key: vlv_st
     })
 }
 
+/// One charge as read from the module: key, amount, windows.
+type Parsed<'a> = (&'a str, i64, Vec<Window>);
+
+/// The keys and windows of a module's array of `n` charges, checked (what the store's
+/// `Charge` borrows), and its optional token.
+///
+/// # Safety
+/// `charges` is NULL or the module's array of `n` charges, read during the call.
+unsafe fn charges_of<'a>(
+    charges: *const vlv_charge,
+    n: usize,
+    token: vlv_str,
+) -> Result<(Vec<Parsed<'a>>, Option<&'a str>), StoreError> {
+    if n == 0 || charges.is_null() {
+        return Err(StoreError::Invalid("no charges given".into()));
+    }
+    if n > store::MAX_PARTS {
+        return Err(StoreError::Invalid(format!(
+            "{n} charges; at most {} keys are charged together",
+            store::MAX_PARTS
+        )));
+    }
+    // SAFETY: per the contract above, an array of n charges of the module's.
+    let list = unsafe { std::slice::from_raw_parts(charges, n) };
+    let mut out = Vec::with_capacity(n);
+    for (i, c) in list.iter().enumerate() {
+        let key = std::str::from_utf8(bytes_of(c.key))
+            .map_err(|_| StoreError::Invalid(format!("charge {i}: key is not UTF-8")))?;
+        let windows = windows_of(c.windows, c.n_windows)
+            .map_err(|e| StoreError::Invalid(format!("charge {i}: {e}")))?;
+        out.push((key, c.amount, windows));
+    }
+    let token = std::str::from_utf8(bytes_of(token))
+        .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
+    Ok((out, (!token.is_empty()).then_some(token)))
+}
+
+fn specs<'a>(parsed: &'a [Parsed<'a>]) -> Vec<store::Charge<'a>> {
+    parsed
+        .iter()
+        .map(|(key, amount, w)| store::Charge {
+            key,
+            amount: *amount,
+            windows: w,
+        })
+        .collect()
+}
+
 pub(super) unsafe extern "C" fn host_consume_all(
     ctx: *mut vlv_module_ctx,
     token: vlv_str,
@@ -513,43 +561,14 @@ pub(super) unsafe extern "C" fn host_consume_all(
     repeated: *mut u32,
 ) -> i32 {
     with_store(ctx, |m, store| {
-        if n == 0 || charges.is_null() {
-            return Err(StoreError::Invalid("no charges given".into()));
-        }
-        if n > store::MAX_PARTS {
-            return Err(StoreError::Invalid(format!(
-                "{n} charges; at most {} keys are charged together",
-                store::MAX_PARTS
-            )));
-        }
-        // SAFETY: the module passes an array of n charges it owns for the call; we read
-        // them here and write their out fields below, nothing else touches them meanwhile.
-        let list = unsafe { std::slice::from_raw_parts_mut(charges, n) };
-        let mut keys = Vec::with_capacity(n);
-        let mut windows = Vec::with_capacity(n);
-        for (i, c) in list.iter().enumerate() {
-            let key = std::str::from_utf8(bytes_of(c.key))
-                .map_err(|_| StoreError::Invalid(format!("charge {i}: key is not UTF-8")))?;
-            keys.push(key);
-            windows.push(
-                windows_of(c.windows, c.n_windows)
-                    .map_err(|e| StoreError::Invalid(format!("charge {i}: {e}")))?,
-            );
-        }
-        let specs: Vec<store::Charge<'_>> = list
-            .iter()
-            .zip(&keys)
-            .zip(&windows)
-            .map(|((c, key), w)| store::Charge {
-                key,
-                amount: c.amount,
-                windows: w,
-            })
-            .collect();
-        let token = std::str::from_utf8(bytes_of(token))
-            .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
-        let token = (!token.is_empty()).then_some(token);
+        // SAFETY: the module's array of n charges, read here; its out fields are
+        // written below, after the store call.
+        let (parsed, token) = unsafe { charges_of(charges, n, token) }?;
+        let specs = specs(&parsed);
         let o = store.consume_all(&m.name, token, &specs, m.clock.now())?;
+        // SAFETY: the module passes an array of n charges it owns for the call; nothing
+        // else touches them meanwhile.
+        let list = unsafe { std::slice::from_raw_parts_mut(charges, n) };
         // SAFETY: optional out pointers of the module; each charge's `states` holds
         // n_windows entries (header), and the charges array is the module's for the call.
         unsafe {
@@ -713,42 +732,11 @@ pub(super) unsafe extern "C" fn host_consume_async(
         if flags & !abi::VLV_CONSUME_PEEK != 0 {
             return Err(StoreError::Invalid(format!("unknown flags {flags:#x}")));
         }
-        if n == 0 || charges.is_null() {
-            return Err(StoreError::Invalid("no charges given".into()));
-        }
-        if n > store::MAX_PARTS {
-            return Err(StoreError::Invalid(format!(
-                "{n} charges; at most {} keys are charged together",
-                store::MAX_PARTS
-            )));
-        }
-        // SAFETY: the module passes an array of n charges it owns; read here, during
-        // the call.
+        // SAFETY: the module's array of n charges, read (copied) here, during the call.
+        let (parsed, token) = unsafe { charges_of(charges, n, token) }?;
+        let specs = specs(&parsed);
+        // SAFETY: as above; `states` and `admitted` are only pointed at, for the answer.
         let list = unsafe { std::slice::from_raw_parts(charges, n) };
-        let mut keys = Vec::with_capacity(n);
-        let mut windows = Vec::with_capacity(n);
-        for (i, c) in list.iter().enumerate() {
-            let key = std::str::from_utf8(bytes_of(c.key))
-                .map_err(|_| StoreError::Invalid(format!("charge {i}: key is not UTF-8")))?;
-            keys.push(key);
-            windows.push(
-                windows_of(c.windows, c.n_windows)
-                    .map_err(|e| StoreError::Invalid(format!("charge {i}: {e}")))?,
-            );
-        }
-        let specs: Vec<store::Charge<'_>> = list
-            .iter()
-            .zip(&keys)
-            .zip(&windows)
-            .map(|((c, key), w)| store::Charge {
-                key,
-                amount: c.amount,
-                windows: w,
-            })
-            .collect();
-        let token = std::str::from_utf8(bytes_of(token))
-            .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
-        let token = (!token.is_empty()).then_some(token);
         let peek = flags & abi::VLV_CONSUME_PEEK != 0;
         let f = store.consume_all_async(&m.name, token, &specs, peek, m.clock.now(), then_stmts);
         let (admitted, repeated) = (Out(admitted), Out(repeated));
