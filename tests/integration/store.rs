@@ -853,3 +853,46 @@ fn a_daemon_with_another_calendar_zone_is_refused() {
         assert!(matches!(e, StoreError::Refused(_)), "{}: {e:?}", b.label);
     });
 }
+
+/// A write after a charge that meets a deadlock (InnoDB rolls the whole transaction
+/// back, charge and token with it) must fail the charge or retry it, never answer it
+/// as admitted. The deadlock is raised by a trigger, as InnoDB raises it (error 1213).
+#[test]
+fn a_deadlock_in_a_write_after_a_charge_never_answers_a_lost_charge() {
+    let b = open(true);
+    let db = b._db.as_ref().expect("mysql");
+    db.sql("CREATE TABLE t (id INT PRIMARY KEY)");
+    db.sql(
+        "CREATE TRIGGER t_deadlock BEFORE INSERT ON t FOR EACH ROW \
+         SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'Deadlock found when trying to get lock'",
+    );
+    let day = [Window {
+        kind: WindowKind::Day,
+        limit: 10,
+    }];
+    let c = [Charge {
+        key: "k",
+        amount: 1,
+        windows: &day,
+    }];
+    let now = valvula_store::Clock::system().now();
+    let r = b._rt.block_on(b.store.consume_all_async(
+        "ns",
+        Some("tok"),
+        &c,
+        false,
+        now,
+        vec![Stmt::new("INSERT INTO t (id) VALUES (1)", vec![])],
+    ));
+    assert!(
+        r.is_err(),
+        "{}: a charge whose transaction a deadlock ended was answered: {r:?}",
+        b.label
+    );
+    let peek = b.store.peek("ns", "k", 1, &day, now).unwrap();
+    assert_eq!(
+        peek.windows[0].used, 0,
+        "{}: nothing charged for a failed request: {peek:?}",
+        b.label
+    );
+}
