@@ -797,29 +797,32 @@ async fn c_module_built_for_abi_0_4_loads_and_answers() {
     assert_eq!(c.ask(&postfix_request(&[])).await, "action=dunno\n\n");
 }
 
-/// ABI 0.5 from C: a module on process_poll and consume_async counts exactly under
-/// concurrency, is charged once per instance, and its mistakes (VLV_PENDING with
-/// nothing submitted) cost the request, not the daemon; VLV_BLOCKING reaches process().
-#[test]
-fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
+/// A daemon on the ABI 0.5 C fixture (async-counter) with an SQLite store, on a runtime
+/// of `workers` threads. `config` gets the module's and the database's paths.
+struct AsyncCounter {
+    rt: tokio::runtime::Runtime,
+    daemon: valvulad::server::Daemon,
+    addrs: Vec<String>,
+    store: std::sync::Arc<valvula_store::Store>,
+    db: PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+fn async_counter(
+    workers: usize,
+    defines: &[&str],
+    config: impl FnOnce(&Path, &Path) -> valvula_config::Config,
+) -> AsyncCounter {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();
     let dir = module_tempdir();
-    let so = build(
-        dir.path(),
-        "c/async_counter.c",
-        "async_counter.so",
-        &["FIXTURE_LIMIT=50"],
-    );
-    let db = tempfile::tempdir().unwrap();
-    let cfg = config_for(
-        &[&so],
-        &["async-counter"],
-        &format!("[storage]\npath = {:?}\n", db.path().join("v.db")),
-    );
+    let so = build(dir.path(), "c/async_counter.c", "async_counter.so", defines);
+    let dbdir = tempfile::tempdir().unwrap();
+    let db = dbdir.path().join("v.db");
+    let cfg = config(&so, &db);
     let store = valvula_store::Store::open(&cfg.storage, rt.handle().clone()).unwrap();
     let (modules, _) = ModuleSet::load(
         &cfg,
@@ -827,7 +830,35 @@ fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
         &Services::new(store.clone(), valvula_store::Clock::system()),
     )
     .unwrap_or_else(|e| panic!("{e:?}"));
-    let (_daemon, a) = rt.block_on(start(cfg, modules));
+    let (daemon, addrs) = rt.block_on(start(cfg, modules));
+    AsyncCounter {
+        rt,
+        daemon,
+        addrs,
+        store,
+        db,
+        _dirs: (dir, dbdir),
+    }
+}
+
+/// ABI 0.5 from C: a module on process_poll and consume_async counts exactly under
+/// concurrency, is charged once per instance, and its mistakes (VLV_PENDING with
+/// nothing submitted) cost the request, not the daemon; VLV_BLOCKING reaches process().
+#[test]
+fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
+    let AsyncCounter {
+        rt,
+        daemon: _daemon,
+        addrs: a,
+        store,
+        ..
+    } = async_counter(2, &["FIXTURE_LIMIT=50"], |so, db| {
+        config_for(
+            &[so],
+            &["async-counter"],
+            &format!("[storage]\npath = {db:?}\n"),
+        )
+    });
     rt.block_on(async {
         let mut tasks = Vec::new();
         for conn in 0..16 {
@@ -918,29 +949,20 @@ fn c_module_on_the_completion_api_counts_exactly_and_survives_its_bugs() {
 /// database answers at once meanwhile, even with a single runtime thread.
 #[test]
 fn a_locked_sqlite_file_never_stalls_other_listeners() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = module_tempdir();
-    let so = build(dir.path(), "c/async_counter.c", "async_counter.so", &[]);
-    let db = tempfile::tempdir().unwrap();
-    let path = db.path().join("v.db");
-    let cfg = parse_config(&format!(
-        "[server]\nmodules = [{so:?}]\nmodule_timeout = \"3s\"\n\
-         [[listener]]\nname=\"charging\"\naddress=\"127.0.0.1:0\"\nmodules=[\"async-counter\"]\non_error=\"defer\"\n\
-         [[listener]]\nname=\"plain\"\naddress=\"127.0.0.1:0\"\nmodules=[]\n\
-         [storage]\npath = {path:?}\ntimeout = \"2s\"\n"
-    ));
-    let store = valvula_store::Store::open(&cfg.storage, rt.handle().clone()).unwrap();
-    let (modules, _) = ModuleSet::load(
-        &cfg,
-        None,
-        &Services::new(store.clone(), valvula_store::Clock::system()),
-    )
-    .unwrap_or_else(|e| panic!("{e:?}"));
-    let (_daemon, a) = rt.block_on(start(cfg, modules));
+    let AsyncCounter {
+        rt,
+        daemon: _daemon,
+        addrs: a,
+        db: path,
+        ..
+    } = async_counter(1, &[], |so, path| {
+        parse_config(&format!(
+            "[server]\nmodules = [{so:?}]\nmodule_timeout = \"3s\"\n\
+             [[listener]]\nname=\"charging\"\naddress=\"127.0.0.1:0\"\nmodules=[\"async-counter\"]\non_error=\"defer\"\n\
+             [[listener]]\nname=\"plain\"\naddress=\"127.0.0.1:0\"\nmodules=[]\n\
+             [storage]\npath = {path:?}\ntimeout = \"2s\"\n"
+        ))
+    });
     // One charge first, so the tables exist and the writer has its connection.
     let r = rt.block_on(async {
         Client::connect(&a[0])
@@ -1006,28 +1028,19 @@ fn a_locked_sqlite_file_never_stalls_other_listeners() {
 /// process_drop (the fixture aborts the process if one does).
 #[test]
 fn no_hook_runs_after_close_even_for_calls_still_pending() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = module_tempdir();
-    let so = build(dir.path(), "c/async_counter.c", "async_counter.so", &[]);
-    let db = tempfile::tempdir().unwrap();
-    let path = db.path().join("v.db");
-    let cfg = parse_config(&format!(
-        "[server]\nmodules = [{so:?}]\nmodule_timeout = \"10s\"\n\
-         [[listener]]\nname=\"charging\"\naddress=\"127.0.0.1:0\"\nmodules=[\"async-counter\"]\n\
-         [storage]\npath = {path:?}\ntimeout = \"8s\"\n"
-    ));
-    let store = valvula_store::Store::open(&cfg.storage, rt.handle().clone()).unwrap();
-    let (modules, _) = ModuleSet::load(
-        &cfg,
-        None,
-        &Services::new(store.clone(), valvula_store::Clock::system()),
-    )
-    .unwrap_or_else(|e| panic!("{e:?}"));
-    let (daemon, a) = rt.block_on(start(cfg, modules));
+    let AsyncCounter {
+        rt,
+        daemon,
+        addrs: a,
+        db: path,
+        ..
+    } = async_counter(2, &[], |so, path| {
+        parse_config(&format!(
+            "[server]\nmodules = [{so:?}]\nmodule_timeout = \"10s\"\n\
+             [[listener]]\nname=\"charging\"\naddress=\"127.0.0.1:0\"\nmodules=[\"async-counter\"]\n\
+             [storage]\npath = {path:?}\ntimeout = \"8s\"\n"
+        ))
+    });
     let r = rt.block_on(async {
         Client::connect(&a[0])
             .await

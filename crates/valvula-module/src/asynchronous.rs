@@ -16,7 +16,7 @@ use crate::abi::{
 };
 use crate::storage::{
     Charge, Consumption, Consumptions, Exec, Rows, StorageError, Value, cooked_states, copy_rows,
-    raw, raw_window, reaching, status,
+    raw, raw_charges, raw_window, reaching, status,
 };
 use crate::{Host, Request};
 
@@ -220,20 +220,7 @@ impl Host {
         });
         // SAFETY: the block is ours (not yet handed to the host).
         let out = unsafe { &mut *w.out_ptr() };
-        out.charges = charges
-            .iter()
-            .zip(&windows)
-            .zip(out.states.iter_mut())
-            .map(|((c, w), st)| vlv_charge {
-                key: vlv_str::from_str(c.key),
-                amount: c.amount,
-                windows: w.as_ptr(),
-                n_windows: w.len(),
-                states: st.as_mut_ptr(),
-                admitted: 0,
-                reserved: 0,
-            })
-            .collect();
+        out.charges = raw_charges(charges, &windows, &mut out.states);
         let rc = {
             let params: Vec<Vec<vlv_value>> = then
                 .iter()

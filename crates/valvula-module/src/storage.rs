@@ -228,6 +228,29 @@ pub(crate) fn raw_window(w: &Window) -> vlv_window {
     }
 }
 
+/// The ABI's charges for `charges`, pointing into `windows` and `states` (one entry
+/// per charge each), which must outlive the result's use.
+pub(crate) fn raw_charges(
+    charges: &[Charge<'_>],
+    windows: &[Vec<vlv_window>],
+    states: &mut [Vec<vlv_window_state>],
+) -> Vec<vlv_charge> {
+    charges
+        .iter()
+        .zip(windows)
+        .zip(states.iter_mut())
+        .map(|((c, w), st)| vlv_charge {
+            key: vlv_str::from_str(c.key),
+            amount: c.amount,
+            windows: w.as_ptr(),
+            n_windows: w.len(),
+            states: st.as_mut_ptr(),
+            admitted: 0,
+            reserved: 0,
+        })
+        .collect()
+}
+
 pub(crate) fn cooked_states(states: &[vlv_window_state]) -> Vec<WindowState> {
     states
         .iter()
@@ -531,20 +554,7 @@ impl Host {
             .iter()
             .map(|c| vec![vlv_window_state::default(); c.windows.len()])
             .collect();
-        let mut raw: Vec<vlv_charge> = charges
-            .iter()
-            .zip(&windows)
-            .zip(states.iter_mut())
-            .map(|((c, w), st)| vlv_charge {
-                key: vlv_str::from_str(c.key),
-                amount: c.amount,
-                windows: w.as_ptr(),
-                n_windows: w.len(),
-                states: st.as_mut_ptr(),
-                admitted: 0,
-                reserved: 0,
-            })
-            .collect();
+        let mut raw = raw_charges(charges, &windows, &mut states);
         let (mut admitted, mut repeated) = (0u32, 0u32);
         // SAFETY: the charges, their windows and state arrays (n_windows entries each)
         // are ours for the call; the host table was checked to have the field.

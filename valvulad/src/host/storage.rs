@@ -187,6 +187,29 @@ pub(super) unsafe extern "C" fn host_sql_exec_once(
     })
 }
 
+/// Copies a module's array of `n` statements.
+///
+/// # Safety
+/// `stmts` is NULL or the module's array of `n` statements, valid during the call.
+unsafe fn stmts_of(stmts: *const vlv_stmt, n: usize, what: &str) -> Result<Vec<Stmt>, StoreError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if stmts.is_null() {
+        return Err(StoreError::Invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: per the contract above.
+    let list = unsafe { std::slice::from_raw_parts(stmts, n) };
+    list.iter()
+        .map(|s| {
+            Ok(Stmt::new(
+                sql_text(s.sql)?,
+                values_of(s.params, s.n_params)?,
+            ))
+        })
+        .collect()
+}
+
 pub(super) unsafe extern "C" fn host_sql_batch(
     ctx: *mut vlv_module_ctx,
     stmts: *const vlv_stmt,
@@ -194,24 +217,8 @@ pub(super) unsafe extern "C" fn host_sql_batch(
     affected: *mut u64,
 ) -> i32 {
     with_store(ctx, |_, store| {
-        if n > 0 && stmts.is_null() {
-            return Err(StoreError::Invalid("stmts is NULL".into()));
-        }
-        let list = if n == 0 {
-            &[][..]
-        } else {
-            // SAFETY: the module passes an array of n statements it owns for the call.
-            unsafe { std::slice::from_raw_parts(stmts, n) }
-        };
-        let stmts = list
-            .iter()
-            .map(|s| {
-                Ok(Stmt::new(
-                    sql_text(s.sql)?,
-                    values_of(s.params, s.n_params)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        // SAFETY: the module passes an array of n statements it owns for the call.
+        let stmts = unsafe { stmts_of(stmts, n, "stmts") }?;
         let r = store.batch(stmts)?;
         if !affected.is_null() {
             for (i, e) in r.iter().enumerate() {
@@ -710,25 +717,9 @@ pub(super) unsafe extern "C" fn host_consume_async(
     status: *mut i32,
 ) -> i32 {
     submit_async(ctx, req, status, |m, store| {
-        if n_then > 0 && then.is_null() {
-            return Err(StoreError::Invalid("then is NULL".into()));
-        }
-        let then_list = if n_then == 0 {
-            &[][..]
-        } else {
-            // SAFETY: the module passes an array of n_then statements it owns, read
-            // (copied) here, during the call.
-            unsafe { std::slice::from_raw_parts(then, n_then) }
-        };
-        let then_stmts = then_list
-            .iter()
-            .map(|s| {
-                Ok(Stmt::new(
-                    sql_text(s.sql)?,
-                    values_of(s.params, s.n_params)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        // SAFETY: the module passes an array of n_then statements it owns, read (copied)
+        // here, during the call.
+        let then_stmts = unsafe { stmts_of(then, n_then, "then") }?;
         if flags & !abi::VLV_CONSUME_PEEK != 0 {
             return Err(StoreError::Invalid(format!("unknown flags {flags:#x}")));
         }
