@@ -896,3 +896,62 @@ fn a_deadlock_in_a_write_after_a_charge_never_answers_a_lost_charge() {
         b.label
     );
 }
+
+/// The same on SQLite: a write after a charge that ends the transaction (an OR
+/// ROLLBACK conflict) fails the charge, and no later write of it is kept on its own
+/// (it would have autocommitted). One that fails alone leaves the charge standing.
+#[test]
+fn a_write_that_ends_the_transaction_fails_the_charge_on_sqlite() {
+    let b = open(false);
+    b.store
+        .exec(Stmt::new("CREATE TABLE t (id INTEGER PRIMARY KEY)", vec![]))
+        .unwrap();
+    b.store
+        .exec(Stmt::new("INSERT INTO t (id) VALUES (1)", vec![]))
+        .unwrap();
+    let now = valvula_store::Clock::system().now();
+    let day = [Window {
+        kind: WindowKind::Day,
+        limit: 10,
+    }];
+    let c = [Charge {
+        key: "k",
+        amount: 1,
+        windows: &day,
+    }];
+    let charge = |then: &[&str]| {
+        b._rt.block_on(b.store.consume_all_async(
+            "ns",
+            None,
+            &c,
+            false,
+            now,
+            then.iter().map(|t| Stmt::new(*t, vec![])).collect(),
+        ))
+    };
+    let r = charge(&[
+        "INSERT OR ROLLBACK INTO t (id) VALUES (1)",
+        "INSERT INTO t (id) VALUES (2)",
+    ]);
+    assert!(r.is_err(), "a rolled-back charge was answered: {r:?}");
+    let after = b
+        .store
+        .query(Stmt::new("SELECT COUNT(*) FROM t WHERE id = 2", vec![]))
+        .unwrap();
+    assert_eq!(
+        after.rows[0][0],
+        Value::Int(0),
+        "a write after the rollback was kept on its own"
+    );
+    let o = charge(&["INSERT INTO t (id) VALUES (1)"]).expect("the charge itself is fine");
+    assert!(o.admitted, "{o:?}");
+    assert!(
+        o.then[0].is_err(),
+        "the duplicate failed on its own: {:?}",
+        o.then
+    );
+    assert_eq!(
+        o.parts[0].windows[0].used, 1,
+        "only the second charge stands: {o:?}"
+    );
+}

@@ -343,6 +343,18 @@ struct Applied<'p> {
     amount: i64,
 }
 
+/// What each applied policy charges.
+fn charges_of<'a>(applied: &'a [Applied<'_>]) -> Vec<Charge<'a>> {
+    applied
+        .iter()
+        .map(|a| Charge {
+            key: &a.key,
+            amount: a.amount,
+            windows: &a.windows,
+        })
+        .collect()
+}
+
 impl RateLimit {
     fn settings(&self) -> Result<Arc<Settings>, Error> {
         Ok(self.settings.read().map_err(|_| "poisoned")?.clone())
@@ -449,14 +461,7 @@ impl RateLimit {
         state: &str,
         now: i64,
     ) -> Result<Verdict, Error> {
-        let charges: Vec<Charge<'_>> = applied
-            .iter()
-            .map(|a| Charge {
-                key: &a.key,
-                amount: a.amount,
-                windows: &a.windows,
-            })
-            .collect();
+        let charges = charges_of(applied);
         // One charge per message (and recipient, for per-RCPT counting) and stage, for
         // all policies at once: the host records the token with the charges, in one
         // transaction.
@@ -657,14 +662,7 @@ impl Module for RateLimit {
             return self.charge(&s, &applied, req, &state, now).await;
         }
         // Not a charging stage: refuse early what the charge would refuse.
-        let charges: Vec<Charge<'_>> = applied
-            .iter()
-            .map(|a| Charge {
-                key: &a.key,
-                amount: a.amount,
-                windows: &a.windows,
-            })
-            .collect();
+        let charges = charges_of(&applied);
         let c = self.host.peek_all_async(req, &charges).await?;
         if let Some((a, c)) = applied.iter().zip(&c.charges).find(|(_, c)| !c.admitted) {
             return Ok(self.refusal(&s, a, c, req, now).await);
