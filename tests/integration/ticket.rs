@@ -146,6 +146,129 @@ fn authenticated_only_ignores_forged_inbound_senders() {
     );
 }
 
+/// Senders without a ticket are remembered (SQLite), yet every edit applies to the
+/// next request: a ticket inserted, deleted, or renamed to the sender (a list row
+/// included), by another connection; and when the triggers that announce edits are
+/// dropped or their table rebuilt, the next request looks the sender up again and the
+/// triggers are made again.
+#[test]
+fn senders_without_a_ticket_see_every_edit_on_the_next_request() {
+    let e = env(false, "");
+    e.raw.exec(
+        "INSERT INTO ticket_plan (id, total_limit, day_limit, month_limit) VALUES (1, -1, 5, -1)",
+    );
+    let as_user = |u: &str| {
+        [
+            ("sasl_username".to_owned(), Some(u.to_owned())),
+            ("sender".to_owned(), Some(u.to_owned())),
+        ]
+    };
+    let blocked = |who: &str| {
+        format!(
+            "action=reject Rejecting operation because ticket (1) is blocked(7) for user ({who})"
+        )
+    };
+    let (bob, carol) = (as_user("bob@example.net"), as_user("carol@example.org"));
+    for step in ["first lookup", "remembered"] {
+        assert_eq!(ask(&e, &bob), "action=dunno", "bob, {step}");
+        assert_eq!(ask(&e, &carol), "action=dunno", "carol, {step}");
+    }
+    let triggers = || {
+        e.raw.row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'domain_ticket'",
+        )
+    };
+    assert_eq!(triggers(), "3", "the generation triggers were not made");
+
+    e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, block_ticket) VALUES (1, 'bob@example.net', -1, 1, 7)");
+    assert_eq!(
+        ask(&e, &bob),
+        blocked("<unknown>"),
+        "ticket inserted for bob"
+    );
+    e.raw.exec("DELETE FROM domain_ticket WHERE id = 1");
+    assert_eq!(ask(&e, &bob), "action=dunno", "bob's ticket deleted");
+    assert_eq!(ask(&e, &bob), "action=dunno", "bob remembered again");
+
+    // A charge changes the row's counters, not its identity: nothing is forgotten, and
+    // a row renamed to carol's list applies to her at once.
+    e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, block_ticket) VALUES (2, 'x@example.com', -1, 1, 7)");
+    assert_eq!(
+        ask(&e, &carol),
+        "action=dunno",
+        "carol, another user's ticket"
+    );
+    e.raw.exec(
+        "UPDATE domain_ticket SET sasl_user = 'x@example.com, carol@example.org' WHERE id = 2",
+    );
+    assert_eq!(
+        ask(&e, &carol),
+        blocked("carol@example.org"),
+        "list row renamed to include carol"
+    );
+    e.raw.exec("DELETE FROM domain_ticket");
+
+    // A careless operator drops a trigger, then inserts: nothing bumps the generation,
+    // but the schema changed, so the sender is looked up.
+    assert_eq!(ask(&e, &bob), "action=dunno", "bob before the drop");
+    assert_eq!(
+        ask(&e, &bob),
+        "action=dunno",
+        "bob remembered before the drop"
+    );
+    e.raw.exec("DROP TRIGGER domain_ticket_gen_insert");
+    e.raw.exec("INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, block_ticket) VALUES (3, 'bob@example.net', -1, 1, 7)");
+    assert_eq!(
+        ask(&e, &bob),
+        blocked("<unknown>"),
+        "ticket inserted with a trigger dropped"
+    );
+    assert_eq!(ask(&e, &carol), "action=dunno", "carol after the drop");
+    assert_eq!(triggers(), "3", "the dropped trigger was not made again");
+
+    // A restore: the table rebuilt (its triggers go with it) and filled.
+    assert_eq!(
+        ask(&e, &carol),
+        "action=dunno",
+        "carol remembered before the restore"
+    );
+    e.raw.exec(
+        "ALTER TABLE domain_ticket RENAME TO old_ticket; \
+         CREATE TABLE domain_ticket AS SELECT * FROM old_ticket; DROP TABLE old_ticket; \
+         INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, block_ticket) VALUES (4, 'carol@example.org', -1, 1, 7)",
+    );
+    assert_eq!(
+        ask(&e, &carol),
+        blocked("<unknown>"),
+        "carol's ticket in the restored table"
+    );
+    assert_eq!(
+        ask(&e, &carol),
+        blocked("<unknown>"),
+        "carol after the triggers are back"
+    );
+    assert_eq!(
+        triggers(),
+        "3",
+        "the restored table did not get its triggers back"
+    );
+
+    // The memory is used: a ticket inserted with the generation set back by hand in
+    // the same transaction (never do this) is not seen by a remembered sender.
+    let dave = as_user("dave@example.net");
+    assert_eq!(ask(&e, &dave), "action=dunno", "dave, first lookup");
+    assert_eq!(ask(&e, &dave), "action=dunno", "dave, remembered");
+    e.raw.exec(
+        "BEGIN; INSERT INTO domain_ticket (id, sasl_user, valid_until, ticket_plan_id, block_ticket) VALUES (5, 'dave@example.net', -1, 1, 7); \
+         UPDATE domain_ticket_generation SET gen = gen - 1; COMMIT",
+    );
+    assert_eq!(
+        ask(&e, &dave),
+        "action=dunno",
+        "dave was looked up, not remembered"
+    );
+}
+
 #[test]
 fn charge_states_stop_double_counting() {
     for mysql in [false, true] {

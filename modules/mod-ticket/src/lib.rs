@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+mod absent;
 mod rollover;
 mod schema;
 
@@ -88,6 +89,8 @@ struct Ticket {
     rolling: Mutex<()>,
     /// One preparation of the tables at a time.
     preparing: Mutex<()>,
+    /// Senders known to have no ticket (SQLite), until `domain_ticket` changes.
+    absent: absent::Absent,
 }
 
 /// The columns of a ticket row this module reads, in this order.
@@ -229,9 +232,41 @@ impl Ticket {
         Ok(self.host.query_async(req, &sql, &params).await?.rows)
     }
 
+    /// The ticket that applies, if any ([`Ticket::lookup`]); a sender found without
+    /// one is answered from memory until `domain_ticket` changes (absent.rs).
+    async fn find(
+        &self,
+        req: &Request<'_>,
+        user: Option<&str>,
+        domain: Option<&str>,
+    ) -> Result<Option<Found>, Error> {
+        let generation = match self.absent.generation(&self.host, req).await {
+            absent::Generation::Current(g) => Some(g),
+            absent::Generation::Unusable => None,
+            absent::Generation::SchemaChanged => {
+                // The triggers may be gone: checked (and made again) by the next
+                // request's preparation, on a worker thread.
+                self.prepared.store(false, Ordering::Release);
+                None
+            }
+        };
+        if let Some(g) = generation
+            && self.absent.known_absent(g, user, domain)
+        {
+            return Ok(None);
+        }
+        let found = self.lookup(req, user, domain).await?;
+        if let Some(g) = generation
+            && found.is_none()
+        {
+            self.absent.remember(g, user, domain);
+        }
+        Ok(found)
+    }
+
     /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list;
     /// with the ticket's plan limits (`None`: no such plan).
-    async fn find(
+    async fn lookup(
         &self,
         req: &Request<'_>,
         user: Option<&str>,
@@ -466,6 +501,7 @@ impl Ticket {
         if !added.is_empty() {
             tracing::info!(columns = ?added, "tables and columns created");
         }
+        self.absent.check(&self.host);
         if let rollover::ZoneCheck::Disagree(why) = rollover::agree_on_zone(&self.host, zone, now)?
         {
             tracing::error!("{why}");
@@ -515,6 +551,7 @@ impl Module for Ticket {
             day_ends_at: AtomicI64::new(0),
             rolling: Mutex::new(()),
             preparing: Mutex::new(()),
+            absent: absent::Absent::default(),
         };
         match t.roll_over_if_due(zone, t.host.now()) {
             Ok(()) => {}
