@@ -25,9 +25,10 @@ use std::sync::Mutex;
 use valvula_module::{Dialect, Error, Host, Request};
 
 /// The most identities remembered; more (a hostile sender inventing them) start over.
+/// With [`MAX_KEY_BYTES`], at most about 20 MB.
 const MAX_KEYS: usize = 65_536;
 /// Longer identities are looked up every time rather than held in memory.
-const MAX_KEY_BYTES: usize = 512;
+const MAX_KEY_BYTES: usize = 256;
 
 const TABLE: &str = "domain_ticket_generation";
 
