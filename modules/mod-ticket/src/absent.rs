@@ -10,8 +10,11 @@
 //! hand, by another daemon on the same file. Charges change other columns and never
 //! bump it. The triggers themselves can go away (a restore, `DROP TRIGGER`, a table
 //! rebuilt by hand): every such change bumps SQLite's `schema_version`, which is read
-//! with the generation; a schema this module has not checked for its triggers turns
-//! the memory off until they are checked (and made again) on a worker thread.
+//! with the generation. A schema this module has not seen its triggers in turns the
+//! memory off: requests look senders up. A read (at most once a second) turns it on
+//! again when the triggers are all there (a `VACUUM`, an index added); missing ones are
+//! made by the minute tick, on a worker thread. Requests never write or wait for the
+//! write lock for this.
 //!
 //! Edits apply on the next request as before: the generation is read by every
 //! request, before its lookup, in a transaction of its own.
@@ -21,8 +24,9 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 
-use valvula_module::{Dialect, Error, Host, Request};
+use valvula_module::{Dialect, Error, Host, Request, Value};
 
 /// The most identities remembered; more (a hostile sender inventing them) start over.
 /// With [`MAX_KEY_BYTES`], at most about 20 MB.
@@ -46,27 +50,47 @@ type Key = (Option<String>, Option<String>);
 
 #[derive(Default)]
 struct State {
-    /// The `schema_version` at which the triggers were last seen in place; `None`:
-    /// not checked (or they could not be made), nothing is remembered.
+    /// The `schema_version` at which every trigger was seen in place; `None`: the
+    /// memory is off.
     schema: Option<i64>,
     generation: i64,
+    /// Moves on whenever the memory is turned on or off: a request's reading from
+    /// before that can no longer add to it.
+    epoch: u64,
     keys: HashSet<Key>,
 }
 
-#[derive(Default)]
-pub struct Absent {
-    state: Mutex<State>,
+impl State {
+    fn off(&mut self) {
+        self.schema = None;
+        self.epoch += 1;
+        self.keys.clear();
+    }
+
+    fn on(&mut self, schema: i64, generation: i64) -> Seen {
+        self.schema = Some(schema);
+        self.generation = generation;
+        self.epoch += 1;
+        self.keys.clear();
+        Seen {
+            epoch: self.epoch,
+            generation,
+        }
+    }
 }
 
-/// What a request may use: the generation it read, when the memory is usable.
-pub enum Generation {
-    /// Remembered identities of this generation have no ticket.
-    Current(i64),
-    /// Not usable now: look the identity up.
-    Unusable,
-    /// The schema changed since the triggers were checked: look up, and check them
-    /// again ([`Absent::check`]) before remembering anything.
-    SchemaChanged,
+pub struct Absent {
+    sqlite: bool,
+    state: Mutex<State>,
+    /// When a request last read whether the triggers are back (at most once a second).
+    verified_at: AtomicI64,
+}
+
+/// A request's reading of the generation, before its lookup.
+#[derive(Clone, Copy)]
+pub struct Seen {
+    epoch: u64,
+    generation: i64,
 }
 
 fn key(user: Option<&str>, domain: Option<&str>) -> Option<Key> {
@@ -74,95 +98,157 @@ fn key(user: Option<&str>, domain: Option<&str>) -> Option<Key> {
     (len <= MAX_KEY_BYTES).then(|| (user.map(str::to_owned), domain.map(str::to_owned)))
 }
 
+/// The generation and the schema version, read together.
+fn generation_sql() -> String {
+    format!("SELECT g.gen, s.schema_version FROM {TABLE} g, pragma_schema_version s WHERE g.id = 1")
+}
+
+/// [`generation_sql`] and how many of the triggers exist on `domain_ticket`, in one
+/// read (one snapshot).
+fn verify_sql() -> (String, Vec<Value>) {
+    let mut params: Vec<Value> = vec!["trigger".into(), "domain_ticket".into()];
+    params.extend(TRIGGERS.iter().map(|(name, _)| (*name).into()));
+    (
+        format!(
+            "SELECT g.gen, s.schema_version, \
+             (SELECT COUNT(*) FROM sqlite_master WHERE type = ? AND tbl_name = ? \
+              AND name IN (?, ?, ?)) \
+             FROM {TABLE} g, pragma_schema_version s WHERE g.id = 1"
+        ),
+        params,
+    )
+}
+
+/// (generation, schema version, triggers in place) from a [`verify_sql`] row.
+fn verified(rows: &[Vec<Value>]) -> Option<(i64, i64, bool)> {
+    let r = rows.first()?;
+    Some((
+        r.first()?.as_i64()?,
+        r.get(1)?.as_i64()?,
+        r.get(2)?.as_i64()? == TRIGGERS.len() as i64,
+    ))
+}
+
 impl Absent {
+    pub fn new(dialect: Dialect) -> Absent {
+        Absent {
+            sqlite: dialect == Dialect::Sqlite,
+            state: Mutex::default(),
+            verified_at: AtomicI64::new(i64::MIN),
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes the generation row and its triggers where missing, and records the
-    /// schema they were seen in. Blocking: called while preparing the tables, on a
-    /// worker thread. A database where they cannot be made works as before, without
-    /// the memory.
+    /// Turns the memory on when the triggers are in place, making what is missing
+    /// first. Blocking (it may wait for the write lock): called while preparing the
+    /// tables and by the minute tick while the memory is off, on a worker thread,
+    /// never for a request. Where they cannot be made, senders are looked up every
+    /// time, as before.
     pub fn check(&self, host: &Host) {
-        let mut st = self.state();
-        st.schema = None;
-        st.keys.clear();
-        if host.dialect() != Dialect::Sqlite {
+        if !self.sqlite || self.state().schema.is_some() {
             return;
         }
-        match checked_schema(host) {
-            Ok(Some((schema, generation))) => {
-                st.schema = Some(schema);
-                st.generation = generation;
+        let (sql, params) = verify_sql();
+        let read = || -> Result<Option<(i64, i64, bool)>, Error> {
+            Ok(verified(&host.query(&sql, &params)?.rows))
+        };
+        let outcome = match read() {
+            Ok(Some((g, schema, true))) => Ok((g, schema)),
+            _ => make(host).and_then(|()| match read()? {
+                Some((g, schema, true)) => Ok((g, schema)),
+                _ => Err("the triggers were gone again right after they were made".into()),
+            }),
+        };
+        match outcome {
+            Ok((generation, schema)) => {
+                self.state().on(schema, generation);
             }
-            Ok(None) => tracing::info!(
-                "domain_ticket's schema kept changing while its triggers were checked; \
-                 senders without a ticket are looked up every time until the next check"
-            ),
             Err(e) => tracing::warn!(
-                "cannot make the triggers of {TABLE} ({e}); senders without a ticket are \
-                 looked up every time"
+                "cannot put the triggers of {TABLE} in place ({e}); senders without a \
+                 ticket are looked up every time until the next minute's check"
             ),
         }
     }
 
-    /// Reads the generation for a request, before its lookup.
-    pub async fn generation(&self, host: &Host, req: &Request<'_>) -> Generation {
-        let Some(checked) = self.state().schema else {
-            return Generation::Unusable;
-        };
-        let read = host
-            .query_async(
-                req,
-                &format!(
-                    "SELECT g.gen, s.schema_version FROM {TABLE} g, pragma_schema_version s \
-                     WHERE g.id = 1"
-                ),
-                &[],
-            )
-            .await;
-        let Ok(rows) = read else {
-            // Dropped by hand, or the database is away: the lookup tells which.
-            return Generation::SchemaChanged;
-        };
-        let Some((generation, schema)) = rows
-            .rows
-            .first()
-            .and_then(|r| Some((r.first()?.as_i64()?, r.get(1)?.as_i64()?)))
-        else {
-            return Generation::SchemaChanged;
-        };
-        if schema != checked {
-            return Generation::SchemaChanged;
+    /// Reads the generation for a request, before its lookup; `None`: look the sender
+    /// up and remember nothing.
+    pub async fn generation(&self, host: &Host, req: &Request<'_>, now: i64) -> Option<Seen> {
+        if !self.sqlite {
+            return None;
         }
+        let Some(checked) = self.state().schema else {
+            return self.verify(host, req, now).await;
+        };
+        let read = host.query_async(req, &generation_sql(), &[]).await;
+        let reading = read.ok().and_then(|r| {
+            let row = r.rows.first()?;
+            Some((row.first()?.as_i64()?, row.get(1)?.as_i64()?))
+        });
         let mut st = self.state();
         if st.schema != Some(checked) {
-            // Checked again meanwhile: this reading belongs to the earlier check.
-            return Generation::Unusable;
+            // Turned off or on meanwhile: this reading belongs to the earlier state.
+            return None;
         }
-        if st.generation != generation {
-            st.keys.clear();
-            st.generation = generation;
+        match reading {
+            Some((generation, schema)) if schema == checked => {
+                if st.generation != generation {
+                    st.keys.clear();
+                    st.generation = generation;
+                }
+                Some(Seen {
+                    epoch: st.epoch,
+                    generation,
+                })
+            }
+            // The schema changed (the triggers may be gone), or the generation row
+            // went away, or the database: off until the triggers are seen again.
+            _ => {
+                st.off();
+                None
+            }
         }
-        Generation::Current(generation)
     }
 
-    /// Whether the identity was found without a ticket at `generation`.
-    pub fn known_absent(&self, generation: i64, user: Option<&str>, domain: Option<&str>) -> bool {
+    /// While the memory is off: one read, at most once a second, of whether every
+    /// trigger is in place; if so, the memory is on again from this reading.
+    async fn verify(&self, host: &Host, req: &Request<'_>, now: i64) -> Option<Seen> {
+        let last = self.verified_at.load(Ordering::Relaxed);
+        if now <= last
+            || self
+                .verified_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let epoch = self.state().epoch;
+        let (sql, params) = verify_sql();
+        let rows = host.query_async(req, &sql, &params).await.ok()?;
+        let (generation, schema, complete) = verified(&rows.rows)?;
+        let mut st = self.state();
+        (complete && st.epoch == epoch && st.schema.is_none()).then(|| st.on(schema, generation))
+    }
+
+    /// Whether the identity was found without a ticket at this reading's generation.
+    pub fn known_absent(&self, seen: Seen, user: Option<&str>, domain: Option<&str>) -> bool {
         let st = self.state();
         st.schema.is_some()
-            && st.generation == generation
+            && st.epoch == seen.epoch
+            && st.generation == seen.generation
             && key(user, domain).is_some_and(|k| st.keys.contains(&k))
     }
 
-    /// Remembers that the identity had no ticket at `generation` (read before the
-    /// lookup, so an edit committed during it moves the generation on).
-    pub fn remember(&self, generation: i64, user: Option<&str>, domain: Option<&str>) {
+    /// Remembers that the identity had no ticket (the reading was made before the
+    /// lookup, so an edit committed during it moved the generation on).
+    pub fn remember(&self, seen: Seen, user: Option<&str>, domain: Option<&str>) {
         let Some(k) = key(user, domain) else {
             return;
         };
         let mut st = self.state();
-        if st.schema.is_none() || st.generation != generation {
+        if st.schema.is_none() || st.epoch != seen.epoch || st.generation != seen.generation {
             return;
         }
         if st.keys.len() >= MAX_KEYS {
@@ -172,56 +258,44 @@ impl Absent {
     }
 }
 
-/// The schema version at which the generation row and every trigger exist, and the
-/// generation then; `None` when the schema changed during the check.
-fn checked_schema(host: &Host) -> Result<Option<(i64, i64)>, Error> {
-    for _ in 0..3 {
+/// Makes the generation row and whatever trigger is missing. A trigger of one of these
+/// names on another table (`domain_ticket` renamed: its triggers went with it) is
+/// dropped and made again on `domain_ticket`.
+fn make(host: &Host) -> Result<(), Error> {
+    host.exec(
+        &format!(
+            "CREATE TABLE IF NOT EXISTS {TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), \
+             gen INTEGER NOT NULL DEFAULT 0)"
+        ),
+        &[],
+    )?;
+    host.exec(
+        &format!("INSERT OR IGNORE INTO {TABLE} (id, gen) VALUES (1, 0)"),
+        &[],
+    )?;
+    for (name, when) in TRIGGERS {
+        let on = host.query(
+            "SELECT tbl_name FROM sqlite_master WHERE type = ? AND name = ?",
+            &["trigger".into(), name.into()],
+        )?;
+        match on
+            .rows
+            .first()
+            .and_then(|r| r.first()?.as_str().map(str::to_owned))
+        {
+            Some(table) if table == "domain_ticket" => continue,
+            Some(_) => {
+                host.exec(&format!("DROP TRIGGER IF EXISTS {name}"), &[])?;
+            }
+            None => {}
+        }
         host.exec(
             &format!(
-                "CREATE TABLE IF NOT EXISTS {TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), \
-                 gen INTEGER NOT NULL DEFAULT 0)"
+                "CREATE TRIGGER IF NOT EXISTS {name} {when} BEGIN \
+                 UPDATE {TABLE} SET gen = gen + 1 WHERE id = 1; END"
             ),
             &[],
         )?;
-        host.exec(
-            &format!("INSERT OR IGNORE INTO {TABLE} (id, gen) VALUES (1, 0)"),
-            &[],
-        )?;
-        for (name, when) in TRIGGERS {
-            host.exec(
-                &format!(
-                    "CREATE TRIGGER IF NOT EXISTS {name} {when} BEGIN \
-                     UPDATE {TABLE} SET gen = gen + 1 WHERE id = 1; END"
-                ),
-                &[],
-            )?;
-        }
-        let r = host.query(
-            &format!(
-                "SELECT g.gen, s.schema_version, \
-                 (SELECT COUNT(*) FROM sqlite_master WHERE type = ? \
-                  AND tbl_name = ? AND name IN (?, ?, ?)) \
-                 FROM {TABLE} g, pragma_schema_version s WHERE g.id = 1"
-            ),
-            &[
-                "trigger".into(),
-                "domain_ticket".into(),
-                TRIGGERS[0].0.into(),
-                TRIGGERS[1].0.into(),
-                TRIGGERS[2].0.into(),
-            ],
-        )?;
-        let row = r.rows.first().ok_or("the generation row is missing")?;
-        let (generation, after, triggers) = (
-            row[0].as_i64().unwrap_or(0),
-            row[1].as_i64().unwrap_or(-1),
-            row[2].as_i64().unwrap_or(0),
-        );
-        // One read: every trigger exists at schema version `after`. One dropped
-        // between making it and this read: make it again.
-        if triggers == TRIGGERS.len() as i64 {
-            return Ok(Some((after, generation)));
-        }
     }
-    Ok(None)
+    Ok(())
 }

@@ -240,26 +240,20 @@ impl Ticket {
         user: Option<&str>,
         domain: Option<&str>,
     ) -> Result<Option<Found>, Error> {
-        let generation = match self.absent.generation(&self.host, req).await {
-            absent::Generation::Current(g) => Some(g),
-            absent::Generation::Unusable => None,
-            absent::Generation::SchemaChanged => {
-                // The triggers may be gone: checked (and made again) by the next
-                // request's preparation, on a worker thread.
-                self.prepared.store(false, Ordering::Release);
-                None
-            }
-        };
-        if let Some(g) = generation
-            && self.absent.known_absent(g, user, domain)
+        let seen = self
+            .absent
+            .generation(&self.host, req, self.host.now())
+            .await;
+        if let Some(seen) = seen
+            && self.absent.known_absent(seen, user, domain)
         {
             return Ok(None);
         }
         let found = self.lookup(req, user, domain).await?;
-        if let Some(g) = generation
+        if let Some(seen) = seen
             && found.is_none()
         {
-            self.absent.remember(g, user, domain);
+            self.absent.remember(seen, user, domain);
         }
         Ok(found)
     }
@@ -551,7 +545,7 @@ impl Module for Ticket {
             day_ends_at: AtomicI64::new(0),
             rolling: Mutex::new(()),
             preparing: Mutex::new(()),
-            absent: absent::Absent::default(),
+            absent: absent::Absent::new(host.dialect()),
         };
         match t.roll_over_if_due(zone, t.host.now()) {
             Ok(()) => {}
@@ -718,6 +712,9 @@ impl Module for Ticket {
                 "day/month rollover check failed, retried by the next request or minute: {e}"
             );
         }
+        // Triggers dropped or taken away with a renamed table: made again here, where
+        // waiting for the write lock delays no request.
+        self.absent.check(&self.host);
     }
 }
 
