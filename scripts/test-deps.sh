@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests need when it is missing: a C compiler, Postfix,
-# Dovecot (SASL for Postfix), MariaDB. Idempotent; needs root (apt-get) only when
+# Dovecot (SASL for Postfix), MariaDB with Galera. Idempotent; needs root (apt-get) only when
 # something is missing.
 set -euo pipefail
 
@@ -10,6 +10,11 @@ command -v postfix >/dev/null || missing+=(postfix)
 command -v dovecot >/dev/null || missing+=(dovecot-core)
 command -v mariadbd >/dev/null || command -v mysqld >/dev/null || missing+=(mariadb-server)
 command -v mariadb >/dev/null || command -v mysql >/dev/null || missing+=(mariadb-client)
+# The Galera tests start a three-node cluster; a joining node copies its data with rsync,
+# whose SST script needs ss or lsof.
+[ -e /usr/lib/galera/libgalera_smm.so ] || missing+=(galera-4)
+command -v rsync >/dev/null || missing+=(rsync)
+command -v ss >/dev/null || command -v lsof >/dev/null || missing+=(iproute2)
 command -v cargo-nextest >/dev/null || cargo nextest --version >/dev/null 2>&1 || need_nextest=1
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v curl >/dev/null || missing+=(curl)

@@ -6,6 +6,7 @@ mod ctl;
 mod dropin;
 mod fakes;
 mod faults;
+mod galera;
 mod hostile;
 mod install;
 mod layout;

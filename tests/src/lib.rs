@@ -4,6 +4,7 @@
 pub mod client;
 pub mod daemon;
 pub mod db;
+pub mod galera;
 pub mod inproc;
 pub mod postfix;
 pub mod script;

@@ -32,8 +32,24 @@ use crate::sync::Unpoisoned;
 use crate::sync::{Answer, Promise, Waited};
 
 const HOST_SCHEMA: &str = include_str!("../../../sql/mysql/host.sql");
-/// Deadlocks and lock-wait timeouts are retried this often before giving up.
-const RETRIES: usize = 5;
+/// Deadlocks, lock-wait timeouts and Galera's certification conflicts (error 1213 too:
+/// two nodes changed one row at once, the later transaction is rolled back) are retried
+/// while the storage timeout leaves time, at most this often. On Galera two daemons
+/// charging one key on two nodes meet often: a fixed handful of tries failed whole
+/// batches as busy.
+const RETRIES: usize = 64;
+
+/// The pause before conflict retry `n` (from 1): 4, 8, 16, 32, then 64 ms, each with up
+/// to as much again at random, so that two daemons which conflicted once do not keep
+/// meeting in step.
+fn conflict_pause(n: usize) -> Duration {
+    let base = 2u64 << n.min(5);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    Duration::from_millis(base + nanos % (base + 1))
+}
+
 /// While the database is away: how often the probe tries it, and how long one try may
 /// take.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
@@ -714,7 +730,7 @@ impl Shared {
                 }
                 Err(e) if retryable(&e) && conflicts < RETRIES && time_left => {
                     conflicts += 1;
-                    tokio::time::sleep(Duration::from_millis(2 << conflicts)).await;
+                    tokio::time::sleep(conflict_pause(conflicts)).await;
                 }
                 r => break r.map_err(busy),
             }
@@ -854,7 +870,7 @@ impl Shared {
             match r {
                 Err(e) if retryable(&e) && attempt < RETRIES && time_left => {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+                    tokio::time::sleep(conflict_pause(attempt)).await;
                 }
                 Err(StoreError::Unavailable(_)) if !fresh && time_left => {
                     fresh = true;
