@@ -2,8 +2,9 @@
 //!
 //! Most requests a ticket listener sees come from senders without a ticket, and each
 //! one cost two queries, the second a scan of every list row (`INSTR` on every
-//! `domain_ticket` row). Here a request reads one generation number instead, and the
-//! identities found without a ticket at that generation are answered from memory.
+//! `domain_ticket` row). Here the exact-match query also reads a generation number (one
+//! more branch of the same statement), and the identities found without a ticket at
+//! that generation skip the list rows.
 //!
 //! The generation is a row bumped by triggers whenever a `domain_ticket` row is
 //! inserted, deleted, or has its `sasl_user` or `domain` changed: by valvula-ctl, by
@@ -16,8 +17,8 @@
 //! made by the minute tick, on a worker thread. Requests never write or wait for the
 //! write lock for this.
 //!
-//! Edits apply on the next request as before: the generation is read by every
-//! request, before its lookup, in a transaction of its own.
+//! Edits apply on the next request as before: the generation is read in the same
+//! snapshot as the exact matches, before the list rows are skipped.
 //!
 //! MariaDB keeps the two queries: it has no cheap `schema_version`, so a restore
 //! without the triggers would go unnoticed.
@@ -93,18 +94,38 @@ pub struct Seen {
     generation: i64,
 }
 
+/// The memory's state when a request started its lookup.
+#[derive(Clone, Copy)]
+pub struct Probe {
+    schema: i64,
+    epoch: u64,
+}
+
+/// A branch for the exact-match query (`mod-ticket`'s `candidates`, same 15 columns):
+/// the generation and the schema version, with `pri` 0 so that it comes first.
+pub const GENERATION_BRANCH: &str = "SELECT g.gen, s.schema_version, NULL, NULL, NULL, NULL, \
+     NULL, NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL \
+     FROM domain_ticket_generation g, pragma_schema_version s WHERE g.id = 1";
+
+/// Takes the [`GENERATION_BRANCH`] row out of the exact matches: (generation, schema
+/// version), or `None` when the row is missing.
+pub fn take_generation(rows: &mut Vec<Vec<Value>>) -> Option<(i64, i64)> {
+    let first = rows.first()?;
+    if first.get(10)?.as_i64()? != 0 {
+        return None;
+    }
+    let reading = (first.first()?.as_i64()?, first.get(1)?.as_i64()?);
+    rows.remove(0);
+    Some(reading)
+}
+
 fn key(user: Option<&str>, domain: Option<&str>) -> Option<Key> {
     let len = user.map_or(0, str::len) + domain.map_or(0, str::len);
     (len <= MAX_KEY_BYTES).then(|| (user.map(str::to_owned), domain.map(str::to_owned)))
 }
 
-/// The generation and the schema version, read together.
-fn generation_sql() -> String {
-    format!("SELECT g.gen, s.schema_version FROM {TABLE} g, pragma_schema_version s WHERE g.id = 1")
-}
-
-/// [`generation_sql`] and how many of the triggers exist on `domain_ticket`, in one
-/// read (one snapshot).
+/// The generation, the schema version and how many of the triggers exist on
+/// `domain_ticket`, in one read (one snapshot).
 fn verify_sql() -> (String, Vec<Value>) {
     let mut params: Vec<Value> = vec!["trigger".into(), "domain_ticket".into()];
     params.extend(TRIGGERS.iter().map(|(name, _)| (*name).into()));
@@ -173,27 +194,30 @@ impl Absent {
         }
     }
 
-    /// Reads the generation for a request, before its lookup; `None`: look the sender
-    /// up and remember nothing.
-    pub async fn generation(&self, host: &Host, req: &Request<'_>, now: i64) -> Option<Seen> {
+    /// Whether a request should read the generation with its lookup: the memory is
+    /// on (`None`: off, see [`Absent::verify`]).
+    pub fn probe(&self) -> Option<Probe> {
         if !self.sqlite {
             return None;
         }
-        let Some(checked) = self.state().schema else {
-            return self.verify(host, req, now).await;
-        };
-        let read = host.query_async(req, &generation_sql(), &[]).await;
-        let reading = read.ok().and_then(|r| {
-            let row = r.rows.first()?;
-            Some((row.first()?.as_i64()?, row.get(1)?.as_i64()?))
-        });
+        let st = self.state();
+        st.schema.map(|schema| Probe {
+            schema,
+            epoch: st.epoch,
+        })
+    }
+
+    /// What a request read ([`take_generation`]; `None`: nothing) under `probe`: the
+    /// reading it may use, or the memory turned off when the schema changed (the
+    /// triggers may be gone) or the generation row is gone.
+    pub fn observe(&self, probe: Probe, reading: Option<(i64, i64)>) -> Option<Seen> {
         let mut st = self.state();
-        if st.schema != Some(checked) {
+        if st.epoch != probe.epoch {
             // Turned off or on meanwhile: this reading belongs to the earlier state.
             return None;
         }
         match reading {
-            Some((generation, schema)) if schema == checked => {
+            Some((generation, schema)) if schema == probe.schema => {
                 if st.generation != generation {
                     st.keys.clear();
                     st.generation = generation;
@@ -203,8 +227,6 @@ impl Absent {
                     generation,
                 })
             }
-            // The schema changed (the triggers may be gone), or the generation row
-            // went away, or the database: off until the triggers are seen again.
             _ => {
                 st.off();
                 None
@@ -214,7 +236,10 @@ impl Absent {
 
     /// While the memory is off: one read, at most once a second, of whether every
     /// trigger is in place; if so, the memory is on again from this reading.
-    async fn verify(&self, host: &Host, req: &Request<'_>, now: i64) -> Option<Seen> {
+    pub async fn verify(&self, host: &Host, req: &Request<'_>, now: i64) -> Option<Seen> {
+        if !self.sqlite {
+            return None;
+        }
         let last = self.verified_at.load(Ordering::Relaxed);
         if now <= last
             || self

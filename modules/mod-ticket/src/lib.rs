@@ -188,12 +188,16 @@ impl Ticket {
     /// (`lists` false) or the list rows whose column contains `ident` as a substring
     /// (`lists` true), in valvula's order of precedence (the SASL user's, then the
     /// domain's; lowest id first). One query, one round trip, for both identities.
+    ///
+    /// With `generation` (the exact matches only), the memory's generation row comes
+    /// first, read in the same snapshot (absent.rs): a request costs no extra query.
     async fn candidates(
         &self,
         req: &Request<'_>,
         user: Option<&str>,
         domain: Option<&str>,
         lists: bool,
+        generation: Option<&str>,
     ) -> Result<Vec<Vec<Value>>, Error> {
         // Exact matches are case-insensitive on both backends, as valvula's MySQL
         // collation makes them.
@@ -228,28 +232,58 @@ impl Ticket {
         if branches.is_empty() {
             return Ok(Vec::new());
         }
+        branches.extend(generation.map(str::to_owned));
         let sql = format!("{} ORDER BY pri, tid", branches.join(" UNION ALL "));
         Ok(self.host.query_async(req, &sql, &params).await?.rows)
     }
 
-    /// The ticket that applies, if any ([`Ticket::lookup`]); a sender found without
-    /// one is answered from memory until `domain_ticket` changes (absent.rs).
+    /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list;
+    /// with the ticket's plan limits (`None`: no such plan). A sender found without
+    /// any is remembered until `domain_ticket` changes (absent.rs): its list rows are
+    /// not searched again meanwhile.
     async fn find(
         &self,
         req: &Request<'_>,
         user: Option<&str>,
         domain: Option<&str>,
     ) -> Result<Option<Found>, Error> {
-        let seen = self
-            .absent
-            .generation(&self.host, req, self.host.now())
-            .await;
+        let plan =
+            |c: &[Value]| (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])));
+        let (exact, seen) = match self.absent.probe() {
+            Some(probe) => {
+                match self
+                    .candidates(req, user, domain, false, Some(absent::GENERATION_BRANCH))
+                    .await
+                {
+                    Ok(mut rows) => {
+                        let reading = absent::take_generation(&mut rows);
+                        (rows, self.absent.observe(probe, reading))
+                    }
+                    // The generation row went away (or the database): without it.
+                    Err(_) => {
+                        self.absent.observe(probe, None);
+                        (self.candidates(req, user, domain, false, None).await?, None)
+                    }
+                }
+            }
+            None => {
+                let seen = self.absent.verify(&self.host, req, self.host.now()).await;
+                (self.candidates(req, user, domain, false, None).await?, seen)
+            }
+        };
+        if let Some(c) = exact.first() {
+            return Ok(Some(Found {
+                row: Row::from(c),
+                plan: plan(c),
+                descriptive: None,
+            }));
+        }
         if let Some(seen) = seen
             && self.absent.known_absent(seen, user, domain)
         {
             return Ok(None);
         }
-        let found = self.lookup(req, user, domain).await?;
+        let found = self.in_lists(req, user, domain).await?;
         if let Some(seen) = seen
             && found.is_none()
         {
@@ -258,9 +292,8 @@ impl Ticket {
         Ok(found)
     }
 
-    /// valvula's precedence: exact SASL user, exact domain, SASL list, domain list;
-    /// with the ticket's plan limits (`None`: no such plan).
-    async fn lookup(
+    /// The first list row naming the SASL user or the domain.
+    async fn in_lists(
         &self,
         req: &Request<'_>,
         user: Option<&str>,
@@ -268,16 +301,9 @@ impl Ticket {
     ) -> Result<Option<Found>, Error> {
         let plan =
             |c: &[Value]| (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])));
-        if let Some(c) = self.candidates(req, user, domain, false).await?.first() {
-            return Ok(Some(Found {
-                row: Row::from(c),
-                plan: plan(c),
-                descriptive: None,
-            }));
-        }
         // valvula names the SASL user when there is one, else the domain.
         let descriptive = user.or(domain).map(str::to_owned);
-        for c in self.candidates(req, user, domain, true).await? {
+        for c in self.candidates(req, user, domain, true, None).await? {
             let ident = if num(&c[10]) == 1 { user } else { domain };
             let list = c[9].as_str().unwrap_or("");
             if let Some(ident) = ident
