@@ -83,6 +83,9 @@ impl State {
 pub struct Absent {
     sqlite: bool,
     state: Mutex<State>,
+    /// Identities last found with an exact match: their lookups skip the generation
+    /// (a hint only: the exact matches are always read, fresh).
+    present: Mutex<HashSet<Key>>,
     /// When a request last read whether the triggers are back (at most once a second).
     verified_at: AtomicI64,
 }
@@ -92,6 +95,15 @@ pub struct Absent {
 pub struct Seen {
     epoch: u64,
     generation: i64,
+}
+
+/// What was last found for an identity.
+pub enum Hint {
+    /// Remembered without a ticket: the generation alone may answer.
+    Absent,
+    /// An exact match last time: look it up without the generation.
+    Present,
+    Unknown,
 }
 
 /// The memory's state when a request started its lookup.
@@ -155,6 +167,7 @@ impl Absent {
         Absent {
             sqlite: dialect == Dialect::Sqlite,
             state: Mutex::default(),
+            present: Mutex::default(),
             verified_at: AtomicI64::new(i64::MIN),
         }
     }
@@ -164,12 +177,12 @@ impl Absent {
     }
 
     /// Turns the memory on when the triggers are in place, making what is missing
-    /// first. Blocking (it may wait for the write lock): called while preparing the
-    /// tables and by the minute tick while the memory is off, on a worker thread,
-    /// never for a request. Where they cannot be made, senders are looked up every
+    /// first. Blocking (it may wait for the write lock, only when something is
+    /// missing): called while preparing the tables and by the minute tick, on a worker
+    /// thread, never for a request. Where they cannot be made, senders are looked up every
     /// time, as before.
     pub fn check(&self, host: &Host) {
-        if !self.sqlite || self.state().schema.is_some() {
+        if !self.sqlite {
             return;
         }
         let (sql, params) = verify_sql();
@@ -178,14 +191,22 @@ impl Absent {
         };
         let outcome = match read() {
             Ok(Some((g, schema, true))) => Ok((g, schema)),
-            _ => make(host).and_then(|()| match read()? {
-                Some((g, schema, true)) => Ok((g, schema)),
-                _ => Err("the triggers were gone again right after they were made".into()),
-            }),
+            _ => {
+                // Requests that find a ticket read no generation, so the memory may
+                // not have noticed yet that the triggers are gone.
+                self.state().off();
+                make(host).and_then(|()| match read()? {
+                    Some((g, schema, true)) => Ok((g, schema)),
+                    _ => Err("the triggers were gone again right after they were made".into()),
+                })
+            }
         };
         match outcome {
             Ok((generation, schema)) => {
-                self.state().on(schema, generation);
+                let mut st = self.state();
+                if st.schema != Some(schema) {
+                    st.on(schema, generation);
+                }
             }
             Err(e) => tracing::warn!(
                 "cannot put the triggers of {TABLE} in place ({e}); senders without a \
@@ -255,6 +276,68 @@ impl Absent {
         let (generation, schema, complete) = verified(&rows.rows)?;
         let mut st = self.state();
         (complete && st.epoch == epoch && st.schema.is_none()).then(|| st.on(schema, generation))
+    }
+
+    /// What was last found for the identity, to choose the cheapest lookup.
+    pub fn hint(&self, user: Option<&str>, domain: Option<&str>) -> Hint {
+        if !self.sqlite {
+            return Hint::Unknown;
+        }
+        let Some(k) = key(user, domain) else {
+            return Hint::Unknown;
+        };
+        if self.state().keys.contains(&k) {
+            return Hint::Absent;
+        }
+        if self
+            .present
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&k)
+        {
+            return Hint::Present;
+        }
+        Hint::Unknown
+    }
+
+    /// Records whether the identity has an exact match now.
+    pub fn set_present(&self, user: Option<&str>, domain: Option<&str>, present: bool) {
+        if !self.sqlite {
+            return;
+        }
+        let Some(k) = key(user, domain) else {
+            return;
+        };
+        let mut set = self.present.lock().unwrap_or_else(|e| e.into_inner());
+        if !present {
+            set.remove(&k);
+            return;
+        }
+        if set.len() >= MAX_KEYS {
+            set.clear();
+        }
+        set.insert(k);
+    }
+
+    /// The generation alone (for an identity remembered without a ticket), when the
+    /// memory is on.
+    pub async fn read_generation(&self, host: &Host, req: &Request<'_>) -> Option<Seen> {
+        let probe = self.probe()?;
+        let read = host
+            .query_async(
+                req,
+                &format!(
+                    "SELECT g.gen, s.schema_version FROM {TABLE} g, \
+                     pragma_schema_version s WHERE g.id = 1"
+                ),
+                &[],
+            )
+            .await;
+        let reading = read.ok().and_then(|r| {
+            let row = r.rows.first()?;
+            Some((row.first()?.as_i64()?, row.get(1)?.as_i64()?))
+        });
+        self.observe(probe, reading)
     }
 
     /// Whether the identity was found without a ticket at this reading's generation.

@@ -249,6 +249,32 @@ impl Ticket {
     ) -> Result<Option<Found>, Error> {
         let plan =
             |c: &[Value]| (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])));
+        let exact_match = |c: &Vec<Value>| Found {
+            row: Row::from(c),
+            plan: plan(c),
+            descriptive: None,
+        };
+        match self.absent.hint(user, domain) {
+            absent::Hint::Absent => {
+                // One small read answers the common case: still no ticket.
+                if let Some(seen) = self.absent.read_generation(&self.host, req).await
+                    && self.absent.known_absent(seen, user, domain)
+                {
+                    return Ok(None);
+                }
+            }
+            absent::Hint::Present => {
+                if let Some(c) = self
+                    .candidates(req, user, domain, false, None)
+                    .await?
+                    .first()
+                {
+                    return Ok(Some(exact_match(c)));
+                }
+                self.absent.set_present(user, domain, false);
+            }
+            absent::Hint::Unknown => {}
+        }
         let (exact, seen) = match self.absent.probe() {
             Some(probe) => {
                 match self
@@ -272,16 +298,8 @@ impl Ticket {
             }
         };
         if let Some(c) = exact.first() {
-            return Ok(Some(Found {
-                row: Row::from(c),
-                plan: plan(c),
-                descriptive: None,
-            }));
-        }
-        if let Some(seen) = seen
-            && self.absent.known_absent(seen, user, domain)
-        {
-            return Ok(None);
+            self.absent.set_present(user, domain, true);
+            return Ok(Some(exact_match(c)));
         }
         let found = self.in_lists(req, user, domain).await?;
         if let Some(seen) = seen
