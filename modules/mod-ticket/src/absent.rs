@@ -2,9 +2,13 @@
 //!
 //! Most requests a ticket listener sees come from senders without a ticket, and each
 //! one cost two queries, the second a scan of every list row (`INSTR` on every
-//! `domain_ticket` row). Here the exact-match query also reads a generation number (one
-//! more branch of the same statement), and the identities found without a ticket at
-//! that generation skip the list rows.
+//! `domain_ticket` row). Now:
+//! - a sender remembered without a ticket reads one generation number; unchanged, it
+//!   still has none;
+//! - a sender last found with an exact match reads its match alone, as before (the
+//!   match is always read fresh; the hint only spares it the generation);
+//! - any other sender reads the generation in the exact-match query itself (one more
+//!   branch of the same statement) and, found nowhere, is remembered at it.
 //!
 //! The generation is a row bumped by triggers whenever a `domain_ticket` row is
 //! inserted, deleted, or has its `sasl_user` or `domain` changed: by valvula-ctl, by
@@ -14,11 +18,12 @@
 //! with the generation. A schema this module has not seen its triggers in turns the
 //! memory off: requests look senders up. A read (at most once a second) turns it on
 //! again when the triggers are all there (a `VACUUM`, an index added); missing ones are
-//! made by the minute tick, on a worker thread. Requests never write or wait for the
-//! write lock for this.
+//! made by the minute tick, on a worker thread, which also reads whether they are all
+//! there (a sender with a ticket reads no schema version). Requests never write or wait
+//! for the write lock for this.
 //!
-//! Edits apply on the next request as before: the generation is read in the same
-//! snapshot as the exact matches, before the list rows are skipped.
+//! Edits apply on the next request as before: the generation is read before the
+//! memory answers, in a snapshot of its own or in the exact matches' snapshot.
 //!
 //! MariaDB keeps the two queries: it has no cheap `schema_version`, so a restore
 //! without the triggers would go unnoticed.
@@ -29,8 +34,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use valvula_module::{Dialect, Error, Host, Request, Value};
 
-/// The most identities remembered; more (a hostile sender inventing them) start over.
-/// With [`MAX_KEY_BYTES`], at most about 20 MB.
+/// The most identities remembered, without a ticket and with an exact match each; more
+/// (a hostile sender inventing them) start over. With [`MAX_KEY_BYTES`], at most about
+/// 20 MB each.
 const MAX_KEYS: usize = 65_536;
 /// Longer identities are looked up every time rather than held in memory.
 const MAX_KEY_BYTES: usize = 256;
