@@ -876,6 +876,7 @@ fn a_deadlock_in_a_write_after_a_charge_never_answers_a_lost_charge() {
         windows: &day,
     }];
     let now = valvula_store::Clock::system().now();
+    let started = std::time::Instant::now();
     let r = b._rt.block_on(b.store.consume_all_async(
         "ns",
         Some("tok"),
@@ -884,9 +885,17 @@ fn a_deadlock_in_a_write_after_a_charge_never_answers_a_lost_charge() {
         now,
         vec![Stmt::new("INSERT INTO t (id) VALUES (1)", vec![])],
     ));
+    let took = started.elapsed();
     assert!(
         r.is_err(),
         "{}: a charge whose transaction a deadlock ended was answered: {r:?}",
+        b.label
+    );
+    // A deadlock that never clears is retried for a bounded time (about 0.6 s), not
+    // for the whole storage timeout (10 s here): every request of the batch waits.
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "{}: a deadlock that never clears held the charge {took:?}",
         b.label
     );
     let peek = b.store.peek("ns", "k", 1, &day, now).unwrap();

@@ -363,6 +363,12 @@ impl GaleraCluster {
         self.end(i, Signal::SIGTERM);
     }
 
+    /// Starts a stopped node `i` again on its data directory: it rejoins (state
+    /// transfer) without waiting; [`GaleraCluster::wait_synced`] waits.
+    pub fn restart(&mut self, i: usize) {
+        self.launch(i, false);
+    }
+
     /// Kills node `i` (SIGKILL: the others find out it is gone) and waits until it is.
     pub fn kill(&mut self, i: usize) {
         self.end(i, Signal::SIGKILL);

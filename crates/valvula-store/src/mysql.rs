@@ -34,10 +34,11 @@ use crate::sync::{Answer, Promise, Waited};
 const HOST_SCHEMA: &str = include_str!("../../../sql/mysql/host.sql");
 /// Deadlocks, lock-wait timeouts and Galera's certification conflicts (error 1213 too:
 /// two nodes changed one row at once, the later transaction is rolled back) are retried
-/// while the storage timeout leaves time, at most this often. On Galera two daemons
-/// charging one key on two nodes meet often: a fixed handful of tries failed whole
-/// batches as busy.
-const RETRIES: usize = 64;
+/// for this long (and within the storage timeout). Two Galera nodes charging the same
+/// senders conflict often: five fixed tries (124 ms) failed whole batches as busy. A
+/// conflict that never clears (a trigger raising 1213, a lock held for good) must not
+/// hold every request for the whole storage timeout either.
+const CONFLICT_BUDGET: Duration = Duration::from_millis(600);
 
 /// The pause before conflict retry `n` (from 1): 4, 8, 16, 32, then 64 ms, each with up
 /// to as much again at random, so that two daemons which conflicted once do not keep
@@ -107,6 +108,8 @@ struct Shared {
     /// Set for good when the database belongs to differently configured daemons.
     refused: Mutex<Option<StoreError>>,
     runtime: tokio::runtime::Handle,
+    /// Conflicts given up on ([`Shared::busy`]).
+    conflict_log: crate::RateLog,
 }
 
 fn err(e: mysql_async::Error) -> StoreError {
@@ -185,16 +188,6 @@ async fn schema_change(c: &mut Conn, s: Stmt) -> Result<()> {
 fn retryable(e: &StoreError) -> bool {
     matches!(e, StoreError::Conflict(_))
         || matches!(e, StoreError::Sql(m) if m.ends_with("(1213)") || m.ends_with("(1205)"))
-}
-
-/// A conflict that retries did not resolve is the database being busy, not a fault of
-/// the call, and no outage either.
-fn busy(e: StoreError) -> StoreError {
-    if retryable(&e) {
-        StoreError::Busy(e.to_string())
-    } else {
-        e
-    }
 }
 
 fn to_my(v: Value) -> mysql_async::Value {
@@ -391,6 +384,24 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
 type BoxFut<'c, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'c>>;
 
 impl Shared {
+    /// A conflict still there after [`CONFLICT_BUDGET`]: the database is busy (not a
+    /// fault of the call, and no outage either), logged at most once a second with the
+    /// database's own error, since the requests' answers only say "unavailable".
+    fn busy(&self, e: StoreError) -> StoreError {
+        if !retryable(&e) {
+            return e;
+        }
+        if let Some(more) = self.conflict_log.allow() {
+            tracing::warn!(
+                target: crate::LOG_TARGET,
+                "a transaction still conflicted after {} ms of retries, answered as busy: {e} \
+                 ({more} more since the last line)",
+                CONFLICT_BUDGET.as_millis()
+            );
+        }
+        StoreError::Busy(e.to_string())
+    }
+
     fn pool(&self) -> (u64, Pool) {
         let p = self.pool.locked();
         (p.generation, p.pool.clone())
@@ -689,7 +700,7 @@ impl Shared {
             conn.query_drop("SET SESSION lock_wait_timeout = DEFAULT")
                 .await
                 .map_err(err)?;
-            r.map_err(|e| busy(err(e)))?;
+            r.map_err(|e| self.busy(err(e)))?;
             tracing::info!(target: crate::LOG_TARGET, "index vlv_counter_expiry created");
         }
         self.index_ready.store(true, Ordering::Release);
@@ -706,7 +717,8 @@ impl Shared {
         f: impl Fn(&mut Conn) -> BoxFut<'_, T>,
     ) -> Result<T> {
         self.fail_fast()?;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let mut fresh = false;
         let mut conflicts = 0;
         let r = loop {
@@ -728,11 +740,11 @@ impl Shared {
                     fresh = true;
                     self.renew_pool(generation);
                 }
-                Err(e) if retryable(&e) && conflicts < RETRIES && time_left => {
+                Err(e) if retryable(&e) && started.elapsed() < CONFLICT_BUDGET && time_left => {
                     conflicts += 1;
                     tokio::time::sleep(conflict_pause(conflicts)).await;
                 }
-                r => break r.map_err(busy),
+                r => break r.map_err(|e| self.busy(e)),
             }
         };
         self.record(&r, write);
@@ -860,6 +872,7 @@ impl Shared {
         batch: &LaneBatch,
         deadline: Instant,
     ) -> Result<LaneResults> {
+        let started = Instant::now();
         let mut attempt = 0;
         let mut fresh = false;
         loop {
@@ -868,7 +881,7 @@ impl Shared {
             let r = self.lane_once(batch, deadline).await;
             let time_left = Instant::now() < deadline;
             match r {
-                Err(e) if retryable(&e) && attempt < RETRIES && time_left => {
+                Err(e) if retryable(&e) && started.elapsed() < CONFLICT_BUDGET && time_left => {
                     attempt += 1;
                     tokio::time::sleep(conflict_pause(attempt)).await;
                 }
@@ -877,7 +890,7 @@ impl Shared {
                     self.renew_pool(generation);
                 }
                 r => {
-                    let r = r.map_err(busy);
+                    let r = r.map_err(|e| self.busy(e));
                     self.record(&r, true);
                     return r;
                 }
@@ -1066,6 +1079,7 @@ impl Mysql {
             zone,
             refused: Mutex::new(None),
             runtime: runtime.clone(),
+            conflict_log: crate::RateLog::default(),
         });
         let lanes = (0..LANES)
             .map(|_| {
