@@ -115,13 +115,35 @@ pub struct PrivateMariadb {
     child: Option<Child>,
 }
 
-fn daemon_binary() -> PathBuf {
+pub(crate) fn daemon_binary() -> PathBuf {
     for b in ["/usr/sbin/mariadbd", "/usr/sbin/mysqld"] {
         if Path::new(b).exists() {
             return b.into();
         }
     }
     panic!("no mariadbd installed (scripts/test-deps.sh installs it)");
+}
+
+/// A new server's system tables in `datadir` (root without a password, no test
+/// database), with `tmpdir` as its temporary directory and `extra` options.
+pub fn install_db(datadir: &Path, tmpdir: &Path, extra: &[&str]) {
+    let out = Command::new("mariadb-install-db")
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", datadir.display()))
+        .arg(format!("--tmpdir={}", tmpdir.display()))
+        .args([
+            "--user=root",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ])
+        .args(extra)
+        .output()
+        .expect("mariadb-install-db");
+    assert!(
+        out.status.success(),
+        "mariadb-install-db: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl PrivateMariadb {
@@ -132,22 +154,7 @@ impl PrivateMariadb {
         // /tmp removed each other's (seen when two of these tests ran in parallel).
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
-        let out = Command::new("mariadb-install-db")
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--tmpdir={}", tmp.display()))
-            .args([
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ])
-            .output()
-            .expect("mariadb-install-db");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        install_db(&data, &tmp, &[]);
         let port = crate::free_port();
         let mut m = PrivateMariadb {
             dir,

@@ -42,15 +42,6 @@ pub struct GaleraCluster {
     nodes: Vec<Node>,
 }
 
-fn daemon_binary() -> PathBuf {
-    for b in ["/usr/sbin/mariadbd", "/usr/sbin/mysqld"] {
-        if Path::new(b).exists() {
-            return b.into();
-        }
-    }
-    panic!("no mariadbd installed (scripts/test-deps.sh installs it)");
-}
-
 fn provider() -> PathBuf {
     for p in [
         "/usr/lib/galera/libgalera_smm.so",
@@ -141,23 +132,7 @@ impl GaleraCluster {
         let seed = dir.path().join("seed");
         let seed_tmp = dir.path().join("seed-tmp");
         std::fs::create_dir_all(&seed_tmp).unwrap();
-        let out = Command::new("mariadb-install-db")
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", seed.display()))
-            .arg(format!("--tmpdir={}", seed_tmp.display()))
-            .args([
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-                "--innodb-log-file-size=8M",
-            ])
-            .output()
-            .expect("mariadb-install-db");
-        assert!(
-            out.status.success(),
-            "mariadb-install-db: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::db::install_db(&seed, &seed_tmp, &["--innodb-log-file-size=8M"]);
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let d = dir.path().join(format!("n{i}"));
@@ -207,7 +182,7 @@ impl GaleraCluster {
         let node = &mut self.nodes[i];
         let d = &node.dir;
         let log = std::fs::File::create(d.join("mariadbd.log")).unwrap();
-        let mut cmd = Command::new(daemon_binary());
+        let mut cmd = Command::new(crate::db::daemon_binary());
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", d.join("mysqld.sock").display()))

@@ -159,6 +159,12 @@ impl Column {
     }
 }
 
+/// The (total, day, month) limits of a candidate row's plan; `None` when the plan does
+/// not exist (the LEFT JOIN found no row).
+fn plan_of(c: &[Value]) -> Option<(i64, i64, i64)> {
+    (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])))
+}
+
 /// `n`: the recipients of the request, or 1 (never 0, never negative).
 fn units(req: &Request<'_>) -> i64 {
     req.get("recipient_count")
@@ -247,11 +253,9 @@ impl Ticket {
         user: Option<&str>,
         domain: Option<&str>,
     ) -> Result<Option<Found>, Error> {
-        let plan =
-            |c: &[Value]| (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])));
         let exact_match = |c: &Vec<Value>| Found {
             row: Row::from(c),
-            plan: plan(c),
+            plan: plan_of(c),
             descriptive: None,
         };
         match self.absent.hint(user, domain) {
@@ -317,8 +321,6 @@ impl Ticket {
         user: Option<&str>,
         domain: Option<&str>,
     ) -> Result<Option<Found>, Error> {
-        let plan =
-            |c: &[Value]| (!c[11].is_null()).then(|| (num(&c[12]), num(&c[13]), num(&c[14])));
         // valvula names the SASL user when there is one, else the domain.
         let descriptive = user.or(domain).map(str::to_owned);
         for c in self.candidates(req, user, domain, true, None).await? {
@@ -331,7 +333,7 @@ impl Ticket {
             {
                 return Ok(Some(Found {
                     row: Row::from(&c),
-                    plan: plan(&c),
+                    plan: plan_of(&c),
                     descriptive,
                 }));
             }
