@@ -25,7 +25,8 @@
  *    exceptions, Rust modules must not panic out (the Rust SDK catches panics).
  *
  * Only <stdint.h> and <stddef.h> are needed. The header is C99, C11 and C++11
- * clean under -Wall -Wextra -pedantic.
+ * clean under -Wall -Wextra -pedantic, and a module's source may be C or C++
+ * (VLV_MODULE_EXPORT below; tests/fixtures/cxx/mod_cxx.cpp is a C++ module).
  */
 #ifndef VALVULA_MODULE_H
 #define VALVULA_MODULE_H
@@ -558,12 +559,19 @@ typedef struct vlv_module_def {
     void (*process_drop)(void *state, void *call);
 } vlv_module_def;
 
-/* Declares the symbol in a module:
- *     VLV_MODULE_EXPORT const vlv_module_def vlv_module_v1 = { ... };  */
-#if defined(__GNUC__) || defined(__clang__)
-#define VLV_MODULE_EXPORT __attribute__((visibility("default")))
+/* Declares the symbol in a module, in C and in C++ alike:
+ *     VLV_MODULE_EXPORT const vlv_module_def vlv_module_v1 = { ... };
+ * In C++ a const object at namespace scope has internal linkage and a mangled
+ * name: the macro gives it C linkage (extern "C"), which makes it external. */
+#ifdef __cplusplus
+#define VLV_EXTERN_C_ extern "C"
 #else
-#define VLV_MODULE_EXPORT
+#define VLV_EXTERN_C_
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define VLV_MODULE_EXPORT VLV_EXTERN_C_ __attribute__((visibility("default")))
+#else
+#define VLV_MODULE_EXPORT VLV_EXTERN_C_
 #endif
 
 #ifdef __cplusplus

@@ -120,6 +120,42 @@ async fn c_module_answers_through_the_daemon() {
     assert_eq!(c.ask(&postfix_request(&[])).await, "action=dunno\n\n");
 }
 
+/// A C++ module loads and answers, built as the header says: an idiomatic C++11
+/// module, and the C example compiled as C++ (the definition must get C linkage and
+/// stay visible; `const` at namespace scope alone is internal in C++).
+#[tokio::test]
+async fn cxx_modules_built_as_the_header_says_load_and_answer() {
+    let dir = module_tempdir();
+    let cxx = dir.path().join("mod_cxx.so");
+    valvula_tests::cxx_shared(&[&fixture("cxx/mod_cxx.cpp")], &cxx);
+    let example = dir.path().join("mod_example_cxx.so");
+    valvula_tests::cxx_shared(&[&repo_root().join("examples/c/mod_example.c")], &example);
+    let cfg = config_for(
+        &[&cxx, &example],
+        &["mod-cxx", "mod-example"],
+        "[module.mod-cxx]\nsuffix = \"@spam.example\"\n\
+         [module.mod-example]\nblocked_sender = \"spammer@example.com\"\n",
+    );
+    let (_d, a) = start_loaded(cfg).await;
+    let mut c = Client::connect(&a[0]).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[("sender", "x@spam.example")]))
+            .await,
+        "action=reject sender ends with @spam.example (mod-cxx)\n\n",
+        "the C++ module's answer"
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[("sender", "spammer@example.com")]))
+            .await,
+        "action=reject sender blocked by mod-example\n\n",
+        "the example compiled as C++"
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[("sender", "a@b.example")])).await,
+        "action=dunno\n\n"
+    );
+}
+
 #[test]
 fn each_load_error_is_specific() {
     let dir = module_tempdir();

@@ -115,6 +115,35 @@ pub fn cc_shared(sources: &[&Path], out: &Path, defines: &[&str]) {
     );
 }
 
+/// Compiles C++ `sources` into a shared object `out` against include/valvula/module.h,
+/// as the header tells a C++ author to (C++11, symbols hidden unless exported).
+pub fn cxx_shared(sources: &[&Path], out: &Path) {
+    let mut cmd = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()));
+    cmd.args([
+        "-x",
+        "c++",
+        "-std=c++11",
+        "-Wall",
+        "-Wextra",
+        "-pedantic",
+        "-Werror",
+        "-fvisibility=hidden",
+        "-shared",
+        "-fPIC",
+        "-o",
+    ])
+    .arg(out)
+    .arg("-I")
+    .arg(repo_root().join("include"));
+    cmd.args(sources);
+    let o = cmd.output().expect("cannot run c++");
+    assert!(
+        o.status.success(),
+        "c++ failed for {sources:?}:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// A temporary directory the daemon accepts modules from: under `target/`, mode 0755.
 /// The system's temporary directory (`/tmp`, mode 1777) is refused, as any directory
 /// others can write to: they could put their own code in a module's place.
