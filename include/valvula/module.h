@@ -267,10 +267,12 @@ typedef struct vlv_host_api {
     void (*log)(vlv_module_ctx *ctx, uint32_t level, vlv_str msg);
 
     /* Reads one key of the module's own configuration section
-     * ([module.NAME.config] in valvulad.toml). key "" is the whole section.
-     * The value is written to buf as text: strings as they are, numbers and
-     * booleans in TOML notation, arrays and tables as JSON.
-     * buf/cap: module-owned buffer. *len: receives the value's length.
+     * ([module.NAME] in valvulad.toml, NAME being the module's name). key "" is
+     * the whole section. The value is written to buf as text: strings as they
+     * are, numbers and booleans in TOML notation, arrays and tables as JSON.
+     * buf/cap: module-owned buffer. *len: receives the value's length. No NUL
+     * is written: exactly *len bytes are, so a module that wants a C string
+     * passes cap - 1 and terminates it itself.
      * Returns VLV_OK, VLV_E_NOT_FOUND, or VLV_E_TOO_SMALL (then *len holds the
      * size needed and buf is untouched).
      * THREADS: any thread. The section is replaced on reload, before reconf. */

@@ -68,7 +68,7 @@ impl Host {
         }
     }
 
-    /// The text of one key of this module's `[module.NAME.config]` section (see the
+    /// The text of one key of this module's `[module.NAME]` section (see the
     /// header for how non-strings are rendered), `None` when absent.
     pub fn config_raw(&self, key: &str) -> Option<String> {
         let f = self.api.config_get?;
