@@ -760,6 +760,56 @@ fn check_mode_names_the_key_and_the_directory() {
     }
 }
 
+/// A Rust module built with panic = "abort" would end the daemon, and every listener,
+/// at its first panic (the SDK's hooks catch panics; with abort there is nothing to
+/// catch): the SDK refuses to initialise it, and the daemon's log says why.
+#[test]
+fn a_rust_module_built_with_panic_abort_is_refused_and_told_why() {
+    let out_dir = valvula_tests::target_dir()
+        .parent()
+        .expect("target directory")
+        .join("panic-abort");
+    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "--locked",
+            "-p",
+            "mod-test",
+            "--target-dir",
+        ])
+        .arg(&out_dir)
+        .env("CARGO_PROFILE_DEV_PANIC", "abort")
+        .current_dir(repo_root())
+        .output()
+        .expect("run cargo");
+    assert!(
+        o.status.success(),
+        "cargo build with panic = abort:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dir = module_tempdir();
+    let mods = mkdir(&dir.path().join("mods"), 0o755);
+    std::fs::copy(
+        out_dir.join("debug/libmod_test.so"),
+        mods.join("libmod_test.so"),
+    )
+    .expect("copy the module");
+    let config = dir.path().join("valvulad.toml");
+    std::fs::write(
+        &config,
+        "[server]\nmodule_dirs = [\"mods\"]\nadmin_socket = \"\"\n[storage]\npath = \"v.db\"\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n",
+    )
+    .unwrap();
+    let (code, out) = check_from(dir.path(), &config);
+    assert_ne!(code, 0, "a panic = abort module passed the check:\n{out}");
+    assert!(
+        out.contains("built with panic = \"abort\"") && out.contains("panic = \"unwind\""),
+        "the log does not say why the module was refused:\n{out}"
+    );
+}
+
 /// After dropping privileges, a reload still loads new modules (through the checked
 /// descriptor), and keeps a module whose file was replaced, saying so.
 #[tokio::test]

@@ -21,7 +21,9 @@
 //! Build the crate as a `cdylib`. The module crate itself needs no `unsafe`: the
 //! trampolines here convert between the C ABI and the [`Module`] trait, catch every
 //! panic (a panic becomes an error status, which the daemon answers with the listener's
-//! on-error action) and route `tracing` events to the daemon's log.
+//! on-error action) and route `tracing` events to the daemon's log. Keep Cargo's
+//! default `panic = "unwind"`: a module built with `panic = "abort"` refuses to
+//! initialise (a panic there would end the daemon), and the daemon's log says why.
 
 mod asynchronous;
 mod bounded;

@@ -99,6 +99,17 @@ unsafe extern "C" fn init<M: Module>(
         return abi::VLV_E_INVALID;
     }
     let host = Host::new(api, ctx);
+    if cfg!(panic = "abort") {
+        // Every hook catches panics so that one never takes the daemon down; built
+        // with panic = "abort" there is nothing to catch: the first panic would end
+        // valvulad and every listener with it.
+        host.log(
+            LogLevel::Error,
+            "built with panic = \"abort\": a panic would abort valvulad itself; \
+             build the module with panic = \"unwind\" (Cargo's default) and load it again",
+        );
+        return abi::VLV_E_FAILED;
+    }
     let r = catch_unwind(AssertUnwindSafe(|| {
         crate::log_bridge::install(host);
         // This module's own panic hook (a cdylib has its own std): the place goes to the
