@@ -854,6 +854,20 @@ fn a_daemon_with_another_calendar_zone_is_refused() {
     });
 }
 
+/// A day window with a limit of 10, and one unit of key `k` charged against it.
+const DAY_OF_10: [Window; 1] = [Window {
+    kind: WindowKind::Day,
+    limit: 10,
+}];
+
+fn one_charge(day: &[Window]) -> [Charge<'_>; 1] {
+    [Charge {
+        key: "k",
+        amount: 1,
+        windows: day,
+    }]
+}
+
 /// A write after a charge that meets a deadlock (InnoDB rolls the whole transaction
 /// back, charge and token with it) must fail the charge or retry it, never answer it
 /// as admitted. The deadlock is raised by a trigger, as InnoDB raises it (error 1213).
@@ -866,15 +880,8 @@ fn a_deadlock_in_a_write_after_a_charge_never_answers_a_lost_charge() {
         "CREATE TRIGGER t_deadlock BEFORE INSERT ON t FOR EACH ROW \
          SIGNAL SQLSTATE '40001' SET MYSQL_ERRNO = 1213, MESSAGE_TEXT = 'Deadlock found when trying to get lock'",
     );
-    let day = [Window {
-        kind: WindowKind::Day,
-        limit: 10,
-    }];
-    let c = [Charge {
-        key: "k",
-        amount: 1,
-        windows: &day,
-    }];
+    let day = DAY_OF_10;
+    let c = one_charge(&day);
     let now = valvula_store::Clock::system().now();
     let started = std::time::Instant::now();
     let r = b._rt.block_on(b.store.consume_all_async(
@@ -919,15 +926,8 @@ fn a_write_that_ends_the_transaction_fails_the_charge_on_sqlite() {
         .exec(Stmt::new("INSERT INTO t (id) VALUES (1)", vec![]))
         .unwrap();
     let now = valvula_store::Clock::system().now();
-    let day = [Window {
-        kind: WindowKind::Day,
-        limit: 10,
-    }];
-    let c = [Charge {
-        key: "k",
-        amount: 1,
-        windows: &day,
-    }];
+    let day = DAY_OF_10;
+    let c = one_charge(&day);
     let charge = |then: &[&str]| {
         b._rt.block_on(b.store.consume_all_async(
             "ns",

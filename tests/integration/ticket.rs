@@ -350,7 +350,7 @@ fn a_schema_change_and_a_held_write_lock_delay_no_request() {
             "request {i} while the lock was held"
         );
         assert!(
-            took < std::time::Duration::from_millis(900),
+            took < std::time::Duration::from_millis(1500),
             "request {i} took {took:?} while another connection held the write lock"
         );
     }

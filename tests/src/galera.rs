@@ -34,6 +34,11 @@ struct Node {
     /// rsync state transfer received here (`wsrep_sst_receive_address`).
     sst: u16,
     child: Option<Child>,
+    /// Started with `--wsrep-new-cluster` (to start it the same way again).
+    bootstrap: bool,
+    /// Starts that found a port taken (the ports are picked free, then released for
+    /// mariadbd to bind: another process may take one in between).
+    port_clashes: u32,
 }
 
 /// A running Galera cluster; every node is killed when it is dropped.
@@ -156,6 +161,8 @@ impl GaleraCluster {
                 ist: crate::free_port(),
                 sst: crate::free_port(),
                 child: None,
+                bootstrap: false,
+                port_clashes: 0,
             });
         }
         let mut c = GaleraCluster { dir, nodes };
@@ -180,6 +187,7 @@ impl GaleraCluster {
             .collect::<Vec<_>>()
             .join(",");
         let node = &mut self.nodes[i];
+        node.bootstrap = bootstrap;
         let d = &node.dir;
         let log = std::fs::File::create(d.join("mariadbd.log")).unwrap();
         let mut cmd = Command::new(crate::db::daemon_binary());
@@ -273,6 +281,21 @@ impl GaleraCluster {
                 None => None,
             };
             if let Some(status) = exited {
+                if self.log(i).contains("Address already in use") && self.nodes[i].port_clashes < 3
+                {
+                    // Another process took one of the node's ports after it was picked:
+                    // the node starts again on new ones (the others learn its address
+                    // when it connects to them).
+                    let node = &mut self.nodes[i];
+                    node.port_clashes += 1;
+                    node.port = crate::free_port();
+                    node.gcomm = crate::free_port();
+                    node.ist = crate::free_port();
+                    node.sst = crate::free_port();
+                    let bootstrap = node.bootstrap;
+                    self.launch(i, bootstrap);
+                    continue;
+                }
                 panic!(
                     "Galera node {i} exited ({status}) before it was synced in a cluster of {size}:\n{}",
                     self.log(i)

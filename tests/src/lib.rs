@@ -89,57 +89,47 @@ pub fn valvulad_bin() -> PathBuf {
 
 /// Compiles C `sources` into a shared object `out` against include/valvula/module.h.
 pub fn cc_shared(sources: &[&Path], out: &Path, defines: &[&str]) {
-    let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-    cmd.args([
-        "-std=c99",
-        "-Wall",
-        "-Wextra",
-        "-pedantic",
-        "-Werror",
-        "-shared",
-        "-fPIC",
-        "-o",
-    ])
-    .arg(out)
-    .arg("-I")
-    .arg(repo_root().join("include"));
-    for d in defines {
-        cmd.arg(format!("-D{d}"));
-    }
-    cmd.args(sources);
-    let o = cmd.output().expect("cannot run cc");
-    assert!(
-        o.status.success(),
-        "cc failed for {sources:?}:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let defines: Vec<String> = defines.iter().map(|d| format!("-D{d}")).collect();
+    let mut flags = vec!["-std=c99"];
+    flags.extend(defines.iter().map(String::as_str));
+    compile_shared("CC", "cc", &flags, sources, out);
 }
 
 /// Compiles C++ `sources` into a shared object `out` against include/valvula/module.h,
 /// as the header tells a C++ author to (C++11, symbols hidden unless exported).
 pub fn cxx_shared(sources: &[&Path], out: &Path) {
-    let mut cmd = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()));
-    cmd.args([
-        "-x",
+    compile_shared(
+        "CXX",
         "c++",
-        "-std=c++11",
-        "-Wall",
-        "-Wextra",
-        "-pedantic",
-        "-Werror",
-        "-fvisibility=hidden",
-        "-shared",
-        "-fPIC",
-        "-o",
-    ])
-    .arg(out)
-    .arg("-I")
-    .arg(repo_root().join("include"));
-    cmd.args(sources);
-    let o = cmd.output().expect("cannot run c++");
+        &["-x", "c++", "-std=c++11", "-fvisibility=hidden"],
+        sources,
+        out,
+    );
+}
+
+/// `$env` (else `default`) with `flags`, warnings as errors, into a shared object.
+fn compile_shared(env: &str, default: &str, flags: &[&str], sources: &[&Path], out: &Path) {
+    let compiler = std::env::var(env).unwrap_or_else(|_| default.into());
+    let o = Command::new(&compiler)
+        .args(flags)
+        .args([
+            "-Wall",
+            "-Wextra",
+            "-pedantic",
+            "-Werror",
+            "-shared",
+            "-fPIC",
+            "-o",
+        ])
+        .arg(out)
+        .arg("-I")
+        .arg(repo_root().join("include"))
+        .args(sources)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
     assert!(
         o.status.success(),
-        "c++ failed for {sources:?}:\n{}",
+        "{compiler} failed for {sources:?}:\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
 }

@@ -119,6 +119,10 @@ pub struct Probe {
     epoch: u64,
 }
 
+/// The generation and the schema version, read together (`TABLE`).
+const GENERATION_SQL: &str = "SELECT g.gen, s.schema_version FROM domain_ticket_generation g, \
+     pragma_schema_version s WHERE g.id = 1";
+
 /// A branch for the exact-match query (`mod-ticket`'s `candidates`, same 15 columns):
 /// the generation and the schema version, with `pri` 0 so that it comes first.
 pub const GENERATION_BRANCH: &str = "SELECT g.gen, s.schema_version, NULL, NULL, NULL, NULL, \
@@ -329,16 +333,7 @@ impl Absent {
     /// memory is on.
     pub async fn read_generation(&self, host: &Host, req: &Request<'_>) -> Option<Seen> {
         let probe = self.probe()?;
-        let read = host
-            .query_async(
-                req,
-                &format!(
-                    "SELECT g.gen, s.schema_version FROM {TABLE} g, \
-                     pragma_schema_version s WHERE g.id = 1"
-                ),
-                &[],
-            )
-            .await;
+        let read = host.query_async(req, GENERATION_SQL, &[]).await;
         let reading = read.ok().and_then(|r| {
             let row = r.rows.first()?;
             Some((row.first()?.as_i64()?, row.get(1)?.as_i64()?))
