@@ -99,7 +99,7 @@ async fn hostile_clients_do_not_stop_or_slow_the_others() {
     let cap = idle + 500;
     let p = Proc::start(&config(cap), &[]);
     let addr = p.addrs()[0].clone();
-    let pid = p.child.id();
+    let pid = p.worker_pid();
     let mut base = good_client(&addr, 300).await;
     let base_p99 = p99(&mut base);
     let rss_before = rss_mb(pid);
@@ -352,7 +352,7 @@ async fn misbehaving_module_calls_leave_the_daemon_serving() {
     );
     let p = Proc::start(&cfg, &[]);
     let addr = p.addrs()[0].clone();
-    let before = rss_mb(p.child.id());
+    let before = rss_mb(p.worker_pid());
     let mut c = Client::connect(&addr).await;
     for i in 0..50 {
         let bad = match i % 4 {
@@ -378,7 +378,7 @@ async fn misbehaving_module_calls_leave_the_daemon_serving() {
             "good request after call {i} got {r:?}"
         );
     }
-    let after = rss_mb(p.child.id());
+    let after = rss_mb(p.worker_pid());
     assert!(
         after - before > 15.0,
         "the leak did not show: {before} -> {after} MB"
@@ -397,7 +397,7 @@ async fn idle_and_trickling_hordes_do_not_lock_postfix_out() {
     let cfg = config(1000).replace("request_timeout = \"5s\"", "request_timeout = \"30s\"");
     let p = Proc::start(&cfg, &[]);
     let addr = p.addrs()[0].clone();
-    let pid = p.child.id();
+    let pid = p.worker_pid();
     let mut held = Vec::new();
     for _ in 0..2000 {
         if let Some(s) = open(&addr).await {

@@ -17,4 +17,5 @@ mod process;
 mod protocol;
 mod ratelimit;
 mod store;
+mod supervisor;
 mod ticket;

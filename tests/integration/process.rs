@@ -302,7 +302,7 @@ async fn syslog_lines_use_facility_mail_and_valvula_prefixes() {
         ),
         &[],
     );
-    let pid = p.child.id();
+    let pid = p.worker_pid();
     let mut lines = Vec::new();
     let mut buf = [0u8; 4096];
     while !lines.iter().any(|l: &String| l.contains("valvulad ready")) {
@@ -369,7 +369,7 @@ async fn drops_privileges_after_binding() {
         data.path().display()
     );
     let p = Proc::start(&cfg, &[]);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.worker_pid())).unwrap();
     let field = |name: &str| {
         status
             .lines()
@@ -860,7 +860,7 @@ async fn metrics_listener_survives_endless_and_slow_requests() {
     use tokio::io::AsyncWriteExt;
     let p = Proc::start(&with_metrics(), &[]);
     let m = metrics_addr(&p);
-    let pid = p.child.id();
+    let pid = p.worker_pid();
     let rss_before = rss_mb(pid);
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..8 {
@@ -944,7 +944,7 @@ async fn metrics_listener_survives_endless_and_slow_requests() {
         "the slow-headers client was kept {slow_for:?}"
     );
     assert!(
-        p.child.id() == pid && rss_mb(pid) > 0.0,
+        p.worker_pid() == pid && rss_mb(pid) > 0.0,
         "the daemon is gone:\n{}",
         p.log()
     );
@@ -1093,7 +1093,7 @@ fn admin_socket_reads_a_bounded_command_in_bounded_time() {
         }
         String::from_utf8_lossy(&out).into_owned()
     };
-    let pid = p.child.id();
+    let pid = p.worker_pid();
     let before = rss_mb(pid);
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -1134,7 +1134,7 @@ fn admin_socket_reads_a_bounded_command_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_longest_idle_connection_gives_way() {
     let p = Proc::start(&base("\"mod-test\"", ""), &[]);
-    let pid = p.child.id();
+    let pid = p.worker_pid();
     let addr = p.addrs()[0].clone();
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()

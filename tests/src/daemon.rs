@@ -219,6 +219,32 @@ impl Proc {
             .collect()
     }
 
+    /// The worker's pid: the process that serves, loads the modules and holds their
+    /// memory (the one started, the master, only keeps the sockets and restarts it).
+    /// Waits for it to be there; with `--single-process`, the process itself.
+    pub fn worker_pid(&self) -> u32 {
+        let master = self.child.id();
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next_back() {
+                return pid.parse().expect("a pid");
+            }
+            let cmdline = std::fs::read(format!("/proc/{master}/cmdline")).unwrap_or_default();
+            if cmdline.split(|b| *b == 0).any(|a| a == b"--single-process") {
+                return master;
+            }
+            assert!(
+                Instant::now() < end,
+                "valvulad (pid {master}) has no worker:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
             .expect("kill");

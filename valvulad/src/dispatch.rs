@@ -30,6 +30,9 @@ pub enum HandlerError {
     Busy(Duration),
     #[error("module is quarantined after repeated failures")]
     Quarantined,
+    /// Started disabled: it crashed the worker repeatedly (until the next reload).
+    #[error("module is disabled: {0}")]
+    Disabled(String),
     /// A service the module needs (the database) is unavailable: an outage, not a fault
     /// of the module, so it never counts towards quarantine.
     #[error("{0}")]
@@ -57,6 +60,7 @@ impl HandlerError {
                 | HandlerError::RequestData(_)
                 | HandlerError::Busy(_)
                 | HandlerError::Quarantined
+                | HandlerError::Disabled(_)
         )
     }
 }
@@ -169,6 +173,34 @@ pub trait Handler: Send + Sync + 'static {
     fn tick(&self, _kinds: u32, _now: i64) {}
     /// The daemon is stopping.
     fn close(&self) {}
+    /// Why the module is disabled, if it is (see [`Disabled`]).
+    fn disabled(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// A module the master started disabled because it crashed the worker repeatedly: it
+/// is never called (not even `init`), and every request given to it gets the
+/// listener's on-error action, until a reload loads it again.
+#[derive(Debug)]
+pub struct Disabled {
+    pub name: String,
+    pub why: String,
+}
+
+impl Handler for Disabled {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn nonblocking(&self) -> bool {
+        true
+    }
+    fn handle(&self, _req: &Request) -> Result<Option<Reply>, HandlerError> {
+        Err(HandlerError::Disabled(self.why.clone()))
+    }
+    fn disabled(&self) -> Option<&str> {
+        Some(&self.why)
+    }
 }
 
 /// Tuning of a [`Dispatcher`], from `[server]`.
@@ -325,6 +357,11 @@ impl Dispatcher {
 
     fn now_ms(&self) -> i64 {
         self.epoch.elapsed().as_millis() as i64
+    }
+
+    /// Why the module is disabled, if it is.
+    pub fn disabled(&self) -> Option<&str> {
+        self.handler.disabled()
     }
 
     pub fn is_quarantined(&self) -> bool {

@@ -15,3 +15,4 @@ pub mod logging;
 pub mod privileges;
 pub mod process;
 pub mod server;
+pub mod supervisor;

@@ -75,9 +75,15 @@ struct Args {
     /// Start even if the pid file names a running process (valvula's -f).
     #[arg(short = 'f', long = "skip-pid-check")]
     skip_pid_check: bool,
+    /// Serve in this one process, without the master that restarts it when a module
+    /// crashes it (for debuggers and valgrind).
+    #[arg(long = "single-process")]
+    single_process: bool,
 }
 
 fn main() -> ExitCode {
+    // First of all in a worker: the crash reporter, and death with the master.
+    let worker = valvulad::supervisor::worker::link().is_some();
     let raw: Vec<String> = std::env::args().collect();
     let args = Args::parse();
     if args.detach && std::env::var_os(valvulad::process::DETACHED_ENV).is_none() {
@@ -97,7 +103,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    if std::env::var_os(valvulad::process::DETACHED_ENV).is_some() {
+    if std::env::var_os(valvulad::process::DETACHED_ENV).is_some() && !worker {
         valvulad::process::become_detached();
     }
     if let Some(what) = &args.local {
@@ -123,7 +129,7 @@ fn main() -> ExitCode {
     if args.ping || args.check_db || args.status {
         return one_shot(&args);
     }
-    match run(args) {
+    match run(args, raw, worker) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("valvulad: {e:#}");
@@ -195,7 +201,7 @@ fn one_shot(args: &Args) -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, raw: Vec<String>, worker: bool) -> anyhow::Result<()> {
     // Logging needs the config; a broken config is reported on stderr as is.
     let pre = config::load_file(&args.config)?;
     let level = if args.debug {
@@ -216,12 +222,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         pre.config.log.clone()
     };
     valvulad::logging::init(&log, level).context("cannot set up logging")?;
+    // The master's, when there is one: signals go to the master.
     let _pid = match &args.pid_file {
-        Some(p) if !args.check => Some(valvulad::process::PidFile::create(p, args.skip_pid_check)?),
+        Some(p) if !args.check && !worker => {
+            Some(valvulad::process::PidFile::create(p, args.skip_pid_check)?)
+        }
         _ => None,
     };
     let files = valvulad::process::raise_open_files();
     tracing::debug!(limit = files, "open files");
+    if !args.check && !args.single_process && !worker {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let master = valvulad::supervisor::master::MasterArgs {
+            args: raw,
+            config_path: args.config.clone(),
+        };
+        return runtime.block_on(async {
+            // Bound here, before the worker starts (and as whoever started us): the
+            // master keeps them open across workers.
+            let mut held = Vec::new();
+            for l in &pre.config.listeners {
+                let f = valvulad::server::bind_held(l).await?;
+                held.push((valvulad::supervisor::listen_key(&l.name, &l.address), f));
+            }
+            valvulad::supervisor::master::run(master, &pre.config, held).await
+        });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("valvulad")
@@ -259,12 +288,21 @@ async fn open_store(
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    // Before any listener serves: a SIGTERM or SIGHUP that arrives while the modules
+    // load is then handled, not the default action (which ends the process).
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let first = config::load_file(&args.config)?;
     let mut first_config = first.config.clone();
     // `-t` checks; only a daemon records its zone in a database that has none.
     first_config.storage.record_zone = !args.check;
     let (store, ping) = open_store(&first_config).await?;
-    let services = host::Services::new(store.clone(), valvula_store::Clock::system());
+    let link = valvulad::supervisor::worker::link();
+    let mut services = host::Services::new(store.clone(), valvula_store::Clock::system());
+    if let Some(l) = link {
+        services.disabled = Arc::new(l.disabled.clone());
+    }
     let (path, s) = (args.config.clone(), services.clone());
     let (config, modules, _) =
         tokio::task::spawn_blocking(move || valvulad::server::load(&path, None, &s)).await??;
@@ -289,6 +327,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     spawn_maintenance(store.clone());
     let grace = config.server.shutdown_grace;
     let daemon = Daemon::start(config, modules).await?;
+    if let Some(l) = link {
+        l.drop_unclaimed();
+        daemon.tell_master_listeners();
+    }
 
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<valvulad::admin::ReloadRequest>(4);
@@ -334,19 +376,33 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         valvulad::privileges::drop_to(&u, gid).context("cannot drop privileges")?;
     }
     tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
-    valvulad::process::notify_ready();
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    match link {
+        Some(l) => l.ready(),
+        None => valvulad::process::notify_ready(),
+    }
+    let master_gone = async {
+        match link {
+            Some(l) => l.master_gone().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(master_gone);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = &mut master_gone => {
+                tracing::error!("the master process is gone; stopping");
+                break;
+            }
             _ = hup.recv() => {
-                let _ = daemon.reload(&args.config, &services).await;
+                let r = daemon.reload(&args.config, &services).await;
+                reloaded(&daemon, &r);
             }
             Some(answer) = reload_rx.recv() => {
-                let _ = answer.send(daemon.reload(&args.config, &services).await);
+                let r = daemon.reload(&args.config, &services).await;
+                reloaded(&daemon, &r);
+                let _ = answer.send(r);
             }
         }
     }
@@ -360,6 +416,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("valvulad stopped");
     Ok(())
+}
+
+/// After a reload, a worker tells its master the listening sockets now in use and,
+/// when the new configuration is in force, that modules disabled for crashing are
+/// loaded again.
+fn reloaded(daemon: &Daemon, r: &Result<String, String>) {
+    let Some(link) = valvulad::supervisor::worker::link() else {
+        return;
+    };
+    daemon.tell_master_listeners();
+    let in_force = match r {
+        Ok(_) => true,
+        Err(e) => e.starts_with(valvulad::server::RELOADED_BUT),
+    };
+    if in_force {
+        link.reloaded();
+    }
 }
 
 /// Once a minute: drop sliding-window buckets no window counts any more.

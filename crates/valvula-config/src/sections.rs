@@ -245,6 +245,8 @@ impl Walker {
                 "module_threads",
                 "quarantine_after",
                 "quarantine_for",
+                "crash_limit",
+                "crash_window",
                 "shutdown_grace",
                 "admin_socket",
                 "user",
@@ -311,6 +313,10 @@ impl Walker {
             quarantine_for: self
                 .duration(t, p, "quarantine_for")
                 .unwrap_or(Duration::from_secs(30)),
+            crash_limit: self.integer(t, p, "crash_limit", 1, 1000).unwrap_or(3) as u32,
+            crash_window: self
+                .duration(t, p, "crash_window")
+                .unwrap_or(Duration::from_secs(600)),
             shutdown_grace: self
                 .duration(t, p, "shutdown_grace")
                 .unwrap_or(Duration::from_secs(10)),

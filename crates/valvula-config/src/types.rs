@@ -34,6 +34,11 @@ pub struct ServerConfig {
     /// Consecutive failures (errors, panics, timeouts) that quarantine a module.
     pub quarantine_after: u32,
     pub quarantine_for: Duration,
+    /// A module whose calls crash the worker process this many times within
+    /// `crash_window` is started disabled (its chain slots answer `on_error`) until the
+    /// next reload.
+    pub crash_limit: u32,
+    pub crash_window: Duration,
     /// How long a stopping daemon waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// The admin socket `valvula-ctl` talks to (`None`: none).

@@ -145,6 +145,20 @@ pub fn render(d: &Daemon) -> String {
             u8::from(m.is_quarantined())
         );
     }
+    o.push_str("# HELP valvulad_module_disabled 1 while a module is disabled for crashing the worker (until the next reload).\n# TYPE valvulad_module_disabled gauge\n");
+    for m in &modules {
+        let _ = writeln!(
+            o,
+            "valvulad_module_disabled{{module=\"{}\"}} {}",
+            esc(m.name()),
+            u8::from(m.disabled().is_some())
+        );
+    }
+    let restarts = crate::supervisor::worker::link().map_or(0, |l| l.restarts);
+    let _ = writeln!(
+        o,
+        "# HELP valvulad_worker_restarts_total Workers the master started after one died.\n# TYPE valvulad_worker_restarts_total counter\nvalvulad_worker_restarts_total {restarts}"
+    );
     o.push_str("# HELP valvulad_module_latency_seconds Time a module took per request.\n# TYPE valvulad_module_latency_seconds histogram\n");
     for m in &modules {
         let s = &m.stats;

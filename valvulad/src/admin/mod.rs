@@ -162,6 +162,7 @@ pub fn status(d: &Daemon) -> String {
                 "name": m.name(),
                 "version": m.handler().version(),
                 "quarantined": m.is_quarantined(),
+                "disabled": m.disabled(),
                 "calls": calls,
                 "answers": s.answers.load(Ordering::Relaxed),
                 "failures": s.failures.load(Ordering::Relaxed),
@@ -177,6 +178,8 @@ pub fn status(d: &Daemon) -> String {
         .collect();
     serde_json::json!({
         "pid": std::process::id(),
+        "master_pid": crate::supervisor::worker::link().map(|_| nix::unistd::getppid().as_raw()),
+        "worker_restarts": crate::supervisor::worker::link().map_or(0, |l| l.restarts),
         "uptime_s": d.uptime().as_secs(),
         "listeners": listeners,
         "modules": modules,

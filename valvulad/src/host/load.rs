@@ -232,7 +232,9 @@ impl Opened {
         let init = self.def.init.expect("checked in open");
         // SAFETY: the definition passed every check of open(); HOST_API is static and
         // ctx is leaked, so both outlive the module as the header promises.
-        let status = unsafe { init(&HOST_API, ctx_ptr, &mut state) };
+        let status = super::crash::running(&ctx.name, "init", || unsafe {
+            init(&HOST_API, ctx_ptr, &mut state)
+        });
         if status != abi::VLV_OK {
             return Err(LoadError::InitFailed {
                 path: self.path,
@@ -305,6 +307,8 @@ impl LoadedModule {
 /// a call (a timeout, a shutdown), it hands the call back through `process_drop`.
 struct Abandon {
     process_drop: Option<unsafe extern "C" fn(*mut c_void, *mut c_void)>,
+    /// The module's name, for the crash record (the leaked context's, so 'static).
+    name: &'static str,
     state: usize,
     /// The module's call pointer while it is pending; 0 when there is none.
     call: usize,
@@ -323,7 +327,9 @@ impl Drop for Abandon {
             // pending storage calls were dropped first (they live in the future this
             // guard belongs to, declared after it), so nothing writes the module's
             // memory afterwards.
-            unsafe { f(self.state as *mut c_void, self.call as *mut c_void) }
+            super::crash::running(self.name, "process_drop", || unsafe {
+                f(self.state as *mut c_void, self.call as *mut c_void)
+            })
         }
     }
 }
@@ -353,12 +359,14 @@ impl Handler for LoadedModule {
         }
         let abandon = Abandon {
             process_drop: self.opened.def.process_drop,
+            name: &self.ctx.name,
             state: self.state,
             call: 0,
             closed: self.closed.clone(),
         };
         let (req, watch) = (req.clone(), watch.clone());
         let state = self.state;
+        let name: &'static str = &self.ctx.name;
         Some(Box::pin(async move {
             let mut abandon = abandon;
             let mut call = RequestCall::new(&req, true);
@@ -373,13 +381,13 @@ impl Handler for LoadedModule {
                     // SAFETY: state is what init returned; `call` lives across every poll
                     // of this request and is reached only through the host functions, on
                     // the thread running the poll; cp is the module's own call pointer.
-                    let status = unsafe {
+                    let status = super::crash::running(name, "process_poll", || unsafe {
                         poll(
                             state as *mut c_void,
                             (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
                             &mut cp,
                         )
-                    };
+                    });
                     abandon.call = cp as usize;
                     status
                 };
@@ -429,12 +437,12 @@ impl Handler for LoadedModule {
         let _g = self.lock();
         // SAFETY: state is what init returned; call lives across the call and is only
         // reached through the host functions, on this thread.
-        let status = unsafe {
+        let status = super::crash::running(&self.ctx.name, "process", || unsafe {
             process(
                 self.state as *mut c_void,
                 (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
             )
-        };
+        });
         Self::answer(status, call.reply)
     }
 
@@ -445,7 +453,9 @@ impl Handler for LoadedModule {
         };
         let _g = self.lock();
         // SAFETY: state is what init returned; reconf may overlap process per the header.
-        let status = unsafe { reconf(self.state as *mut c_void) };
+        let status = super::crash::running(&self.ctx.name, "reconf", || unsafe {
+            reconf(self.state as *mut c_void)
+        });
         if status == abi::VLV_OK {
             Ok(())
         } else {
@@ -457,7 +467,9 @@ impl Handler for LoadedModule {
         if let Some(tick) = self.opened.def.tick {
             let _g = self.lock();
             // SAFETY: state is what init returned.
-            unsafe { tick(self.state as *mut c_void, kinds, now) }
+            super::crash::running(&self.ctx.name, "tick", || unsafe {
+                tick(self.state as *mut c_void, kinds, now)
+            })
         }
     }
 
@@ -467,7 +479,9 @@ impl Handler for LoadedModule {
         if let Some(close) = self.opened.def.close {
             let _g = self.lock();
             // SAFETY: called once (the dispatcher guards it), after which no hook runs.
-            unsafe { close(self.state as *mut c_void) }
+            super::crash::running(&self.ctx.name, "close", || unsafe {
+                close(self.state as *mut c_void)
+            })
         }
     }
 }

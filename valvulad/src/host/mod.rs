@@ -6,6 +6,7 @@
 //! pointer a module handed out can never dangle.
 
 mod api;
+pub mod crash;
 mod error;
 mod file;
 mod load;
@@ -29,6 +30,9 @@ pub use set::{ModuleSet, check_chains, dispatch_settings};
 pub struct Services {
     pub store: Option<Arc<Store>>,
     pub clock: Clock,
+    /// Modules the master asked this worker to start disabled (they crashed it
+    /// repeatedly), with why. Applies to the first load only: a reload enables them.
+    pub disabled: Arc<std::collections::HashMap<String, String>>,
 }
 
 impl Services {
@@ -36,6 +40,7 @@ impl Services {
         Services {
             store: Some(store),
             clock,
+            disabled: Arc::default(),
         }
     }
 }

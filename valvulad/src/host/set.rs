@@ -134,7 +134,12 @@ impl ModuleSet {
             };
             if let Some(first) = taken(&set).or_else(|| {
                 previous.and_then(|p| {
-                    taken(p).or_else(|| p.by_name.get(&opened.name).map(|d| d.name().into()))
+                    taken(p).or_else(|| {
+                        p.by_name
+                            .get(&opened.name)
+                            .filter(|d| d.disabled().is_none())
+                            .map(|d| d.name().into())
+                    })
                 })
             }) {
                 errors.push(at(LoadError::Duplicate {
@@ -142,6 +147,26 @@ impl ModuleSet {
                     first,
                     second: path,
                 }));
+                continue;
+            }
+            if previous.is_none()
+                && let Some(why) = services.disabled.get(&opened.name)
+            {
+                tracing::error!(
+                    module = %opened.name,
+                    "module {} started DISABLED: it {why}; its requests get the listener's on-error action until the next reload",
+                    opened.name
+                );
+                let d = crate::dispatch::Disabled {
+                    name: opened.name.clone(),
+                    why: why.clone(),
+                };
+                set.order.push(d.name.clone());
+                if entry.contains('/') {
+                    set.entries.insert(entry.clone(), d.name.clone());
+                }
+                set.by_name
+                    .insert(d.name.clone(), Dispatcher::new(Arc::new(d), settings));
                 continue;
             }
             let section = config.module_sections.get(&opened.name).unwrap_or(&empty);

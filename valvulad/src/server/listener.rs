@@ -1,5 +1,6 @@
 //! A listener: its socket, and the accept loop that admits connections to it.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,6 +23,9 @@ pub(super) struct RunningListener {
     pub(super) stop: CancellationToken,
     pub(super) bound: String,
     pub(super) unix_path: Option<PathBuf>,
+    /// A second descriptor of the listening socket, sent to the master so that the
+    /// next worker inherits it.
+    pub(super) held: Option<OwnedFd>,
 }
 
 pub(super) fn runtime_for(
@@ -46,12 +50,63 @@ pub(super) enum Bound {
     Unix(UnixListener, PathBuf),
 }
 
+impl Bound {
+    /// Another descriptor of the same listening socket.
+    pub(super) fn held(&self) -> Option<OwnedFd> {
+        match self {
+            Bound::Tcp(t) => t.as_fd().try_clone_to_owned().ok(),
+            Bound::Unix(u, _) => u.as_fd().try_clone_to_owned().ok(),
+        }
+    }
+}
+
+/// The listening socket the master kept for `l`, when this process is its worker.
+fn inherited(l: &ListenerConfig) -> Option<std::io::Result<(Bound, String)>> {
+    let link = crate::supervisor::worker::link()?;
+    let fd = link.take_listener(&crate::supervisor::listen_key(&l.name, &l.address))?;
+    Some((|| match &l.address {
+        ListenAddr::Tcp(_) => {
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true)?;
+            let t = TcpListener::from_std(std)?;
+            let local = t.local_addr()?.to_string();
+            Ok((Bound::Tcp(t), local))
+        }
+        ListenAddr::Unix(path) => {
+            let std = std::os::unix::net::UnixListener::from(fd);
+            std.set_nonblocking(true)?;
+            let u = UnixListener::from_std(std)?;
+            Ok((
+                Bound::Unix(u, path.clone()),
+                format!("unix:{}", path.display()),
+            ))
+        }
+    })())
+}
+
+/// Binds `l` for the master, which keeps the socket and passes it to each worker.
+pub async fn bind_held(l: &ListenerConfig) -> Result<OwnedFd, ServerError> {
+    let (b, _) = bind(l).await?;
+    let err = |source| ServerError::Bind {
+        name: l.name.clone(),
+        address: l.address.to_string(),
+        source,
+    };
+    match b {
+        Bound::Tcp(t) => Ok(t.into_std().map_err(err)?.into()),
+        Bound::Unix(u, _) => Ok(u.into_std().map_err(err)?.into()),
+    }
+}
+
 pub(super) async fn bind(l: &ListenerConfig) -> Result<(Bound, String), ServerError> {
     let err = |source| ServerError::Bind {
         name: l.name.clone(),
         address: l.address.to_string(),
         source,
     };
+    if let Some(r) = inherited(l) {
+        return r.map_err(err);
+    }
     match &l.address {
         ListenAddr::Tcp(a) => {
             let t = TcpListener::bind(a).await.map_err(err)?;

@@ -27,11 +27,12 @@ use valvula_config::{Config, ListenerConfig};
 use valvula_store::sync::Unpoisoned;
 
 use crate::host::ModuleSet;
+pub use listener::bind_held;
 use listener::{Bound, RunningListener, accept_loop, bind, runtime_for};
 use shared::ListenerShared;
 
 pub use chain::valvula_line;
-pub use reload::load;
+pub use reload::{RELOADED_BUT, load};
 pub use shared::{ListenerRuntime, ListenerStats};
 pub use ticks::tick_kinds;
 
@@ -120,6 +121,27 @@ impl Daemon {
         self.state.locked().modules.clone()
     }
 
+    /// Tells the master (when this process is a worker) which listening sockets are
+    /// in use now, so the next worker inherits exactly these.
+    pub fn tell_master_listeners(&self) {
+        let Some(link) = crate::supervisor::worker::link() else {
+            return;
+        };
+        let st = self.state.locked();
+        let socks: Vec<(String, std::os::fd::BorrowedFd<'_>)> = st
+            .listeners
+            .iter()
+            .filter_map(|(name, l)| {
+                use std::os::fd::AsFd;
+                Some((
+                    crate::supervisor::listen_key(name, &l.address),
+                    l.held.as_ref()?.as_fd(),
+                ))
+            })
+            .collect();
+        link.listeners(&socks);
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
@@ -204,6 +226,7 @@ impl Daemon {
                 Bound::Unix(_, p) => Some(p.clone()),
                 Bound::Tcp(_) => None,
             };
+            let held = bound.held();
             self.tracker.spawn(accept_loop(
                 bound,
                 shared.clone(),
@@ -219,6 +242,7 @@ impl Daemon {
                     stop,
                     bound: addr,
                     unix_path,
+                    held,
                 },
             );
         }

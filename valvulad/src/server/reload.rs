@@ -10,6 +10,10 @@ use valvula_config::Config;
 use super::Daemon;
 use crate::host::{self, ModuleSet, Services};
 
+/// How a reload's error starts when the new configuration is in force all the same
+/// (a module kept its previous settings).
+pub const RELOADED_BUT: &str = "configuration reloaded, but ";
+
 /// Why a configuration could not be loaded; the running one stays.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadFailed {
@@ -141,8 +145,8 @@ impl Daemon {
                 format!("; at the next restart: {}", later.join(", "))
             })
         } else {
-            tracing::warn!("configuration reloaded, but {}", kept.join("; "));
-            Err(format!("configuration reloaded, but {}", kept.join("; ")))
+            tracing::warn!("{RELOADED_BUT}{}", kept.join("; "));
+            Err(format!("{RELOADED_BUT}{}", kept.join("; ")))
         }
     }
 }

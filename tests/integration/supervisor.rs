@@ -1,0 +1,299 @@
+//! Master and worker: a module that crashes the worker (a real C module dereferencing
+//! NULL, or calling abort) never takes the policy service down; the master names the
+//! module, restarts the worker at once on the same sockets, and disables a module that
+//! keeps crashing until the next reload. The worker never outlives the master.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use valvula_tests::client::{Answer, Client, postfix_request};
+use valvula_tests::daemon::Proc;
+use valvula_tests::{cc_shared, fixture, module_path, module_tempdir, valvulad_bin};
+
+/// Two listeners: `crashy` runs the crashing C module, `healthy` runs mod-test.
+fn config(so: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[server]\nmodules = [{:?}, {:?}]\nmodule_timeout = \"3s\"\ncrash_limit = 3\n\
+         crash_window = \"10m\"\n{extra}\
+         [log]\nlevel = \"info\"\n\
+         [[listener]]\nname = \"crashy\"\naddress = \"127.0.0.1:0\"\nmodules = [\"crash\"]\non_error = \"defer\"\n\
+         [[listener]]\nname = \"healthy\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n",
+        so.display().to_string(),
+        module_path("mod_test").display().to_string(),
+    )
+}
+
+fn sender(s: &str) -> Vec<u8> {
+    postfix_request(&[("sender", s)])
+}
+
+/// The listeners' addresses from the first worker's "listening" lines: crashy, healthy.
+fn listeners(p: &Proc) -> (String, String) {
+    let log = p.log();
+    let find = |name: &str| {
+        log.lines()
+            .find(|l| l.contains(" listening ") && l.contains(&format!("listener={name}")))
+            .and_then(|l| l.split("address=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no listening line for {name}:\n{log}"))
+            .to_owned()
+    };
+    (find("crashy"), find("healthy"))
+}
+
+/// Asks `addr` on a new connection until it answers (the connection may meet a worker
+/// that is dying); returns the answer and how long it took.
+async fn answer_soon(addr: &str, req: &[u8], within: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < within {
+        let mut c = Client::connect(addr).await;
+        c.send(req).await;
+        match c.answer(Duration::from_secs(5)).await {
+            Answer::Reply(r) => return (r, t.elapsed()),
+            other => last = format!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{addr} gave no answer within {within:?} (last: {last})");
+}
+
+/// The crash: the request that crashes the worker gets no answer, its connection
+/// closes.
+async fn crash_it(addr: &str, who: &str) {
+    let mut c = Client::connect(addr).await;
+    c.send(&sender(who)).await;
+    let a = c.answer(Duration::from_secs(10)).await;
+    assert!(
+        matches!(a, Answer::Closed(_)),
+        "the crashing request got {a:?}"
+    );
+}
+
+fn status(p: &Proc) -> serde_json::Value {
+    let o = std::process::Command::new(valvulad_bin())
+        .arg("-c")
+        .arg(&p.config_path)
+        .arg("--status")
+        .output()
+        .expect("valvulad --status");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("status {text:?}: {e}"))
+}
+
+fn module_status<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    s["modules"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name))
+        .unwrap_or_else(|| panic!("no module {name} in {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_segfaults_on_one_sender_never_takes_the_service_down() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &[]);
+    let mut p = Proc::start(&config(&so, ""), &[]);
+    let (crashy, healthy) = listeners(&p);
+    let first_worker = p.worker_pid();
+    assert_eq!(
+        answer_soon(
+            &crashy,
+            &sender("alice@example.com"),
+            Duration::from_secs(5)
+        )
+        .await
+        .0,
+        "action=ok crash-module\n\n"
+    );
+    // An open connection of the healthy listener: it dies with the worker (Postfix
+    // reconnects); new connections are what must be answered at once.
+    let mut kept = Client::connect(&healthy).await;
+    assert_eq!(
+        kept.ask(&sender("bob@example.com")).await,
+        "action=dunno\n\n"
+    );
+
+    crash_it(&crashy, "crash@example.com").await;
+    let crashed = Instant::now();
+    let (a, took) = answer_soon(
+        &healthy,
+        &sender("bob@example.com"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(a, "action=dunno\n\n");
+    assert!(
+        crashed.elapsed() < Duration::from_secs(1),
+        "the healthy listener answered {took:?} after the crash (within 1 s wanted):\n{}",
+        p.log()
+    );
+    let (a, _) = answer_soon(
+        &crashy,
+        &sender("alice@example.com"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(a, "action=ok crash-module\n\n", "the module runs again");
+    assert!(
+        p.wait_for_log(
+            "died of SIGSEGV in module crash (process)",
+            Duration::from_secs(5)
+        ),
+        "the master's log names the signal, module and hook:\n{}",
+        p.log()
+    );
+    assert_ne!(p.worker_pid(), first_worker, "a new worker");
+    assert!(p.child.try_wait().unwrap().is_none(), "the master runs on");
+    let s = status(&p);
+    assert_eq!(s["worker_restarts"], 1, "{s}");
+    assert!(module_status(&s, "crash")["disabled"].is_null(), "{s}");
+
+    // Two more crashes within the window (one by abort): the third disables it.
+    crash_it(&crashy, "abort@example.com").await;
+    assert!(
+        p.wait_for_log(
+            "died of SIGABRT in module crash (process)",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.log()
+    );
+    let _ = answer_soon(
+        &healthy,
+        &sender("bob@example.com"),
+        Duration::from_secs(10),
+    )
+    .await;
+    crash_it(&crashy, "crash@example.com").await;
+    assert!(
+        p.wait_for_log("module crash disabled", Duration::from_secs(10)),
+        "{}",
+        p.log()
+    );
+    // Disabled: its requests get the listener's on-error action, the crashing sender's
+    // too (the module is not called); the other listener is not affected.
+    for who in ["alice@example.com", "crash@example.com"] {
+        let (a, _) = answer_soon(&crashy, &sender(who), Duration::from_secs(10)).await;
+        assert_eq!(
+            a,
+            "action=defer Policy service error, try again later\n\n",
+            "{who} while the module is disabled:\n{}",
+            p.log()
+        );
+    }
+    let (a, _) = answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(5)).await;
+    assert_eq!(a, "action=dunno\n\n");
+    let s = status(&p);
+    let why = module_status(&s, "crash")["disabled"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("3 times"),
+        "status says why it is disabled: {s}"
+    );
+    assert_eq!(s["worker_restarts"], 3, "{s}");
+    assert!(
+        p.log().contains("module crash started DISABLED"),
+        "the worker says so too:\n{}",
+        p.log()
+    );
+
+    // A reload enables it again, in the running worker.
+    let worker = p.worker_pid();
+    p.signal(Signal::SIGHUP);
+    assert!(p.wait_for_log("configuration reloaded", Duration::from_secs(10)));
+    let (a, _) = answer_soon(
+        &crashy,
+        &sender("alice@example.com"),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(a, "action=ok crash-module\n\n", "{}", p.log());
+    assert_eq!(p.worker_pid(), worker, "a reload restarts nothing");
+    assert!(module_status(&status(&p), "crash")["disabled"].is_null());
+    // The count starts again: one crash does not disable it.
+    crash_it(&crashy, "crash@example.com").await;
+    let (a, _) = answer_soon(
+        &crashy,
+        &sender("alice@example.com"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(a, "action=ok crash-module\n\n", "{}", p.log());
+
+    p.signal(Signal::SIGTERM);
+    let st = p.wait_exit(Duration::from_secs(30));
+    assert!(
+        st.success(),
+        "SIGTERM stops master and worker: {st}\n{}",
+        p.log()
+    );
+    assert!(p.log().contains("valvulad stopped"), "{}", p.log());
+}
+
+/// A worker killed from outside is restarted and said to be; a master killed takes
+/// its worker along (no orphan keeps the sockets or the database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_is_restarted_when_killed_and_never_outlives_the_master() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &[]);
+    let mut p = Proc::start(&config(&so, ""), &[]);
+    let (_, healthy) = listeners(&p);
+    let w = p.worker_pid();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(w as i32), Signal::SIGKILL).unwrap();
+    let (a, took) = answer_soon(
+        &healthy,
+        &sender("bob@example.com"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(a, "action=dunno\n\n");
+    assert!(
+        p.wait_for_log("killed by SIGKILL", Duration::from_secs(5)),
+        "{took:?}\n{}",
+        p.log()
+    );
+    let w2 = p.worker_pid();
+    assert_ne!(w, w2);
+
+    p.signal(Signal::SIGKILL);
+    let _ = p.wait_exit(Duration::from_secs(10));
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{w2}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{w2}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            Instant::now() < end,
+            "the worker {w2} outlived its master by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nobody answers on the port any more.
+    assert!(
+        tokio::net::TcpStream::connect(&healthy).await.is_err(),
+        "{healthy} still accepts connections"
+    );
+}
+
+/// `--single-process` serves without a master: what debuggers and valgrind need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_process_serves_without_a_master() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &[]);
+    let mut p = Proc::start(&config(&so, ""), &["--single-process"]);
+    assert_eq!(p.worker_pid(), p.child.id());
+    let (_, healthy) = listeners(&p);
+    let (a, _) = answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(5)).await;
+    assert_eq!(a, "action=dunno\n\n");
+    p.signal(Signal::SIGTERM);
+    assert!(
+        p.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        p.log()
+    );
+}

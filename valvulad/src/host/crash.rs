@@ -1,0 +1,192 @@
+//! What the master learns when a module brings the worker down.
+//!
+//! Before each call into a module the calling thread records which module and hook it
+//! enters. A fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) runs
+//! [`on_fatal`] on the faulting thread: it sends one packet, `crash SIGNO HOOK NAME`, on
+//! the master's control socket, then lets the signal kill the process as it would have.
+//! Only the faulting thread's record is read, so with many calls in flight the module
+//! named is the one that crashed, not merely one that was running.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The module call running on this thread: its name (borrowed from the module, which
+/// outlives the call) and hook.
+#[derive(Clone, Copy)]
+struct Current {
+    name: *const u8,
+    len: usize,
+    hook: &'static str,
+}
+
+const NONE: Current = Current {
+    name: std::ptr::null(),
+    len: 0,
+    hook: "",
+};
+
+thread_local! {
+    // Const-initialised and without a destructor: reading it in a signal handler
+    // neither allocates nor registers anything.
+    static CURRENT: Cell<Current> = const { Cell::new(NONE) };
+}
+
+/// The control socket the crash packet goes to (-1: none, a process without a master).
+static CRASH_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Runs `f`, a call into module `name`'s `hook`, recorded as this thread's current
+/// module call.
+pub fn running<R>(name: &str, hook: &'static str, f: impl FnOnce() -> R) -> R {
+    let before = CURRENT.with(|c| {
+        c.replace(Current {
+            name: name.as_ptr(),
+            len: name.len(),
+            hook,
+        })
+    });
+    // Restored even when `f` unwinds (a Rust module's panic is caught further out).
+    struct Restore(Current);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+const FATAL: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGABRT,
+];
+
+/// Installs the fatal-signal handlers, reporting to `fd` (the worker's end of the
+/// master's control socket, kept open for the life of the process).
+pub fn install(fd: std::os::fd::RawFd) {
+    CRASH_FD.store(fd, Ordering::Release);
+    for sig in FATAL {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value, filled in
+        // before use; `on_fatal` only does async-signal-safe work (see there).
+        // SA_ONSTACK: std gives its threads an alternate signal stack, so a stack
+        // overflow in a module still reaches the handler. SA_RESETHAND: a second fault
+        // while reporting kills the process at once.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_fatal as extern "C" fn(libc::c_int) as usize;
+            act.sa_flags = libc::SA_ONSTACK | libc::SA_RESETHAND;
+            libc::sigemptyset(&mut act.sa_mask);
+            if libc::sigaction(sig, &act, std::ptr::null_mut()) != 0 {
+                tracing::warn!(
+                    signal = sig,
+                    "cannot install the crash reporter: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// Appends `b` to `buf` at `*n`, as much as fits.
+fn put(buf: &mut [u8], n: &mut usize, b: &[u8]) {
+    let k = b.len().min(buf.len() - *n);
+    buf[*n..*n + k].copy_from_slice(&b[..k]);
+    *n += k;
+}
+
+/// The packet for a crash by `sig` during `cur`: `crash SIGNO HOOK NAME` (`- -` outside
+/// any module call). Formatted by hand: no allocation in a signal handler.
+fn packet(buf: &mut [u8; 320], sig: libc::c_int, cur: Current, name: &[u8]) -> usize {
+    let mut n = 0;
+    put(buf, &mut n, b"crash ");
+    let mut digits = [0u8; 12];
+    let mut d = digits.len();
+    let mut v = sig.unsigned_abs();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(buf, &mut n, &digits[d..]);
+    if cur.len == 0 {
+        put(buf, &mut n, b" - -");
+    } else {
+        put(buf, &mut n, b" ");
+        put(buf, &mut n, cur.hook.as_bytes());
+        put(buf, &mut n, b" ");
+        put(buf, &mut n, &name[..name.len().min(256)]);
+    }
+    n
+}
+
+/// Async-signal-safe: reads a thread-local `Cell`, formats into a stack buffer, and
+/// calls write(2), signal(2) and raise(3) only.
+extern "C" fn on_fatal(sig: libc::c_int) {
+    let fd = CRASH_FD.load(Ordering::Acquire);
+    if fd >= 0 {
+        let cur = CURRENT.try_with(Cell::get).unwrap_or(NONE);
+        let name: &[u8] = if cur.len == 0 {
+            &[]
+        } else {
+            // SAFETY: `running` stored a pointer and length of a name that outlives
+            // the call this thread is in (the module owns it), and we are in that call.
+            unsafe { std::slice::from_raw_parts(cur.name, cur.len) }
+        };
+        let mut buf = [0u8; 320];
+        let n = packet(&mut buf, sig, cur, name);
+        // SAFETY: write(2) of an initialised stack buffer to a descriptor we own; one
+        // call, so one packet on the SOCK_SEQPACKET socket.
+        unsafe {
+            libc::write(fd, buf.as_ptr().cast(), n);
+        }
+    }
+    // SAFETY: restoring the default action and raising the signal again are both
+    // async-signal-safe; the process then ends by this signal, as without the handler
+    // (its status tells the master which one).
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_name_signal_hook_and_module() {
+        let mut buf = [0u8; 320];
+        let name = "mod-crash";
+        let cur = Current {
+            name: name.as_ptr(),
+            len: name.len(),
+            hook: "process",
+        };
+        let n = packet(&mut buf, 11, cur, name.as_bytes());
+        assert_eq!(&buf[..n], b"crash 11 process mod-crash");
+        let n = packet(&mut buf, 6, NONE, &[]);
+        assert_eq!(&buf[..n], b"crash 6 - -");
+        let long = "m".repeat(400);
+        let n = packet(&mut buf, 7, cur, long.as_bytes());
+        assert_eq!(
+            n,
+            "crash 7 process ".len() + 256,
+            "names are cut at 256 bytes"
+        );
+    }
+
+    #[test]
+    fn the_record_is_restored_after_a_call_even_one_that_panics() {
+        let seen = running("outer", "process", || {
+            let _ = std::panic::catch_unwind(|| running("inner", "tick", || panic!("x")));
+            CURRENT.with(Cell::get).hook
+        });
+        assert_eq!(seen, "process");
+        assert_eq!(CURRENT.with(Cell::get).len, 0);
+    }
+}

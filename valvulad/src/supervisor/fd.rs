@@ -1,0 +1,27 @@
+//! Descriptors a worker inherits from its master through exec, by number.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Takes inherited descriptor `raw` into ownership, if it is open. Callers take each
+/// number once (the worker reads its environment once, into a `OnceLock`).
+pub(super) fn adopt(raw: RawFd) -> Option<OwnedFd> {
+    if raw < 3 {
+        return None;
+    }
+    // F_GETFD fails with EBADF for a number that is not open: nothing to adopt.
+    // SAFETY: fcntl(F_GETFD) only reads the descriptor's flags.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the master put this open descriptor at this number for this process
+    // alone (checked open above), nothing else in the worker knows its number, and it
+    // is adopted once, so the OwnedFd is its only owner.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Received with a message (SCM_RIGHTS): new descriptors this process now holds.
+pub(super) fn received(raw: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed this descriptor in our table for this message; no
+    // other code has its number.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
