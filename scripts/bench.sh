@@ -55,9 +55,13 @@ charge_states = []'
 
 start() { # name
     taskset -c 0 "$V" -c "$W/$1.toml" 2>"$W/$1.log" &
-    SERVER_PID=$!  # taskset execs valvulad: the same process
-    # Ready when every listener answers valvula's checkserver probe.
-    for _ in $(seq 1 100); do "$V" -c "$W/$1.toml" -p >/dev/null 2>&1 && return; sleep 0.1; done
+    local master=$!  # taskset execs valvulad: the same process, the master
+    # Ready when every listener answers valvula's checkserver probe. The figures are the
+    # worker's (the master only holds the sockets; it does no work per request).
+    for _ in $(seq 1 100); do
+        if "$V" -c "$W/$1.toml" -p >/dev/null 2>&1; then SERVER_PID=$(pgrep -P "$master" | head -1); return; fi
+        sleep 0.1
+    done
     cat "$W/$1.log" >&2; exit 1
 }
 stop() { pkill -f "$W/$1.toml" || true; sleep 0.5; }
@@ -204,8 +208,10 @@ fi
 
 # Memory: resident set of valvulad (mod-ratelimit on SQLite) idle, holding 10,000 idle
 # connections, and after charging 1,000,000 distinct identities.
-rss() { awk '/^VmRSS/ {printf "%.1f MB", $2/1024}' "/proc/$(pgrep -f "$W/$1.toml" | head -1)/status"; }
-hwm() { awk '/^VmHWM/ {printf "%.1f MB", $2/1024}' "/proc/$(pgrep -f "$W/$1.toml" | head -1)/status"; }
+# The worker's: the child of the oldest process on that configuration (the master).
+worker() { pgrep -P "$(pgrep -o -f "$W/$1.toml")" | head -1; }
+rss() { awk '/^VmRSS/ {printf "%.1f MB", $2/1024}' "/proc/$(worker "$1")/status"; }
+hwm() { awk '/^VmHWM/ {printf "%.1f MB", $2/1024}' "/proc/$(worker "$1")/status"; }
 if want memory; then
     ulimit -n 20000 2>/dev/null || true  # 10,000 connections need more than 1024 descriptors
     config mem 3700 '"mod-ratelimit"' "[storage]

@@ -46,7 +46,8 @@ CFG
 
 measure() { # name port scenario
     local pid j n ir
-    valgrind --tool=callgrind --callgrind-out-file="$W/$1.out" "$V" -c "$W/$1.toml" 2>"$W/$1.vg" &
+    # One process: the master does no work per request, and callgrind follows one.
+    valgrind --tool=callgrind --callgrind-out-file="$W/$1.out" "$V" --single-process -c "$W/$1.toml" 2>"$W/$1.vg" &
     pid=$!
     for _ in $(seq 1 120); do "$V" -c "$W/$1.toml" -p >/dev/null 2>&1 && break; sleep 0.5; done
     if [ "$1" = tk ]; then

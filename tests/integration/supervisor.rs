@@ -297,3 +297,64 @@ async fn single_process_serves_without_a_master() {
         p.log()
     );
 }
+
+/// systemd hears READY=1 from the master (its MAINPID), once the worker serves; and
+/// not again when a worker is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_readiness_comes_from_the_master_once_the_worker_serves() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &[]);
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let p = Proc::spawn_env(
+        &config(&so, ""),
+        &[],
+        &[("NOTIFY_SOCKET", &sock_path.display().to_string())],
+    );
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("no READY=1 from valvulad");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        msg.contains("READY=1") && msg.contains(&format!("MAINPID={}\n", p.child.id())),
+        "{msg:?}: READY=1 with the master's pid {} wanted",
+        p.child.id()
+    );
+    assert!(
+        p.log().contains("valvulad ready"),
+        "READY=1 before the worker served:\n{}",
+        p.log()
+    );
+    let (crashy, healthy) = listeners(&p);
+    crash_it(&crashy, "crash@example.com").await;
+    let _ = answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(10)).await;
+    assert!(p.wait_for_count("worker ready", 2, Duration::from_secs(10)));
+    sock.set_nonblocking(true).unwrap();
+    assert!(
+        sock.recv(&mut buf).is_err(),
+        "a second READY=1 after a restart"
+    );
+}
+
+/// A module that crashes in its init, from the very first start: the service starts
+/// all the same, with that module disabled once it reached the crash limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_crashes_in_init_is_disabled_and_the_service_starts() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &["CRASH_IN_INIT"]);
+    let p = Proc::start(&config(&so, ""), &[]);
+    let (crashy, healthy) = listeners(&p);
+    assert!(
+        p.log().contains("died of SIGSEGV in module crash (init)")
+            && p.log().contains("module crash started DISABLED"),
+        "{}",
+        p.log()
+    );
+    let (a, _) = answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(5)).await;
+    assert_eq!(a, "action=dunno\n\n");
+    let (a, _) = answer_soon(&crashy, &sender("bob@example.com"), Duration::from_secs(5)).await;
+    assert_eq!(a, "action=defer Policy service error, try again later\n\n");
+}

@@ -352,11 +352,13 @@ pub async fn run(
             }
         };
         m.drain();
-        if !m.ready_once {
-            // The first worker could not start: it said why on stderr or in the log.
+        use std::os::unix::process::ExitStatusExt;
+        if !m.ready_once && status.signal().is_none() {
+            // The first worker refused to start (a configuration it cannot use): it
+            // said why on stderr or in the log. A crash (a module's init) is restarted
+            // below instead, until that module is disabled.
             anyhow::bail!("the worker did not start ({status})");
         }
-        use std::os::unix::process::ExitStatusExt;
         let crash = m.crash.take();
         match (status.signal(), status.code()) {
             (None, Some(0)) => {
