@@ -144,16 +144,49 @@ typedef struct vlv_str {
  * Module flags (uint32_t bit set), in vlv_module_def.flags
  * ------------------------------------------------------------------------- */
 
-/* process() never blocks (no I/O, no locks held long, microseconds of work):
- * the host calls it inline on its event loop instead of on the module's
- * blocking thread pool. A NONBLOCKING module that blocks stalls the daemon. */
+/* The module promises that process(), reconf() and tick() never block (no
+ * I/O, no locks held long, microseconds of work). The host holds it to that:
+ * its blocking storage calls are refused with VLV_E_INVALID outside init().
+ * The host runs its calls on the module's own threads under the module
+ * timeout all the same (earlier hosts called process() inline on the event
+ * loop, where one that slept stalled every listener), so a broken promise
+ * costs only the module's own requests. */
 #define VLV_FLAG_NONBLOCKING 0x1u
 
 /* The host never runs two calls of this module at the same time (it takes a
  * lock around every hook). For modules with thread-unsafe state; costs
  * throughput. Without this flag, process() and tick() may run concurrently
- * on several threads. */
+ * on several threads. A call that hangs past its timeout keeps the lock: the
+ * module's later calls time out too, and close() is skipped at shutdown after
+ * waiting 2 s for the lock. */
 #define VLV_FLAG_SERIALIZE 0x2u
+
+/* ---------------------------------------------------------------------------
+ * Threads: who calls each hook, and what may overlap (as Envoy's abi.h says)
+ *
+ *   hook          thread                          may overlap
+ *   init          the loading thread, once        nothing (no other hook yet)
+ *   process       one of the module's own threads  process, process_poll,
+ *                 (module_threads of them)         reconf, tick; a call that
+ *                                                 timed out may still run
+ *   process_poll  an event-loop thread            everything above; never
+ *                                                 another poll of its req
+ *   process_drop  the thread dropping the request  as process_poll
+ *   reconf        one of the module's threads     process, process_poll, tick
+ *   tick          one of the module's threads     process, process_poll, reconf
+ *   close         the stopping thread, once       calls that timed out and
+ *                                                 still run (they are never
+ *                                                 waited for); nothing else
+ *
+ * Every call except init and close runs under the listener's module timeout:
+ * past it the request gets the on-error action and the host stops waiting,
+ * but cannot stop the call; the module's state must stay valid for it until
+ * it returns, even after close(). With VLV_FLAG_SERIALIZE nothing overlaps.
+ * process_poll runs on the event loop and must never block (a poll that
+ * blocks holds an event-loop thread and delays other requests).
+ * A module that crashes the process (a segmentation fault, an abort) kills
+ * the worker: the master restarts it at once and names the module, and after
+ * repeated crashes starts it disabled until the next reload (valvulad(8)). */
 
 /* ---------------------------------------------------------------------------
  * Storage: SQL values, dialects, counting windows (ABI 0.2)
@@ -307,8 +340,8 @@ typedef struct vlv_host_api {
     /* ---- ABI 0.2: storage. Check with VLV_HAS(host, vlv_host_api, reset).
      *
      * Every storage call blocks until the database answered; call them from
-     * init, process, reconf or tick, never from a VLV_FLAG_NONBLOCKING module
-     * (VLV_E_INVALID). Errors: VLV_E_UNAVAILABLE when the database is down
+     * init, process, reconf or tick. A VLV_FLAG_NONBLOCKING module may call
+     * them from init only (elsewhere: VLV_E_INVALID). Errors: VLV_E_UNAVAILABLE when the database is down
      * (the daemon retries it with backoff), VLV_E_INVALID for a bad call,
      * VLV_E_FAILED for a failing statement; the host logs the details.
      * SQL text may not contain quoted literals (' or "): every value goes in
@@ -502,7 +535,8 @@ typedef struct vlv_module_def {
     vlv_str version;
     vlv_str description;
 
-    /* Called once, after the load checks, before any other hook.
+    /* Called once, after the load checks, before any other hook, on the
+     * loading thread (no module timeout: the daemon waits for it).
      * host: the host services, valid until exit. ctx: the module's handle.
      * *state: set it to the module's own state pointer, passed to every
      * other hook (may stay NULL).
@@ -525,13 +559,17 @@ typedef struct vlv_module_def {
     /* The daemon is stopping; no other hook is called afterwards. Free the
      * state. The library itself is never unloaded. Optional (NULL).
      * A process_poll call still pending at close (a request past the shutdown
-     * grace) is never polled or handed to process_drop again. */
+     * grace) is never polled or handed to process_drop again. A process,
+     * reconf or tick call that timed out may still be running during and
+     * after close: free only what it cannot be using (or nothing; the process
+     * exits next). THREADS: the stopping thread. */
     void (*close)(void *state);
 
     /* Clock boundaries crossed: kinds is a set of VLV_TICK_* bits, now the
      * host time (seconds since the epoch). Called once a minute, with HOUR,
      * DAY and MONTH added when those begin. Runs on the blocking pool under
-     * the module timeout. Optional (NULL). */
+     * the module timeout. Optional (NULL). THREADS: one of the module's
+     * threads; may overlap process, process_poll and reconf. */
     void (*tick)(void *state, uint32_t kinds, int64_t now);
 
     /* ---- ABI 0.5 (optional, NULL in older modules).

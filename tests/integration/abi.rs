@@ -1174,3 +1174,105 @@ fn no_hook_runs_after_close_even_for_calls_still_pending() {
     rt.shutdown_timeout(Duration::from_secs(1));
     other.execute_batch("ROLLBACK").unwrap();
 }
+
+/// A NONBLOCKING module that sleeps 3 s under a 500 ms module timeout: each call is
+/// answered within the timeout (four at once too), another listener answers at once
+/// meanwhile, and the module's blocking storage calls are refused outside init.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_nonblocking_module_is_bounded_and_stalls_no_other_listener() {
+    let dir = module_tempdir();
+    let so = build(dir.path(), "c/nonblocking.c", "nonblocking.so", &[]);
+    let p = valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}]\nmodule_timeout = \"500ms\"\nquarantine_after = 100\n\
+             [[listener]]\nname = \"nb\"\naddress = \"127.0.0.1:0\"\nmodules = [\"nonblocking\"]\non_error = \"defer\"\n\
+             [[listener]]\nname = \"empty\"\naddress = \"127.0.0.1:0\"\n",
+            so.display().to_string()
+        ),
+        &[],
+    );
+    let addrs = p.addrs();
+    let (nb, empty) = (addrs[0].clone(), addrs[1].clone());
+    let mut c = Client::connect(&nb).await;
+    assert_eq!(
+        c.ask(&postfix_request(&[])).await,
+        "action=ok nonblocking init_sql=0\n\n",
+        "init may use storage"
+    );
+    assert_eq!(
+        c.ask(&postfix_request(&[("x_sql", "1")])).await,
+        "action=ok sql=-2\n\n",
+        "a storage call from process is VLV_E_INVALID"
+    );
+    let t = std::time::Instant::now();
+    let mut sleepers = Vec::new();
+    for _ in 0..4 {
+        let nb = nb.clone();
+        sleepers.push(tokio::spawn(async move {
+            let mut c = Client::connect(&nb).await;
+            let a = c.ask(&postfix_request(&[("x_sleep", "1")])).await;
+            (a, t.elapsed())
+        }));
+    }
+    // Meanwhile the other listener answers at once, again and again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut worst = Duration::ZERO;
+    while t.elapsed() < Duration::from_millis(400) {
+        let s = std::time::Instant::now();
+        let mut c = Client::connect(&empty).await;
+        assert_eq!(c.ask(&postfix_request(&[])).await, "action=dunno\n\n");
+        worst = worst.max(s.elapsed());
+    }
+    assert!(
+        worst < Duration::from_millis(250),
+        "the empty chain took {worst:?} while the module slept"
+    );
+    for s in sleepers {
+        let (a, took) = s.await.unwrap();
+        assert_eq!(a, "action=defer Policy service error, try again later\n\n");
+        assert!(
+            took < Duration::from_millis(1500),
+            "a sleeping call was answered after {took:?} (timeout 500 ms)"
+        );
+    }
+}
+
+/// A VLV_FLAG_SERIALIZE module whose call hung holds its lock for good: SIGTERM still
+/// stops the daemon (close is skipped, and the log says why), instead of waiting for
+/// ever.
+#[test]
+fn shutdown_never_waits_for_a_hung_serialized_call() {
+    let dir = module_tempdir();
+    let so = build(dir.path(), "c/hang.c", "hang.so", &["HANG_SERIALIZE"]);
+    let mut p = valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}]\nmodule_timeout = \"300ms\"\nshutdown_grace = \"1s\"\n\
+             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"hang\"]\non_error = \"defer\"\n",
+            so.display().to_string()
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = Client::connect(&addr).await;
+        assert_eq!(
+            c.ask(&postfix_request(&[("x_hang", "1")])).await,
+            "action=defer Policy service error, try again later\n\n"
+        );
+    });
+    let t = std::time::Instant::now();
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = p.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "{st}\n{}", p.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        p.log().contains("close skipped"),
+        "the log says why close did not run:\n{}",
+        p.log()
+    );
+}

@@ -308,7 +308,8 @@ async fn systemd_readiness_comes_from_the_master_once_the_worker_serves() {
     let sock_dir = tempfile::tempdir().unwrap();
     let sock_path = sock_dir.path().join("notify");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let p = Proc::spawn_env(
         &config(&so, ""),
         &[],
@@ -329,7 +330,12 @@ async fn systemd_readiness_comes_from_the_master_once_the_worker_serves() {
     );
     let (crashy, healthy) = listeners(&p);
     crash_it(&crashy, "crash@example.com").await;
-    let _ = answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(10)).await;
+    let _ = answer_soon(
+        &healthy,
+        &sender("bob@example.com"),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(p.wait_for_count("worker ready", 2, Duration::from_secs(10)));
     sock.set_nonblocking(true).unwrap();
     assert!(

@@ -152,7 +152,8 @@ pub trait Handler: Send + Sync + 'static {
     fn version(&self) -> &str {
         ""
     }
-    /// Run `handle` inline on the event loop (no blocking pool hand-off).
+    /// The module declared `VLV_FLAG_NONBLOCKING`: it promises its calls never block
+    /// (they run on its threads under the timeout all the same, see `call`).
     fn nonblocking(&self) -> bool {
         false
     }
@@ -191,9 +192,6 @@ pub struct Disabled {
 impl Handler for Disabled {
     fn name(&self) -> &str {
         &self.name
-    }
-    fn nonblocking(&self) -> bool {
-        true
     }
     fn handle(&self, _req: &Request) -> Result<Option<Reply>, HandlerError> {
         Err(HandlerError::Disabled(self.why.clone()))
@@ -314,11 +312,13 @@ impl std::fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     pub fn new(handler: Arc<dyn Handler>, settings: DispatchSettings) -> Arc<Self> {
-        let pool = if handler.nonblocking() {
-            Pool::new(handler.name(), 1)
+        // A disabled module is never called: no threads for it.
+        let threads = if handler.disabled().is_some() {
+            0
         } else {
-            Pool::new(handler.name(), settings.threads)
+            settings.threads
         };
+        let pool = Pool::new(handler.name(), threads);
         Arc::new(Dispatcher {
             handler,
             pool,
@@ -370,6 +370,11 @@ impl Dispatcher {
 
     /// Calls the module for one request.
     pub async fn call(&self, req: &Arc<Request>) -> Result<Option<Reply>, HandlerError> {
+        if let Some(why) = self.handler.disabled() {
+            self.stats.calls.fetch_add(1, Ordering::Relaxed);
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(HandlerError::Disabled(why.to_owned()));
+        }
         if self.is_quarantined() {
             return Err(HandlerError::Quarantined);
         }
@@ -398,12 +403,11 @@ impl Dispatcher {
                 Err(HandlerError::Blocking) => self.call_blocking(req, settings.timeout).await,
                 r => Self::judged(r, &watch),
             }
-        } else if self.handler.nonblocking() {
-            match catch_unwind(AssertUnwindSafe(|| self.handler.handle(req))) {
-                Ok(r) => r,
-                Err(p) => Err(HandlerError::Panicked(valvula_store::sync::panic_text(&*p))),
-            }
         } else {
+            // NONBLOCKING modules too: a module that broke that promise (it slept, it
+            // hung) once held a runtime thread past its timeout and stalled every
+            // listener. On the module's own threads the timeout bounds the call and
+            // only the module's requests wait.
             self.call_blocking(req, settings.timeout).await
         };
         let us = started.elapsed().as_micros() as u64;

@@ -49,6 +49,8 @@ pub(crate) struct ModuleCtx {
     pub(crate) clock: Clock,
     /// Storage errors of this module, logged at most once a second.
     pub(crate) storage_log: valvula_store::RateLog,
+    /// VLV_FLAG_NONBLOCKING: blocking storage calls are refused outside init.
+    pub(crate) nonblocking: bool,
 }
 
 /// A storage call submitted during a `process_poll` (ABI 0.5): it writes its answer

@@ -55,6 +55,11 @@ pub fn running<R>(name: &str, hook: &'static str, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The hook of the module call running on this thread ("" outside any).
+pub fn current_hook() -> &'static str {
+    CURRENT.with(Cell::get).hook
+}
+
 const FATAL: [libc::c_int; 5] = [
     libc::SIGSEGV,
     libc::SIGBUS,

@@ -224,6 +224,7 @@ impl Opened {
             store: services.store.clone(),
             clock: services.clock.clone(),
             storage_log: valvula_store::RateLog::default(),
+            nonblocking: self.def.flags & abi::VLV_FLAG_NONBLOCKING != 0,
         }));
         let ctx_ptr = (ctx as *const ModuleCtx)
             .cast_mut()
@@ -252,6 +253,9 @@ impl Opened {
         })
     }
 }
+
+/// How long `close` waits for a VLV_FLAG_SERIALIZE module's lock.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An initialised module.
 pub struct LoadedModule {
@@ -477,7 +481,35 @@ impl Handler for LoadedModule {
         // Waits for a poll under way (they never block), and keeps any later one out.
         *self.closed.write_now() = true;
         if let Some(close) = self.opened.def.close {
-            let _g = self.lock();
+            // SERIALIZE: a call that hung past its timeout holds the lock for good, and
+            // waiting for it would hang the shutdown. Waited for a while, then close is
+            // skipped (the module's memory goes with the process).
+            let _g = match &self.serialize {
+                None => None,
+                Some(m) => {
+                    let end = std::time::Instant::now() + CLOSE_WAIT;
+                    loop {
+                        match m.try_lock() {
+                            Ok(g) => break Some(g),
+                            Err(std::sync::TryLockError::Poisoned(p)) => {
+                                break Some(p.into_inner());
+                            }
+                            Err(std::sync::TryLockError::WouldBlock)
+                                if std::time::Instant::now() < end =>
+                            {
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                            }
+                            Err(std::sync::TryLockError::WouldBlock) => {
+                                tracing::warn!(
+                                    module = %self.ctx.name,
+                                    "close skipped: a call still running (past its timeout) holds the module's VLV_FLAG_SERIALIZE lock"
+                                );
+                                return;
+                            }
+                        }
+                    }
+                }
+            };
             // SAFETY: called once (the dispatcher guards it), after which no hook runs.
             super::crash::running(&self.ctx.name, "close", || unsafe {
                 close(self.state as *mut c_void)

@@ -72,6 +72,18 @@ fn with_store(
         let Some(ctx) = module_ctx(ctx) else {
             return abi::VLV_E_INVALID;
         };
+        // The module promised never to block (VLV_FLAG_NONBLOCKING); a storage call
+        // waits for the database. Its init may: no request waits on it.
+        if ctx.nonblocking && super::crash::current_hook() != "init" {
+            if ctx.storage_log.allow().is_some() {
+                tracing::warn!(
+                    module = %ctx.name,
+                    hook = super::crash::current_hook(),
+                    "storage call refused (VLV_E_INVALID): the module is VLV_FLAG_NONBLOCKING, and storage calls block; only its init may make them"
+                );
+            }
+            return abi::VLV_E_INVALID;
+        }
         let Some(store) = ctx.store.as_deref() else {
             if ctx.storage_log.allow().is_some() {
                 tracing::warn!(module = %ctx.name, "storage call, but no storage is configured");
