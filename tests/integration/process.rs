@@ -1239,3 +1239,133 @@ async fn refusals_by_network_are_logged_once_a_second() {
     let status = admin_status(&p.dir.path().join("admin.sock"));
     assert!(status.contains("\"listeners\""), "status: {status}");
 }
+
+/// The modules both shipped modules, ready to create their tables.
+fn both_modules(storage: &str) -> String {
+    format!(
+        "[server]\nmodule_dirs = [{:?}]\n\
+         [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-ticket\", \"mod-ratelimit\"]\n\
+         [module.mod-ratelimit]\n[[module.mod-ratelimit.policy]]\nname = \"p\"\nkey = \"sasl_user\"\n\
+         default = {{ limits = [[\"hour\", 10]] }}\n{storage}",
+        module_path("mod_test")
+            .parent()
+            .unwrap()
+            .display()
+            .to_string()
+    )
+}
+
+/// Every file under `dir` with its bytes, and its modification time unless it is
+/// SQLite's shared-memory index (`-shm`), which every reader writes its read marks to.
+fn files_of(dir: &std::path::Path) -> Vec<(String, Vec<u8>, Option<std::time::SystemTime>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let shm = name.ends_with("-shm");
+            let m = e.metadata().unwrap();
+            (
+                name,
+                if shm {
+                    Vec::new()
+                } else {
+                    std::fs::read(e.path()).unwrap()
+                },
+                (!shm).then(|| m.modified().unwrap()),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `valvulad -t` (and `-b`) write nothing: no SQLite file or directory is created, an
+/// existing file is left byte for byte as it was (its modules' init ran against a
+/// snapshot), and on MariaDB no table is created; the check still reports success.
+#[test]
+fn checks_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_dir = dir.path().join("state");
+    let cfg = both_modules(&format!(
+        "[storage]\npath = \"{}/valvula.db\"\n",
+        db_dir.display()
+    ));
+    let cfg_path = dir.path().join("valvulad.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(valvulad_bin())
+            .arg("-c")
+            .arg(&cfg_path)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    for args in [&["-t"][..], &["-b"]] {
+        let (code, out) = run(args);
+        assert_eq!(code, Some(0), "valvulad {args:?}: {out}");
+        assert!(
+            !db_dir.exists(),
+            "valvulad {args:?} created {}: {out}",
+            db_dir.display()
+        );
+    }
+    // A database a daemon made: the check leaves every byte of it.
+    let mut p = Proc::start(&cfg, &[]);
+    p.signal(Signal::SIGTERM);
+    assert!(
+        p.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        p.log()
+    );
+    std::fs::write(db_dir.join("marker"), "").unwrap();
+    let before = files_of(&db_dir);
+    std::thread::sleep(Duration::from_millis(20));
+    for args in [&["-t"][..], &["-b"]] {
+        let (code, out) = run(args);
+        assert_eq!(code, Some(0), "{out}");
+        let after = files_of(&db_dir);
+        let names = |v: &[(String, Vec<u8>, Option<std::time::SystemTime>)]| {
+            v.iter().map(|f| f.0.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&after),
+            names(&before),
+            "valvulad {args:?} added or removed files: {out}"
+        );
+        assert!(
+            after == before,
+            "valvulad {args:?} changed the database's files: {out}"
+        );
+    }
+
+    // MariaDB: a fresh database stays empty.
+    let db = valvula_tests::db::TestDb::new();
+    std::fs::write(
+        &cfg_path,
+        both_modules(&format!(
+            "[storage]\nbackend = \"mysql\"\nurl = \"{}\"\n",
+            db.url()
+        )),
+    )
+    .unwrap();
+    for args in [&["-t"][..], &["-b"]] {
+        let (code, out) = run(args);
+        assert_eq!(code, Some(0), "valvulad {args:?} on MariaDB: {out}");
+        let tables = db
+            .sql("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()");
+        assert_eq!(
+            tables.trim(),
+            "0",
+            "valvulad {args:?} created tables on MariaDB: {out}"
+        );
+    }
+}

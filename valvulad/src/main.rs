@@ -184,12 +184,8 @@ fn one_shot(args: &Args) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(format!("ERROR: {e}")),
     };
-    // A check writes nothing: it does not record this machine's zone in the database.
-    let storage = valvula_store::StorageConfig {
-        record_zone: false,
-        ..loaded.config.storage.clone()
-    };
-    let ok = Store::open(&storage, rt.handle().clone()).and_then(|s| s.ping());
+    // A check writes nothing: no database file, table or zone is created.
+    let ok = Store::open_check(&loaded.config.storage, rt.handle().clone()).and_then(|s| s.ping());
     match ok {
         Ok(()) => {
             println!("INFO: Database connection working OK");
@@ -266,9 +262,17 @@ fn run(args: Args, raw: Vec<String>, worker: bool) -> anyhow::Result<()> {
 /// either way: requests that need the database get the on-error action until it is back.
 async fn open_store(
     config: &Config,
+    check: bool,
 ) -> anyhow::Result<(Arc<Store>, Result<(), valvula_store::StoreError>)> {
-    let store = Store::open(&config.storage, tokio::runtime::Handle::current())
-        .with_context(|| format!("storage ({})", config.storage.describe()))?;
+    let rt = tokio::runtime::Handle::current();
+    // `-t` writes nothing: the modules' init runs against a snapshot (SQLite) or with
+    // its writes left unrun (MySQL).
+    let store = if check {
+        Store::open_check(&config.storage, rt)
+    } else {
+        Store::open(&config.storage, rt)
+    }
+    .with_context(|| format!("storage ({})", config.storage.describe()))?;
     let s = store.clone();
     let ping = tokio::task::spawn_blocking(move || s.ping()).await?;
     match &ping {
@@ -294,10 +298,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let first = config::load_file(&args.config)?;
-    let mut first_config = first.config.clone();
-    // `-t` checks; only a daemon records its zone in a database that has none.
-    first_config.storage.record_zone = !args.check;
-    let (store, ping) = open_store(&first_config).await?;
+    let (store, ping) = open_store(&first.config, args.check).await?;
     let link = valvulad::supervisor::worker::link();
     let mut services = host::Services::new(store.clone(), valvula_store::Clock::system());
     if let Some(l) = link {

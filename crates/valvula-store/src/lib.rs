@@ -269,6 +269,10 @@ pub struct Store {
     dialect: Dialect,
     zone: Zone,
     describe: String,
+    /// A check ([`Store::open_check`]): writes to a MySQL database are not run.
+    check: bool,
+    /// A check on SQLite: the private directory of the snapshot it runs on.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl std::fmt::Debug for Store {
@@ -410,7 +414,91 @@ impl Store {
             dialect,
             zone: config.zone,
             describe: config.describe(),
+            check: false,
+            _scratch: None,
         }))
+    }
+
+    /// Opens the configured backend for a check (`valvulad -t`, `-b`) that must write
+    /// nothing: SQLite runs on a private snapshot of the database file (an empty one
+    /// when there is no file yet), so modules' schema statements are really tried; on
+    /// MySQL the host's tables are looked at, not created, and statements other than
+    /// queries are logged and not run.
+    pub fn open_check(
+        config: &StorageConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<Store>> {
+        let config = StorageConfig {
+            record_zone: false,
+            ..config.clone()
+        };
+        match &config.backend {
+            Backend::Sqlite {
+                path,
+                synchronous_full,
+            } => {
+                let scratch = tempfile::Builder::new()
+                    .prefix("valvulad-check")
+                    .tempdir()
+                    .map_err(|e| StoreError::Unavailable(format!("a scratch directory: {e}")))?;
+                let copy = scratch.path().join("check.db");
+                if path.exists() {
+                    sqlite::snapshot(path, &copy)?;
+                } else {
+                    tracing::info!(target: LOG_TARGET,
+                        "{} does not exist yet: checked against an empty database (valvulad creates it at its first start)",
+                        path.display()
+                    );
+                }
+                let engine = sqlite::Sqlite::open(
+                    copy,
+                    *synchronous_full,
+                    config.zone,
+                    config.timeout,
+                    false,
+                );
+                Ok(Arc::new(Store {
+                    engine: Box::new(engine),
+                    dialect: Dialect::Sqlite,
+                    zone: config.zone,
+                    describe: config.describe(),
+                    check: true,
+                    _scratch: Some(scratch),
+                }))
+            }
+            Backend::Mysql {
+                url,
+                password,
+                pool_size,
+            } => Ok(Arc::new(Store {
+                engine: Box::new(mysql::Mysql::open_check(
+                    url,
+                    password.clone(),
+                    *pool_size,
+                    config.zone,
+                    config.timeout,
+                    runtime,
+                )?),
+                dialect: Dialect::Mysql,
+                zone: config.zone,
+                describe: config.describe(),
+                check: true,
+                _scratch: None,
+            })),
+        }
+    }
+
+    /// In a check on MySQL, whether `sql` is left unrun (anything but a query).
+    fn skipped_in_check(&self, sql: &str) -> bool {
+        if !self.check || self.dialect != Dialect::Mysql {
+            return false;
+        }
+        let head = sql.trim_start().get(..6).unwrap_or("").to_ascii_uppercase();
+        if head == "SELECT" || head.starts_with("SHOW") || head.starts_with("WITH") {
+            return false;
+        }
+        tracing::info!(target: LOG_TARGET, sql, "check: not run (a check writes nothing)");
+        true
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -434,6 +522,9 @@ impl Store {
     pub fn exec(&self, stmt: Stmt) -> Result<Exec> {
         check_sql(&stmt.sql)?;
         tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "exec");
+        if self.skipped_in_check(&stmt.sql) {
+            return Ok(Exec::default());
+        }
         self.engine.exec(stmt)
     }
 
@@ -444,6 +535,9 @@ impl Store {
         }
         if stmts.is_empty() {
             return Ok(Vec::new());
+        }
+        if stmts.iter().any(|s| self.skipped_in_check(&s.sql)) {
+            return Ok(vec![Exec::default(); stmts.len()]);
         }
         self.engine.batch(stmts)
     }
@@ -461,6 +555,9 @@ impl Store {
             return Err(StoreError::Invalid(
                 "exec_once takes an INSERT, UPDATE, DELETE or REPLACE statement".into(),
             ));
+        }
+        if self.skipped_in_check(&stmt.sql) {
+            return Ok(Some(Exec::default()));
         }
         self.engine.exec_once(ns, &token, stmt, now)
     }

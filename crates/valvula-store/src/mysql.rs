@@ -115,6 +115,8 @@ struct Shared {
     prepare_error: Mutex<Option<StoreError>>,
     /// Record this daemon's zone in a database that has none (not for tools).
     record_zone: bool,
+    /// A check: the host's tables are looked at, not created (nor their index).
+    check: bool,
     outage: Outage,
     probing: AtomicBool,
     timeout: Duration,
@@ -669,6 +671,22 @@ impl Shared {
                 ))
             })?
             .map_err(err)?;
+        if self.check {
+            // The zone stored by a daemon, if any daemon created the tables yet.
+            let stored: Option<String> = conn
+                .exec_first("SELECT value FROM vlv_meta WHERE name = ?", ("time_zone",))
+                .await
+                .unwrap_or_default();
+            if stored.is_none() {
+                tracing::info!(target: crate::LOG_TARGET,
+                    "no valvula tables in this database yet: valvulad creates them at its first start"
+                );
+            }
+            super::agree_on_zone(stored.as_deref(), self.zone)?;
+            self.schema_ready.store(true, Ordering::Release);
+            self.index_ready.store(true, Ordering::Release);
+            return Ok(());
+        }
         if !self.schema_ready.load(Ordering::Acquire) {
             for stmt in schema_statements(HOST_SCHEMA) {
                 conn.query_drop(stmt).await.map_err(err)?;
@@ -1035,6 +1053,43 @@ impl Mysql {
         record_zone: bool,
         runtime: tokio::runtime::Handle,
     ) -> Result<Mysql> {
+        Self::open_with(
+            url,
+            password,
+            pool_size,
+            zone,
+            timeout,
+            record_zone,
+            false,
+            runtime,
+        )
+    }
+
+    /// For a check: the host's tables are looked at, never created.
+    pub fn open_check(
+        url: &str,
+        password: Option<String>,
+        pool_size: usize,
+        zone: Zone,
+        timeout: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Mysql> {
+        Self::open_with(
+            url, password, pool_size, zone, timeout, false, true, runtime,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_with(
+        url: &str,
+        password: Option<String>,
+        pool_size: usize,
+        zone: Zone,
+        timeout: Duration,
+        record_zone: bool,
+        check: bool,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Mysql> {
         let opts =
             Opts::from_url(url).map_err(|e| StoreError::Invalid(format!("storage.url: {e}")))?;
         let constraints = PoolConstraints::new(0, pool_size.max(1))
@@ -1087,6 +1142,7 @@ impl Mysql {
             index_ready: AtomicBool::new(false),
             prepare_error: Mutex::new(None),
             record_zone,
+            check,
             outage: Outage::new(&describe),
             probing: AtomicBool::new(false),
             timeout,

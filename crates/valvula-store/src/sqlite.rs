@@ -7,7 +7,7 @@
 //! charge is durable. `BEGIN IMMEDIATE` also serialises writers of other processes on
 //! the same file, so two daemons on one SQLite file stay exact.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -609,6 +609,19 @@ fn run_batch(w: &mut Writer, jobs: Vec<Job>, inline: bool) -> Option<Vec<Job>> {
 /// requests) that long. (On the benchmark machine a COMMIT of 40 charges takes 0.5 to
 /// 5 ms.)
 const LEAD_INLINE_UNDER: Duration = Duration::from_millis(10);
+
+/// Copies the database at `from` into a new file `to` (SQLite's online backup: a
+/// consistent snapshot while a daemon writes), opening `from` read-only.
+pub fn snapshot(from: &Path, to: &Path) -> Result<()> {
+    let src = Connection::open_with_flags(
+        from,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Unavailable(format!("{}: {e}", from.display())))?;
+    src.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+    src.backup(rusqlite::MAIN_DB, to, None)
+        .map_err(|e| StoreError::Unavailable(format!("a snapshot of {}: {e}", from.display())))
+}
 
 impl Sqlite {
     pub fn open(
