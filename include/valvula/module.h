@@ -341,11 +341,26 @@ typedef struct vlv_host_api {
      *
      * Every storage call blocks until the database answered; call them from
      * init, process, reconf or tick. A VLV_FLAG_NONBLOCKING module may call
-     * them from init only (elsewhere: VLV_E_INVALID). Errors: VLV_E_UNAVAILABLE when the database is down
-     * (the daemon retries it with backoff), VLV_E_INVALID for a bad call,
-     * VLV_E_FAILED for a failing statement; the host logs the details.
+     * them from init only (elsewhere: VLV_E_INVALID). Errors:
+     * VLV_E_UNAVAILABLE when the database is down (the daemon retries it with
+     * backoff), VLV_E_INVALID for a bad call, VLV_E_FAILED for a failing
+     * statement; the host logs the details.
      * SQL text may not contain quoted literals (' or "): every value goes in
-     * as a `?` parameter, so no request value is ever part of SQL text. */
+     * as a `?` parameter, so no request value is ever part of SQL text. Schema
+     * statements (CREATE, ALTER) may quote: `note VARCHAR(20) DEFAULT ''`.
+     *
+     * TABLES: a table belongs to the first module that runs CREATE TABLE for
+     * it (create yours, IF NOT EXISTS, in init). A statement that names
+     * another module's table, or any name starting with vlv_ (the host's
+     * counters and tokens), anywhere in its text, is refused (VLV_E_INVALID)
+     * before it reaches the database. Prefix your tables with your module's
+     * name.
+     *
+     * SCHEMA CHANGES: CREATE TABLE, CREATE INDEX, ALTER TABLE and DROP of your
+     * own tables are allowed on both databases, from init or tick (they may
+     * take long on a large table). On MySQL/MariaDB every schema statement
+     * commits at once: never put one in sql_batch or beside a charge, whose
+     * all-or-nothing it would break. */
 
     /* VLV_DIALECT_* of the configured database. */
     uint32_t (*sql_dialect)(vlv_module_ctx *ctx);

@@ -1276,3 +1276,87 @@ fn shutdown_never_waits_for_a_hung_serialized_call() {
         p.log()
     );
 }
+
+/// Each module has its own tables: another module's table or the host's (`vlv_...`)
+/// is refused (VLV_E_INVALID) whatever the statement, on both backends; a module's DDL
+/// may quote (`DEFAULT ''`).
+#[test]
+fn a_module_cannot_name_another_modules_tables_or_the_hosts() {
+    let dir = module_tempdir();
+    let a = build(
+        dir.path(),
+        "c/sqlns.c",
+        "sqlns_a.so",
+        &["MODNAME=\"sqlns_a\""],
+    );
+    let b = build(
+        dir.path(),
+        "c/sqlns.c",
+        "sqlns_b.so",
+        &["MODNAME=\"sqlns_b\""],
+    );
+    let db = valvula_tests::db::TestDb::new();
+    for storage in [
+        String::new(),
+        format!("[storage]\nbackend = \"mysql\"\nurl = \"{}\"\n", db.url()),
+    ] {
+        let p = valvula_tests::daemon::Proc::start(
+            &format!(
+                "[server]\nmodules = [{:?}, {:?}]\n\
+                 [[listener]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nmodules = [\"sqlns_a\"]\n\
+                 [[listener]]\nname = \"b\"\naddress = \"127.0.0.1:0\"\nmodules = [\"sqlns_b\"]\n{storage}",
+                a.display().to_string(),
+                b.display().to_string()
+            ),
+            &[],
+        );
+        let addrs = p.addrs();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ask = |addr: &str, sql: &str| {
+            let (addr, sql) = (addr.to_owned(), sql.to_owned());
+            rt.block_on(async move {
+                let mut c = Client::connect(&addr).await;
+                c.ask(&postfix_request(&[("x_sql", &sql)])).await
+            })
+        };
+        let (la, lb) = (&addrs[0], &addrs[1]);
+        for (addr, sql, status) in [
+            (la, "INSERT INTO sqlns_a_t (id) VALUES (1)", 0),
+            (lb, "INSERT INTO sqlns_b_t (id) VALUES (2)", 0),
+            (lb, "DROP TABLE sqlns_a_t", -2),
+            (lb, "DELETE FROM SQLNS_A_T", -2),
+            (
+                lb,
+                "UPDATE sqlns_b_t SET id = (SELECT MAX(id) FROM sqlns_a_t)",
+                -2,
+            ),
+            (la, "DELETE FROM sqlns_b_t", -2),
+            (lb, "DELETE FROM vlv_counter", -2),
+            (la, "DROP TABLE vlv_meta", -2),
+            (la, "INSERT INTO sqlns_a_t (id) VALUES (3)", 0),
+        ] {
+            assert_eq!(
+                ask(addr, sql),
+                format!("action=ok init=0 status={status}\n\n"),
+                "{sql} ({}):\n{}",
+                if storage.is_empty() {
+                    "SQLite"
+                } else {
+                    "MariaDB"
+                },
+                p.log()
+            );
+        }
+        assert!(
+            p.log()
+                .contains("table sqlns_a_t belongs to module sqlns_a"),
+            "the log says why:\n{}",
+            p.log()
+        );
+    }
+    assert_eq!(
+        db.sql("SELECT COUNT(*) FROM sqlns_a_t").trim(),
+        "2",
+        "module a's table is whole"
+    );
+}

@@ -153,7 +153,7 @@ fn hint(e: valvula_store::StoreError) -> anyhow::Error {
     let m = e.to_string();
     if m.contains("no such table") || m.contains("doesn't exist") {
         anyhow::anyhow!(
-            "{m}: the module's tables are made when valvulad first runs it (valvulad -t does too)"
+            "{m}: the module's tables are made when valvulad first runs it (start valvulad once)"
         )
     } else {
         anyhow::anyhow!(m)

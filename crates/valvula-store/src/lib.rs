@@ -299,8 +299,21 @@ pub const EXPIRE_BATCH: usize = 500;
 
 /// Refuses SQL text with quoted literals: values go in as parameters, always. (Quoted
 /// identifiers use backticks, which stay allowed.)
+/// CREATE or ALTER: a schema statement.
+fn is_ddl(sql: &str) -> bool {
+    let head: String = sql
+        .trim_start()
+        .chars()
+        .take(6)
+        .collect::<String>()
+        .to_ascii_uppercase();
+    head == "CREATE" || head == "ALTER "
+}
+
 fn check_sql(sql: &str) -> Result<()> {
-    if sql.contains('\'') || sql.contains('"') {
+    // Schema statements may quote (a column's DEFAULT '', a COMMENT): they carry no
+    // request value, and a table definition cannot take `?` parameters.
+    if (sql.contains('\'') || sql.contains('"')) && !is_ddl(sql) {
         return Err(StoreError::Invalid(
             "SQL text contains a quoted literal; pass values as ? parameters".into(),
         ));

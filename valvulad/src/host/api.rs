@@ -51,6 +51,8 @@ pub(crate) struct ModuleCtx {
     pub(crate) storage_log: valvula_store::RateLog,
     /// VLV_FLAG_NONBLOCKING: blocking storage calls are refused outside init.
     pub(crate) nonblocking: bool,
+    /// Statements already found to name only tables the module may.
+    pub(crate) approved: RwLock<super::namespace::Approved>,
 }
 
 /// A storage call submitted during a `process_poll` (ABI 0.5): it writes its answer

@@ -225,6 +225,7 @@ impl Opened {
             clock: services.clock.clone(),
             storage_log: valvula_store::RateLog::default(),
             nonblocking: self.def.flags & abi::VLV_FLAG_NONBLOCKING != 0,
+            approved: RwLock::default(),
         }));
         let ctx_ptr = (ctx as *const ModuleCtx)
             .cast_mut()

@@ -10,6 +10,7 @@ pub mod crash;
 mod error;
 mod file;
 mod load;
+mod namespace;
 mod set;
 mod storage;
 mod table;

@@ -127,10 +127,13 @@ fn values_of(params: *const vlv_value, n: usize) -> Result<Vec<Value>, StoreErro
         .collect()
 }
 
-fn sql_text(sql: vlv_str) -> Result<String, StoreError> {
-    std::str::from_utf8(bytes_of(sql))
-        .map(str::to_owned)
-        .map_err(|_| StoreError::Invalid("SQL text is not UTF-8".into()))
+/// A module's SQL text: UTF-8, and naming only tables the module may (see
+/// [`super::namespace`]).
+fn sql_text(m: &ModuleCtx, sql: vlv_str) -> Result<String, StoreError> {
+    let text = std::str::from_utf8(bytes_of(sql))
+        .map_err(|_| StoreError::Invalid("SQL text is not UTF-8".into()))?;
+    super::namespace::check(&m.name, &m.approved, text)?;
+    Ok(text.to_owned())
 }
 
 pub(super) unsafe extern "C" fn host_sql_dialect(ctx: *mut vlv_module_ctx) -> u32 {
@@ -152,8 +155,8 @@ pub(super) unsafe extern "C" fn host_sql_exec(
     affected: *mut u64,
     last_insert_id: *mut i64,
 ) -> i32 {
-    with_store(ctx, |_, store| {
-        let r = store.exec(Stmt::new(sql_text(sql)?, values_of(params, n_params)?))?;
+    with_store(ctx, |m, store| {
+        let r = store.exec(Stmt::new(sql_text(m, sql)?, values_of(params, n_params)?))?;
         // SAFETY: optional out pointers of the module, checked for NULL.
         unsafe {
             if let Some(a) = affected.as_mut() {
@@ -181,7 +184,7 @@ pub(super) unsafe extern "C" fn host_sql_exec_once(
     with_store(ctx, |m, store| {
         let token = std::str::from_utf8(bytes_of(token))
             .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
-        let stmt = Stmt::new(sql_text(sql)?, values_of(params, n_params)?);
+        let stmt = Stmt::new(sql_text(m, sql)?, values_of(params, n_params)?);
         let r = store.exec_once(&m.name, token, stmt, m.clock.now())?;
         // SAFETY: optional out pointers of the module, checked for NULL.
         unsafe {
@@ -203,7 +206,12 @@ pub(super) unsafe extern "C" fn host_sql_exec_once(
 ///
 /// # Safety
 /// `stmts` is NULL or the module's array of `n` statements, valid during the call.
-unsafe fn stmts_of(stmts: *const vlv_stmt, n: usize, what: &str) -> Result<Vec<Stmt>, StoreError> {
+unsafe fn stmts_of(
+    m: &ModuleCtx,
+    stmts: *const vlv_stmt,
+    n: usize,
+    what: &str,
+) -> Result<Vec<Stmt>, StoreError> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -215,7 +223,7 @@ unsafe fn stmts_of(stmts: *const vlv_stmt, n: usize, what: &str) -> Result<Vec<S
     list.iter()
         .map(|s| {
             Ok(Stmt::new(
-                sql_text(s.sql)?,
+                sql_text(m, s.sql)?,
                 values_of(s.params, s.n_params)?,
             ))
         })
@@ -228,9 +236,9 @@ pub(super) unsafe extern "C" fn host_sql_batch(
     n: usize,
     affected: *mut u64,
 ) -> i32 {
-    with_store(ctx, |_, store| {
+    with_store(ctx, |m, store| {
         // SAFETY: the module passes an array of n statements it owns for the call.
-        let stmts = unsafe { stmts_of(stmts, n, "stmts") }?;
+        let stmts = unsafe { stmts_of(m, stmts, n, "stmts") }?;
         let r = store.batch(stmts)?;
         if !affected.is_null() {
             for (i, e) in r.iter().enumerate() {
@@ -254,11 +262,11 @@ pub(super) unsafe extern "C" fn host_sql_query(
     n_params: usize,
     rows: *mut *mut vlv_rows,
 ) -> i32 {
-    with_store(ctx, |_, store| {
+    with_store(ctx, |m, store| {
         if rows.is_null() {
             return Err(StoreError::Invalid("rows is NULL".into()));
         }
-        let r = store.query(Stmt::new(sql_text(sql)?, values_of(params, n_params)?))?;
+        let r = store.query(Stmt::new(sql_text(m, sql)?, values_of(params, n_params)?))?;
         let h = Box::into_raw(Box::new(RowsHandle { rows: r }));
         // SAFETY: rows was checked non-NULL; the module frees the handle with rows_free.
         unsafe { *rows = h.cast() };
@@ -731,7 +739,7 @@ pub(super) unsafe extern "C" fn host_consume_async(
     submit_async(ctx, req, status, |m, store| {
         // SAFETY: the module passes an array of n_then statements it owns, read (copied)
         // here, during the call.
-        let then_stmts = unsafe { stmts_of(then, n_then, "then") }?;
+        let then_stmts = unsafe { stmts_of(m, then, n_then, "then") }?;
         if flags & !abi::VLV_CONSUME_PEEK != 0 {
             return Err(StoreError::Invalid(format!("unknown flags {flags:#x}")));
         }
@@ -803,11 +811,11 @@ pub(super) unsafe extern "C" fn host_sql_query_async(
     rows: *mut *mut vlv_rows,
     status: *mut i32,
 ) -> i32 {
-    submit_async(ctx, req, status, |_, store| {
+    submit_async(ctx, req, status, |m, store| {
         if rows.is_null() {
             return Err(StoreError::Invalid("rows is NULL".into()));
         }
-        let f = store.query_async(Stmt::new(sql_text(sql)?, values_of(params, n_params)?));
+        let f = store.query_async(Stmt::new(sql_text(m, sql)?, values_of(params, n_params)?));
         let rows = Out(rows);
         Ok(Box::pin(async move {
             let r = f.await?;
@@ -836,7 +844,7 @@ pub(super) unsafe extern "C" fn host_sql_exec_async(
     submit_async(ctx, req, status, |m, store| {
         let token = std::str::from_utf8(bytes_of(token))
             .map_err(|_| StoreError::Invalid("token is not UTF-8".into()))?;
-        let stmt = Stmt::new(sql_text(sql)?, values_of(params, n_params)?);
+        let stmt = Stmt::new(sql_text(m, sql)?, values_of(params, n_params)?);
         let once = (!token.is_empty()).then_some((m.name.as_str(), token));
         let f = store.exec_async(stmt, once, m.clock.now());
         let (affected, last, repeated) = (Out(affected), Out(last_insert_id), Out(repeated));
