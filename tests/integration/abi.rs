@@ -1360,3 +1360,105 @@ fn a_module_cannot_name_another_modules_tables_or_the_hosts() {
         "module a's table is whole"
     );
 }
+
+/// A verdict the host refuses (a reply text with a newline, from a Rust module) is
+/// logged by the daemon with what was wrong with it, not only as a status number.
+#[test]
+fn a_refused_verdict_is_logged_with_its_reason() {
+    let p = valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}]\n[log]\nlevel = \"info\"\n\
+             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\non_error = \"defer\"\n",
+            module_path("mod_test").display().to_string()
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = Client::connect(&addr).await;
+        assert!(
+            c.ask(&postfix_request(&[("x_test_invalid", "1")]))
+                .await
+                .starts_with("action=defer")
+        );
+    });
+    assert!(
+        p.wait_for_log(
+            "module gave an invalid reply: reply text contains a CR, LF or NUL byte",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.log()
+    );
+}
+
+/// The Rust module template builds out of valvula's tree, as it is (only the path to
+/// the SDK changed, as its Cargo.toml says), and loads and answers through the daemon,
+/// reload included.
+#[test]
+fn the_rust_template_builds_out_of_tree_and_answers() {
+    let tmpl = repo_root().join("examples/rust/mod-template");
+    let work = valvula_tests::target_dir()
+        .parent()
+        .expect("target directory")
+        .join("template-test");
+    let _ = std::fs::remove_dir_all(work.join("src"));
+    std::fs::create_dir_all(work.join("src")).unwrap();
+    let manifest = std::fs::read_to_string(tmpl.join("Cargo.toml")).unwrap();
+    let sdk = repo_root().join("crates/valvula-module");
+    let edited = manifest.replace(
+        "path = \"../../../crates/valvula-module\"",
+        &format!("path = {:?}", sdk.display().to_string()),
+    );
+    assert_ne!(edited, manifest, "the template names the SDK's path");
+    std::fs::write(work.join("Cargo.toml"), edited).unwrap();
+    std::fs::copy(tmpl.join("src/lib.rs"), work.join("src/lib.rs")).unwrap();
+    // The versions valvula itself is tested with (and no registry needed).
+    std::fs::copy(repo_root().join("Cargo.lock"), work.join("Cargo.lock")).unwrap();
+    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet", "--offline"])
+        .current_dir(&work)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("run cargo");
+    assert!(
+        o.status.success(),
+        "the template does not build out of tree:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dir = module_tempdir();
+    let so = dir.path().join("mod-template.so");
+    std::fs::copy(work.join("target/debug/libmod_template.so"), &so).unwrap();
+    let p = valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}]\n\
+             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-template\"]\n\
+             [module.mod-template]\nblocked_senders = [\"Spammer@example.com\"]\ntext = \"go away\"\n",
+            so.display().to_string()
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ask = |sender: &str| {
+        let (addr, sender) = (addr.clone(), sender.to_owned());
+        rt.block_on(async move {
+            let mut c = Client::connect(&addr).await;
+            c.ask(&postfix_request(&[("sender", &sender)])).await
+        })
+    };
+    assert_eq!(ask("spammer@example.com"), "action=reject go away\n\n");
+    assert_eq!(ask("friend@example.com"), "action=dunno\n\n");
+    // A reload with a new list takes effect.
+    let cfg = std::fs::read_to_string(&p.config_path).unwrap();
+    std::fs::write(
+        &p.config_path,
+        cfg.replace("Spammer@example.com", "friend@example.com"),
+    )
+    .unwrap();
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(p.wait_for_log("configuration reloaded", Duration::from_secs(10)));
+    assert_eq!(ask("friend@example.com"), "action=reject go away\n\n");
+    assert_eq!(ask("spammer@example.com"), "action=dunno\n\n");
+}

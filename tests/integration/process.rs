@@ -1369,3 +1369,28 @@ fn checks_write_nothing() {
         );
     }
 }
+
+/// A module's configuration error names the key of its `[module.NAME]` section, as
+/// the operator wrote it, not a position in the JSON the section travels as.
+#[test]
+fn module_config_errors_name_the_toml_key() {
+    let mut p = Proc::spawn(
+        &base(
+            "\"mod-ratelimit\"",
+            "[module.mod-ratelimit]\n[[module.mod-ratelimit.policy]]\nname = \"p\"\nkey = \"sasl_user\"\n\
+             default = { limits = [[\"hour\", 10]] }\n\
+             [[module.mod-ratelimit.policy]]\nname = \"q\"\nkey = \"sasl_user\"\nmetric = 5\n",
+        ),
+        &["-t"],
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(20)).code(), Some(1));
+    let log = p.log();
+    assert!(
+        log.contains("key policy[1].metric: invalid type"),
+        "the error names the key:\n{log}"
+    );
+    assert!(
+        !log.contains(" column "),
+        "no position in a JSON text:\n{log}"
+    );
+}

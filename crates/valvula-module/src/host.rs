@@ -96,11 +96,14 @@ impl Host {
         }
     }
 
-    /// This module's whole configuration section, deserialised. A missing section reads
+    /// This module's whole configuration section, deserialised. An error names the key
+    /// in the section (`policy[0].limits`), as the operator wrote it in TOML; the JSON
+    /// the section travels as is never mentioned. A missing section reads
     /// as an empty table, so `#[serde(default)]` structs get their defaults.
     pub fn config<T: DeserializeOwned>(&self) -> Result<T, Error> {
         let text = self.config_raw("").unwrap_or_else(|| "{}".to_owned());
-        serde_json::from_str(&text).map_err(|e| format!("module configuration: {e}").into())
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| config_error(&e).into())
     }
 
     /// The host's clock in seconds since the epoch (tests move it; use it, not the
@@ -114,5 +117,61 @@ impl Host {
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0),
         }
+    }
+}
+
+/// A configuration error as the operator needs it: the key path in the module's TOML
+/// section and what is wrong, without serde_json's position in the JSON rendering.
+fn config_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let inner = e.inner().to_string();
+    // serde_json appends " at line L column C" (of the JSON text): meaningless here.
+    let what = match inner.rfind(" at line ") {
+        Some(i) if inner[i..].contains(" column ") => &inner[..i],
+        _ => &inner,
+    };
+    let path = e.path().to_string();
+    if path == "." || path.is_empty() {
+        format!("module configuration: {what}")
+    } else {
+        format!("module configuration, key {path}: {what}")
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Limit {
+        window: String,
+        count: u64,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Cfg {
+        #[serde(default)]
+        fail: bool,
+        #[serde(default)]
+        limits: Vec<Limit>,
+    }
+
+    fn err(json: &str) -> String {
+        let mut de = serde_json::Deserializer::from_str(json);
+        let e = serde_path_to_error::deserialize::<_, Cfg>(&mut de).unwrap_err();
+        super::config_error(&e)
+    }
+
+    #[test]
+    fn errors_name_the_toml_key_not_a_json_position() {
+        let e = err(r#"{"fail":"yes"}"#);
+        assert!(
+            e.starts_with("module configuration, key fail: invalid type"),
+            "{e}"
+        );
+        assert!(!e.contains("line") && !e.contains("column"), "{e}");
+        let e = err(r#"{"limits":[{"window":"hour","count":1},{"window":"day","count":-1}]}"#);
+        assert!(e.contains("key limits[1].count:"), "{e}");
+        let e = err(r#"{"typo":1}"#);
+        assert!(e.contains("unknown field `typo`"), "{e}");
     }
 }

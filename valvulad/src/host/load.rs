@@ -297,6 +297,11 @@ impl LoadedModule {
             ));
         }
         if status != abi::VLV_OK {
+            // The module's status for a verdict the host refused (VLV_E_INVALID from
+            // reply_set, passed on): the daemon's log says what was wrong with it.
+            if let Some(Err(e)) = reply {
+                return Err(HandlerError::InvalidReply(format!("{e} (status {status})")));
+            }
             return Err(HandlerError::Status(status));
         }
         match reply {
