@@ -1,5 +1,5 @@
 /*
- * valvula/module.h - the valvulad module ABI, version 0.4.
+ * valvula/module.h - the valvulad module ABI, version 1.0.
  *
  * A valvulad module is a shared object that exports ONE constant data symbol,
  * `vlv_module_v1`, of type `vlv_module_def`. valvulad checks that definition
@@ -18,8 +18,18 @@
  *  - Structs are append-only. Every struct starts with `struct_size`; a field
  *    added in a later minor version is present only when VLV_HAS() says so.
  *  - Compatibility: the host loads a module when its abi_major equals the
- *    host's and its abi_minor is not greater than the host's. During 0.x a new
- *    minor may append fields and host functions, never change existing ones.
+ *    host's and its abi_minor is not greater than the host's. 1.0 is the
+ *    layout of 0.5, frozen: modules built for 0.0 to 0.5 load on every 1.x
+ *    host too (they see a host table that says 0.5).
+ *  - What a minor (1.1, 1.2, ...) may do: append fields to the END of
+ *    vlv_host_api and vlv_module_def, add VLV_* constants, flags a host
+ *    ignores when unset, status codes returned only by new functions, and
+ *    new hooks a host calls only when set. It never changes, reorders or
+ *    removes a field, a constant's value, a function's signature or
+ *    meaning, or what an older module must provide. Anything else is a new
+ *    major. A module built against 1.m loads on every host 1.n with n >= m
+ *    (tests/fixtures/abi-1.0 keeps the 1.0 header, and a test loads a
+ *    module built against it into the current host).
  *  - Status codes: 0 (VLV_OK) is success; negative values are errors.
  *  - Calls never unwind across the boundary: C++ modules must catch
  *    exceptions, Rust modules must not panic out (the Rust SDK catches panics).
@@ -43,8 +53,8 @@ extern "C" {
  * ------------------------------------------------------------------------- */
 
 /* ABI version this header describes. */
-#define VLV_ABI_MAJOR 0
-#define VLV_ABI_MINOR 5
+#define VLV_ABI_MAJOR 1
+#define VLV_ABI_MINOR 0
 
 /* First field of vlv_module_def: the bytes "VLVM" read as a little-endian
  * uint32. Guards against loading a library that merely has the symbol. */

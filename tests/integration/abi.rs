@@ -189,10 +189,10 @@ fn each_load_error_is_specific() {
         "{t}"
     );
     let (e, t) = one("wrong_major");
-    let host = format!("ABI 0.{}", valvula_abi_minor());
-    assert!(matches!(e, LoadError::WrongMajor { major: 1, .. }), "{t}");
+    let host = format!("ABI 1.{}", valvula_abi_minor());
+    assert!(matches!(e, LoadError::WrongMajor { major: 2, .. }), "{t}");
     assert!(
-        t.contains("ABI 1.0") && t.contains(&host),
+        t.contains("ABI 2.0") && t.contains(&host),
         "both versions named: {t}"
     );
     let (e, t) = one("newer_minor");
@@ -200,7 +200,7 @@ fn each_load_error_is_specific() {
         matches!(e, LoadError::NewerMinor { minor, .. } if minor == valvula_abi_minor() + 1),
         "{t}"
     );
-    let module = format!("ABI 0.{}", valvula_abi_minor() + 1);
+    let module = format!("ABI 1.{}", valvula_abi_minor() + 1);
     assert!(
         t.contains(&module) && t.contains(&host),
         "both versions named: {t}"
@@ -1461,4 +1461,144 @@ fn the_rust_template_builds_out_of_tree_and_answers() {
     assert!(p.wait_for_log("configuration reloaded", Duration::from_secs(10)));
     assert_eq!(ask("friend@example.com"), "action=reject go away\n\n");
     assert_eq!(ask("spammer@example.com"), "action=dunno\n\n");
+}
+
+/// The members of `typedef struct NAME { ... } NAME;` in a header, in order.
+fn struct_members(header: &str, name: &str) -> Vec<String> {
+    let start = header
+        .find(&format!("typedef struct {name} {{"))
+        .unwrap_or_else(|| panic!("no struct {name}"));
+    let body = &header[start..];
+    let end = body
+        .find(&format!("}} {name};"))
+        .unwrap_or_else(|| panic!("struct {name} not closed"));
+    // Drop comments, then take each declaration's name: `(*name)(` or the last word.
+    let mut text = String::new();
+    let mut rest = &body[..end];
+    while let Some(i) = rest.find("/*") {
+        text.push_str(&rest[..i]);
+        rest = &rest[i + rest[i..].find("*/").expect("comment closed") + 2..];
+    }
+    text.push_str(rest);
+    let body = &text[text.find('{').unwrap() + 1..];
+    body.split(';')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            if let Some(i) = d.find("(*") {
+                d[i + 2..d[i..].find(')').unwrap() + i].to_owned()
+            } else {
+                d.split_whitespace().last().unwrap().to_owned()
+            }
+        })
+        .collect()
+}
+
+/// `#define VLV_NAME value` lines of a header.
+fn defines(header: &str) -> Vec<(String, String)> {
+    header
+        .lines()
+        .filter_map(|l| l.strip_prefix("#define VLV_"))
+        .filter(|l| !l.contains('('))
+        .filter_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            Some((
+                n.to_owned(),
+                v.split("/*").next().unwrap().trim().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// ABI 1.0 is frozen: the current header only appended to the 1.0 header kept in
+/// tests/fixtures/abi-1.0 (same struct members in the same order, same constants),
+/// and modules built against that header (the C example, and a module on the
+/// completion API) load and answer on this host, whatever its minor.
+#[test]
+fn modules_built_against_the_frozen_1_0_header_load_on_this_host() {
+    let frozen_dir = fixture("abi-1.0");
+    let frozen = std::fs::read_to_string(frozen_dir.join("valvula/module.h")).unwrap();
+    let current = std::fs::read_to_string(repo_root().join("include/valvula/module.h")).unwrap();
+    for s in [
+        "vlv_host_api",
+        "vlv_module_def",
+        "vlv_value",
+        "vlv_window",
+        "vlv_charge",
+        "vlv_stmt",
+    ] {
+        let (old, new) = (struct_members(&frozen, s), struct_members(&current, s));
+        assert!(
+            new.len() >= old.len() && new[..old.len()] == old[..],
+            "{s} changed other than by appending:\n1.0: {old:?}\nnow: {new:?}"
+        );
+    }
+    let now: std::collections::HashMap<_, _> = defines(&current).into_iter().collect();
+    for (name, value) in defines(&frozen) {
+        if name == "ABI_MINOR" {
+            continue;
+        }
+        assert_eq!(now.get(&name), Some(&value), "VLV_{name} is {value} in 1.0");
+    }
+    assert_eq!(
+        now["ABI_MAJOR"], "1",
+        "a new major needs a new frozen header"
+    );
+
+    let dir = module_tempdir();
+    let example = dir.path().join("mod_example_1_0.so");
+    valvula_tests::cc_shared_against(
+        &frozen_dir,
+        &[&repo_root().join("examples/c/mod_example.c")],
+        &example,
+        &[],
+    );
+    let counter = dir.path().join("async_counter_1_0.so");
+    valvula_tests::cc_shared_against(
+        &frozen_dir,
+        &[&fixture("c/async_counter.c")],
+        &counter,
+        &["FIXTURE_LIMIT=2"],
+    );
+    let p = valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}, {:?}]\n\
+             [module.mod-example]\nblocked_sender = \"spammer@example.com\"\n\
+             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-example\", \"async-counter\"]\n",
+            example.display().to_string(),
+            counter.display().to_string()
+        ),
+        &[],
+    );
+    let addr = p.addrs()[0].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = Client::connect(&addr).await;
+        assert_eq!(
+            c.ask(&postfix_request(&[("sender", "spammer@example.com")]))
+                .await,
+            "action=reject sender blocked by mod-example\n\n"
+        );
+        let mut answers = Vec::new();
+        for i in 0..3 {
+            let instance = format!("compat-{i}");
+            answers.push(
+                c.ask(&postfix_request(&[
+                    ("sender", "a@x"),
+                    ("instance", &instance),
+                ]))
+                .await,
+            );
+        }
+        assert_eq!(
+            answers,
+            [
+                "action=dunno\n\n",
+                "action=dunno\n\n",
+                "action=reject limit reached\n\n"
+            ],
+            "{}",
+            p.log()
+        );
+    });
 }

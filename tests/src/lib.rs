@@ -95,6 +95,16 @@ pub fn cc_shared(sources: &[&Path], out: &Path, defines: &[&str]) {
     compile_shared("CC", "cc", &flags, sources, out);
 }
 
+/// Compiles C `sources` into a shared object `out` against the header in
+/// `include_dir` (an older, frozen header) instead of include/valvula/module.h.
+pub fn cc_shared_against(include_dir: &Path, sources: &[&Path], out: &Path, defines: &[&str]) {
+    let defines: Vec<String> = defines.iter().map(|d| format!("-D{d}")).collect();
+    let inc = format!("-I{}", include_dir.display());
+    let mut flags = vec!["-std=c99", inc.as_str()];
+    flags.extend(defines.iter().map(String::as_str));
+    compile_shared("CC", "cc", &flags, sources, out);
+}
+
 /// Compiles C++ `sources` into a shared object `out` against include/valvula/module.h,
 /// as the header tells a C++ author to (C++11, symbols hidden unless exported).
 pub fn cxx_shared(sources: &[&Path], out: &Path) {

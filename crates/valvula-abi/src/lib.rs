@@ -10,8 +10,11 @@
 use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 
-pub const VLV_ABI_MAJOR: u16 = 0;
-pub const VLV_ABI_MINOR: u16 = 5;
+pub const VLV_ABI_MAJOR: u16 = 1;
+pub const VLV_ABI_MINOR: u16 = 0;
+/// The last minor of ABI 0.x, whose layout 1.0 froze: modules built for 0.0 to this
+/// load on a 1.x host, and are shown a host table that says 0.5.
+pub const VLV_ABI_LEGACY_MINOR: u16 = 5;
 pub const VLV_ONCE_KEEP_SECONDS: i64 = 3_600;
 pub const VLV_MODULE_MAGIC: u32 = 0x4D56_4C56;
 /// `VLV_MODULE_SYMBOL`, NUL-terminated for dlsym.
@@ -384,16 +387,17 @@ unsafe impl Sync for vlv_host_api {}
 // SAFETY: see above; the table is plain data.
 unsafe impl Send for vlv_host_api {}
 
-/// Bytes of `vlv_module_def` a module built for ABI 0.`minor` must provide: the end of
-/// the last field that minor defines; `None` for a minor newer than this header, whose
-/// layout it cannot know.
-pub const fn module_def_min_size(minor: u16) -> Option<usize> {
-    match minor {
+/// Bytes of `vlv_module_def` a module built for ABI `major`.`minor` must provide: the
+/// end of the last field that version defines; `None` for a version this header does
+/// not know (a newer minor, another major), whose layout it cannot know.
+pub const fn module_def_min_size(major: u16, minor: u16) -> Option<usize> {
+    match (major, minor) {
         // 0.0 and 0.1 defined every field up to `tick`; 0.2 to 0.4 only added host
         // services, so the module definition kept that layout. A minor that adds a
         // hook adds an arm here ending at its last field.
-        0..=4 => Some(offset_of!(vlv_module_def, tick) + size_of::<usize>()),
-        5 => Some(offset_of!(vlv_module_def, process_drop) + size_of::<usize>()),
+        (0, 0..=4) => Some(offset_of!(vlv_module_def, tick) + size_of::<usize>()),
+        // 1.0 is 0.5's layout, frozen.
+        (0, 5) | (1, 0) => Some(offset_of!(vlv_module_def, process_drop) + size_of::<usize>()),
         _ => None,
     }
 }
@@ -467,8 +471,13 @@ const _: () = {
     assert!(offset_of!(vlv_module_def, process_poll) == 104);
     assert!(offset_of!(vlv_module_def, process_drop) == 112);
     assert!(size_of::<vlv_module_def>() == 120);
-    assert!(matches!(module_def_min_size(1), Some(104)));
-    assert!(matches!(module_def_min_size(4), Some(104)));
-    assert!(matches!(module_def_min_size(VLV_ABI_MINOR), Some(120)));
-    assert!(module_def_min_size(VLV_ABI_MINOR + 1).is_none());
+    assert!(matches!(module_def_min_size(0, 1), Some(104)));
+    assert!(matches!(module_def_min_size(0, 4), Some(104)));
+    assert!(matches!(module_def_min_size(0, 5), Some(120)));
+    assert!(matches!(
+        module_def_min_size(VLV_ABI_MAJOR, VLV_ABI_MINOR),
+        Some(120)
+    ));
+    assert!(module_def_min_size(VLV_ABI_MAJOR, VLV_ABI_MINOR + 1).is_none());
+    assert!(module_def_min_size(0, 6).is_none());
 };

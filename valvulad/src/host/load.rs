@@ -12,7 +12,7 @@ use crate::dispatch::{AsyncCall, CallWatch, Handler, HandlerError};
 use valvula_store::sync::{Unpoisoned, UnpoisonedRw};
 
 use super::api::*;
-use super::table::HOST_API;
+use super::table::{HOST_API, HOST_API_LEGACY};
 use super::{LoadError, Services, Trust, file};
 
 /// The file a module entry (`mod-ticket` or a path) refers to. Only finds it: every check
@@ -133,7 +133,9 @@ pub(super) fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened
         )
     };
     let (hmaj, hmin) = (abi::VLV_ABI_MAJOR, abi::VLV_ABI_MINOR);
-    if major != hmaj {
+    // 0.x modules up to 0.5 (the layout 1.0 froze) load as they are.
+    let legacy = major == 0 && minor <= abi::VLV_ABI_LEGACY_MINOR;
+    if major != hmaj && !legacy {
         return Err(LoadError::WrongMajor {
             path: p,
             major,
@@ -142,7 +144,7 @@ pub(super) fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened
             host_minor: hmin,
         });
     }
-    if minor > hmin {
+    if !legacy && minor > hmin {
         return Err(LoadError::NewerMinor {
             path: p,
             major,
@@ -152,7 +154,7 @@ pub(super) fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened
         });
     }
     // A minor newer than the host's was refused above.
-    let need = abi::module_def_min_size(minor).unwrap_or(usize::MAX);
+    let need = abi::module_def_min_size(major, minor).unwrap_or(usize::MAX);
     if (size as usize) < need {
         return Err(LoadError::ShortStruct {
             path: p,
@@ -232,10 +234,15 @@ impl Opened {
             .cast::<vlv_module_ctx>();
         let mut state: *mut c_void = std::ptr::null_mut();
         let init = self.def.init.expect("checked in open");
+        let api = if self.def.abi_major == 0 {
+            &HOST_API_LEGACY
+        } else {
+            &HOST_API
+        };
         // SAFETY: the definition passed every check of open(); HOST_API is static and
         // ctx is leaked, so both outlive the module as the header promises.
         let status = super::crash::running(&ctx.name, "init", || unsafe {
-            init(&HOST_API, ctx_ptr, &mut state)
+            init(api, ctx_ptr, &mut state)
         });
         if status != abi::VLV_OK {
             return Err(LoadError::InitFailed {
