@@ -36,6 +36,11 @@ install -m 0644 man/valvulad.toml.5 "$DESTDIR$PREFIX/share/man/man5/"
 install -m 0644 man/valvulad.8 man/valvula-ctl.8 "$DESTDIR$PREFIX/share/man/man8/"
 install -m 0644 README.md CHANGELOG.md ARCHITECTURE.md examples/c/mod_example.c "$DESTDIR$PREFIX/share/doc/valvula/"
 install -m 0644 etc/valvulad.toml "$DESTDIR$PREFIX/share/doc/valvula/valvulad.toml.development"
+# Monitoring: Prometheus alerting rules (with their unit tests) and a Grafana dashboard.
+d 0755 "$PREFIX/share/doc/valvula/prometheus"
+d 0755 "$PREFIX/share/doc/valvula/grafana"
+install -m 0644 dist/prometheus/valvulad-alerts.yml dist/prometheus/valvulad-alerts.test.yml "$DESTDIR$PREFIX/share/doc/valvula/prometheus/"
+install -m 0644 dist/grafana/valvulad-dashboard.json "$DESTDIR$PREFIX/share/doc/valvula/grafana/"
 if [ ! -e "$DESTDIR/etc/valvula/valvulad.toml" ]; then
     install -m 0640 dist/valvulad.toml "$DESTDIR/etc/valvula/valvulad.toml"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests need when it is missing: a C compiler, Postfix,
-# Dovecot (SASL for Postfix), MariaDB with Galera. Idempotent; needs root (apt-get) only when
+# Dovecot (SASL for Postfix), MariaDB with Galera, promtool (Prometheus). Idempotent; needs root (apt-get) only when
 # something is missing.
 set -euo pipefail
 
@@ -21,6 +21,8 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v curl >/dev/null || missing+=(curl)
 command -v tmux >/dev/null || missing+=(tmux)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
+# promtool checks the alerting rules and the dashboard's queries in dist/.
+command -v promtool >/dev/null || missing+=(prometheus)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test-deps: installing ${missing[*]}"

@@ -33,7 +33,7 @@ fn systemd_unit_verifies() {
 }
 
 /// Every file the install puts in place, relative to the root.
-pub const INSTALLED: [&str; 15] = [
+pub const INSTALLED: [&str; 18] = [
     "usr/sbin/valvulad",
     "usr/sbin/valvula-ctl",
     "usr/lib/valvulad/modules/mod-ticket.so",
@@ -46,6 +46,9 @@ pub const INSTALLED: [&str; 15] = [
     "usr/share/doc/valvula/README.md",
     "usr/share/doc/valvula/mod_example.c",
     "usr/share/doc/valvula/valvulad.toml.development",
+    "usr/share/doc/valvula/prometheus/valvulad-alerts.yml",
+    "usr/share/doc/valvula/prometheus/valvulad-alerts.test.yml",
+    "usr/share/doc/valvula/grafana/valvulad-dashboard.json",
     "etc/valvula/valvulad.toml",
     "lib/systemd/system/valvulad.service",
     "var/lib/valvula",
@@ -190,6 +193,10 @@ fn debian_package_contents() {
         "adduser",
         "postinst",
         "conffiles",
+        // valvula (C)'s packages own /usr/bin/valvulad, its init script and
+        // /usr/lib/valvulad/modules/mod-ticket.so, which this package ships too.
+        "Conflicts: valvulad-server, valvulad-mod-ticket",
+        "Replaces: valvulad-server, valvulad-mod-ticket",
     ] {
         assert!(
             info.contains(want),
@@ -228,4 +235,144 @@ fn debian_package_contents() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Runs promtool; its output when it fails.
+fn promtool(args: &[&str], dir: &Path) -> Result<String, String> {
+    let o = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/test-deps.sh installs it)");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.success() {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
+
+/// The `valvulad_*` metric names in a text.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("valvulad_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The monitoring in dist/: the alerting rules pass `promtool check rules` and their
+/// unit tests; every query of the Grafana dashboard is valid PromQL (checked as a
+/// recording rule by promtool); and every metric either of them names is one a running
+/// valvulad really exports, whose /metrics passes `promtool check metrics`.
+#[test]
+fn monitoring_rules_and_dashboard_match_the_metrics() {
+    let prom = repo_root().join("dist/prometheus");
+    promtool(&["check", "rules", "valvulad-alerts.yml"], &prom).unwrap_or_else(|e| panic!("{e}"));
+    promtool(&["test", "rules", "valvulad-alerts.test.yml"], &prom)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let text =
+        std::fs::read_to_string(repo_root().join("dist/grafana/valvulad-dashboard.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            exprs.push(t["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    // Grafana's variables, as Grafana would put them in.
+    let rules: Vec<String> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e
+                .replace("$__rate_interval", "5m")
+                .replace("$__range", "6h")
+                .replace("$instance", ".*");
+            format!(
+                "      - record: dashboard:query{i}\n        expr: {}\n",
+                serde_json::to_string(&e).unwrap()
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("dashboard.yml"),
+        format!(
+            "groups:\n  - name: dashboard\n    rules:\n{}",
+            rules.concat()
+        ),
+    )
+    .unwrap();
+    promtool(&["check", "rules", "dashboard.yml"], dir.path())
+        .unwrap_or_else(|e| panic!("a dashboard query is not valid PromQL: {e}"));
+
+    // What a running daemon exports (a module, so the per-module series are there).
+    let port = valvula_tests::free_port();
+    let p = valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodule_dirs = [{:?}]\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+             [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n",
+            valvula_tests::module_path("mod_test")
+                .parent()
+                .unwrap()
+                .display()
+                .to_string()
+        ),
+        &[],
+    );
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .expect("an HTTP answer")
+            .1
+            .to_owned()
+    };
+    std::fs::write(dir.path().join("metrics.txt"), &scrape).unwrap();
+    let lint = Command::new("sh")
+        .arg("-c")
+        .arg("promtool check metrics < metrics.txt")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    let exported: std::collections::BTreeSet<String> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(metric_names)
+        .collect();
+    let alerts = std::fs::read_to_string(prom.join("valvulad-alerts.yml")).unwrap();
+    for (what, used) in [
+        ("the alerting rules", metric_names(&alerts)),
+        ("the dashboard", metric_names(&exprs.join("\n"))),
+    ] {
+        let unknown: Vec<_> = used.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} name metrics valvulad does not export: {unknown:?}\n(exported: {exported:?})\n{}",
+            p.log()
+        );
+    }
 }

@@ -189,7 +189,7 @@ pub fn render(d: &Daemon) -> String {
     }
     let _ = writeln!(
         o,
-        "# HELP valvulad_uptime_seconds Seconds since the daemon started.\n# TYPE valvulad_uptime_seconds gauge\nvalvulad_uptime_seconds {}",
+        "# HELP valvulad_uptime_seconds Seconds since the worker started (a new one after a crash).\n# TYPE valvulad_uptime_seconds gauge\nvalvulad_uptime_seconds {}",
         d.uptime().as_secs()
     );
     o
