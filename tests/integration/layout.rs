@@ -245,3 +245,48 @@ fn valvula_ctl_does_not_depend_on_the_daemon() {
         assert!(deps.contains_key(needed), "valvula-ctl lacks {needed}");
     }
 }
+
+/// `unsafe` lives at the boundaries only: the ABI mirror and the SDK's trampolines,
+/// the daemon's module host (raw pointers from modules, the crash handler), and the
+/// descriptors a worker inherits from its master. Anywhere else it needs a reason
+/// good enough to add the file here.
+#[test]
+fn unsafe_only_at_the_boundaries() {
+    const ALLOWED: [&str; 11] = [
+        "crates/valvula-abi/src/lib.rs",
+        "crates/valvula-module/src/asynchronous.rs",
+        "crates/valvula-module/src/host.rs",
+        "crates/valvula-module/src/request.rs",
+        "crates/valvula-module/src/storage.rs",
+        "crates/valvula-module/src/trampolines.rs",
+        "valvulad/src/host/api.rs",
+        "valvulad/src/host/crash.rs",
+        "valvulad/src/host/load.rs",
+        "valvulad/src/host/storage.rs",
+        "valvulad/src/supervisor/fd.rs",
+    ];
+    let root = repo_root();
+    let mut found = Vec::new();
+    for dir in source_dirs() {
+        let mut files = Vec::new();
+        rust_files(&dir, &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let code = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            if ["unsafe {", "unsafe fn", "unsafe extern", "unsafe impl"]
+                .iter()
+                .any(|u| code.contains(u))
+            {
+                let rel = f.strip_prefix(&root).unwrap().display().to_string();
+                if !ALLOWED.contains(&rel.as_str()) {
+                    found.push(rel);
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "unsafe outside the boundaries: {found:?}");
+}
