@@ -193,7 +193,9 @@ typedef struct vlv_str {
  * but cannot stop the call; the module's state must stay valid for it until
  * it returns, even after close(). With VLV_FLAG_SERIALIZE nothing overlaps.
  * process_poll runs on the event loop and must never block (a poll that
- * blocks holds an event-loop thread and delays other requests).
+ * blocks holds an event-loop thread and delays other requests): the host
+ * logs a poll that took over 100 ms and from then on, until a restart, calls
+ * the module's process() on its own threads instead.
  * A module that crashes the process (a segmentation fault, an abort) kills
  * the worker: the master restarts it at once and names the module, and after
  * repeated crashes starts it disabled until the next reload (valvulad(8)). */

@@ -1602,3 +1602,39 @@ fn modules_built_against_the_frozen_1_0_header_load_on_this_host() {
         );
     });
 }
+
+/// A process_poll that blocks (300 ms, a module bug) is logged, and from then on that
+/// module's requests go to process() on its own threads under the module timeout: one
+/// stalled poll, not a stalled event loop for every request after it.
+#[test]
+fn a_blocking_poll_sends_the_module_to_its_threads() {
+    let AsyncCounter {
+        rt,
+        daemon: _daemon,
+        addrs: a,
+        ..
+    } = async_counter(2, &["FIXTURE_LIMIT=50"], |so, db| {
+        config_for(
+            &[so],
+            &["async-counter"],
+            &format!("[storage]\npath = {db:?}\n"),
+        )
+    });
+    rt.block_on(async {
+        let mut c = Client::connect(&a[0]).await;
+        let ask =
+            |s: &'static str, i: &'static str| postfix_request(&[("sender", s), ("instance", i)]);
+        assert_eq!(c.ask(&ask("a@x", "1")).await, "action=dunno\n\n", "polled");
+        assert_eq!(
+            c.ask(&ask("sleep@x", "2")).await,
+            "action=ok blocking\n\n",
+            "the blocking poll's own request"
+        );
+        // Every later request is decided by process(): this module's process() says so.
+        assert_eq!(
+            c.ask(&ask("a@x", "3")).await,
+            "action=ok blocking\n\n",
+            "process() on the module's threads"
+        );
+    });
+}

@@ -257,6 +257,7 @@ impl Opened {
             state: state as usize,
             serialize,
             closed: std::sync::Arc::new(RwLock::new(false)),
+            poll_blocked: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
             opened: self,
         })
     }
@@ -277,7 +278,14 @@ pub struct LoadedModule {
     /// still pending then (a request past the shutdown grace) is neither polled nor
     /// handed to `process_drop` again: no hook runs after `close`.
     closed: std::sync::Arc<RwLock<bool>>,
+    /// A `process_poll` call blocked the event loop (see [`POLL_BLOCKED`]): from then
+    /// on its requests go to `process` on the module's threads, under the timeout.
+    poll_blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// A `process_poll` call that runs this long has blocked an event-loop thread (and the
+/// requests of every listener queued behind it); polls are meant to take microseconds.
+const POLL_BLOCKED: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl LoadedModule {
     pub fn path(&self) -> &Path {
@@ -374,6 +382,10 @@ impl Handler for LoadedModule {
             // One call at a time: the worker threads and their lock, as before.
             return None;
         }
+        if self.poll_blocked.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let blocked = self.poll_blocked.clone();
         let abandon = Abandon {
             process_drop: self.opened.def.process_drop,
             name: &self.ctx.name,
@@ -395,6 +407,7 @@ impl Handler for LoadedModule {
                         return Err(HandlerError::Other("module is closed".into()));
                     }
                     let mut cp = abandon.call as *mut c_void;
+                    let started = std::time::Instant::now();
                     // SAFETY: state is what init returned; `call` lives across every poll
                     // of this request and is reached only through the host functions, on
                     // the thread running the poll; cp is the module's own call pointer.
@@ -405,6 +418,19 @@ impl Handler for LoadedModule {
                             &mut cp,
                         )
                     });
+                    let took = started.elapsed();
+                    if took > POLL_BLOCKED
+                        && !blocked.swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::error!(
+                            module = name,
+                            ms = took.as_millis() as u64,
+                            "process_poll blocked the event loop for {} ms (it must never block); \
+                             until the next restart this module's requests go to process() on its \
+                             own threads, under the module timeout",
+                            took.as_millis()
+                        );
+                    }
                     abandon.call = cp as usize;
                     status
                 };
