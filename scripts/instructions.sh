@@ -46,8 +46,11 @@ CFG
 
 measure() { # name port scenario
     local pid j n ir
-    # One process: the master does no work per request, and callgrind follows one.
-    valgrind --tool=callgrind --callgrind-out-file="$W/$1.out" "$V" --single-process -c "$W/$1.toml" 2>"$W/$1.vg" &
+    # One process: the master does no work per request, and callgrind follows one
+    # (builds before the master have no such flag, and need none).
+    local one=()
+    "$V" --help | grep -q -- --single-process && one=(--single-process)
+    valgrind --tool=callgrind --callgrind-out-file="$W/$1.out" "$V" "${one[@]}" -c "$W/$1.toml" 2>"$W/$1.vg" &
     pid=$!
     for _ in $(seq 1 120); do "$V" -c "$W/$1.toml" -p >/dev/null 2>&1 && break; sleep 0.5; done
     if [ "$1" = tk ]; then
