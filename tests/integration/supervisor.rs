@@ -198,6 +198,19 @@ async fn a_module_that_segfaults_on_one_sender_never_takes_the_service_down() {
         "the worker says so too:\n{}",
         p.log()
     );
+    let o = std::process::Command::new(valvula_tests::ctl_bin())
+        .arg("--config")
+        .arg(&p.config_path)
+        .arg("status")
+        .output()
+        .expect("valvula-ctl status");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("worker restarted 3 times")
+            && out.contains("Module: crash 1 DISABLED (crashed the worker 3 times"),
+        "valvula-ctl status shows it:\n{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // A reload enables it again, in the running worker.
     let worker = p.worker_pid();

@@ -51,12 +51,16 @@ pub fn status(config: &Path) -> anyhow::Result<()> {
         serde_json::from_str(&a).with_context(|| format!("unexpected answer {a:?}"))?;
     let up = v["uptime_s"].as_u64().unwrap_or(0);
     println!(
-        "valvulad pid {} up {}d {:02}:{:02}:{:02}",
+        "valvulad pid {} up {}d {:02}:{:02}:{:02}{}",
         v["pid"],
         up / 86_400,
         up / 3600 % 24,
         up / 60 % 60,
-        up % 60
+        up % 60,
+        match v["worker_restarts"].as_u64() {
+            Some(n) if n > 0 => format!(" (worker restarted {n} times: see the log)"),
+            _ => String::new(),
+        }
     );
     for l in v["listeners"].as_array().into_iter().flatten() {
         let mods: Vec<&str> = l["modules"]
@@ -75,15 +79,16 @@ pub fn status(config: &Path) -> anyhow::Result<()> {
     }
     for m in v["modules"].as_array().into_iter().flatten() {
         let lat = &m["latency_us"];
+        let state = match m["disabled"].as_str() {
+            Some(why) => format!(" DISABLED ({why}; a reload enables it)"),
+            None if m["quarantined"].as_bool() == Some(true) => " QUARANTINED".to_owned(),
+            None => String::new(),
+        };
         println!(
             "Module: {} {}{} requests={} answers={} failures={} timeouts={} latency_us min/avg/max={}/{}/{}",
             m["name"].as_str().unwrap_or(""),
             m["version"].as_str().unwrap_or(""),
-            if m["quarantined"].as_bool() == Some(true) {
-                " QUARANTINED"
-            } else {
-                ""
-            },
+            state,
             m["calls"],
             m["answers"],
             m["failures"],

@@ -186,12 +186,16 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Disabled {
     pub name: String,
+    pub version: String,
     pub why: String,
 }
 
 impl Handler for Disabled {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn version(&self) -> &str {
+        &self.version
     }
     fn handle(&self, _req: &Request) -> Result<Option<Reply>, HandlerError> {
         Err(HandlerError::Disabled(self.why.clone()))

@@ -159,6 +159,7 @@ impl ModuleSet {
                 );
                 let d = crate::dispatch::Disabled {
                     name: opened.name.clone(),
+                    version: opened.version.clone(),
                     why: why.clone(),
                 };
                 set.order.push(d.name.clone());
