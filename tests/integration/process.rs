@@ -409,6 +409,27 @@ async fn drops_privileges_after_binding() {
         .await,
         "action=ok used=2\n\n"
     );
+    // The worker changed user, which clears Linux's parent-death signal: it must still
+    // die with its master at once, not linger holding the ports.
+    let mut p = p;
+    let worker = p.worker_pid();
+    let addr = p.addrs()[0].clone();
+    p.signal(Signal::SIGKILL);
+    let _ = p.wait_exit(Duration::from_secs(10));
+    let gone = std::time::Instant::now();
+    while std::fs::read_to_string(format!("/proc/{worker}/stat"))
+        .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            gone.elapsed() < Duration::from_secs(2),
+            "the worker {worker} outlived its killed master"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "{addr} still accepts connections"
+    );
     // An unknown user is a configuration error with its key.
     let mut bad = Proc::spawn(
         "[server]\nuser = \"no-such-user-here\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n",
@@ -518,6 +539,22 @@ fn detach_and_pid_file() {
     // It serves as soon as --detach returned.
     let (code, out) = valvulad(&["-c", &cfg, "-p"]);
     assert_eq!(code, 0, "{out}");
+    // And answers requests, logging each to a stderr whose reader (the --detach
+    // parent) is gone: a log line that could not be written once lost the request.
+    for _ in 0..3 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender=a@b\n\n")
+            .unwrap();
+        let mut got = [0u8; 64];
+        let n = s.read(&mut got).unwrap_or(0);
+        assert_eq!(
+            String::from_utf8_lossy(&got[..n]),
+            "action=dunno\n\n",
+            "a detached daemon's answer"
+        );
+    }
     // A second daemon with the same pid file is refused.
     let (code, out) = valvulad(&["-c", &cfg, "--pid-file", &pids]);
     assert_eq!(code, 1, "{out}");

@@ -377,3 +377,109 @@ async fn a_module_that_crashes_in_init_is_disabled_and_the_service_starts() {
     let (a, _) = answer_soon(&crashy, &sender("bob@example.com"), Duration::from_secs(5)).await;
     assert_eq!(a, "action=defer Policy service error, try again later\n\n");
 }
+
+/// A worker started after a crash runs the configuration the dead one ran, not the file
+/// as it is now: an edit waiting for SIGHUP (here a broken file, then a renamed
+/// listener) must not take the listeners down with the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_crash_is_not_a_reload() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &[]);
+    let p = Proc::start(&config(&so, ""), &[]);
+    let (crashy, healthy) = listeners(&p);
+    let good = std::fs::read_to_string(&p.config_path).unwrap();
+    for (what, edited) in [
+        ("a broken file", good.replace("[[listener]]", "[[listener]]\naddress = 5\n")),
+        ("a renamed listener", good.replace("name = \"healthy\"", "name = \"healthy2\"")),
+    ] {
+        std::fs::write(&p.config_path, &edited).unwrap();
+        crash_it(&crashy, "crash@example.com").await;
+        let (a, took) =
+            answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(10)).await;
+        assert_eq!(a, "action=dunno\n\n", "after a crash with {what} on disk");
+        assert!(
+            took < Duration::from_secs(2),
+            "after a crash with {what} on disk the healthy listener took {took:?}:\n{}",
+            p.log()
+        );
+        let (a, _) =
+            answer_soon(&crashy, &sender("alice@example.com"), Duration::from_secs(10)).await;
+        assert_eq!(a, "action=ok crash-module\n\n", "{what}");
+    }
+    std::fs::write(&p.config_path, &good).unwrap();
+}
+
+/// Descriptors the worker inherited from the master (the listening sockets, its link
+/// to the master) are close-on-exec again: a program a module starts must not hold the
+/// ports open after valvulad is gone.
+#[test]
+fn a_workers_sockets_are_close_on_exec() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &[]);
+    let p = Proc::start(&config(&so, ""), &[]);
+    let w = p.worker_pid();
+    let mut sockets = 0;
+    for e in std::fs::read_dir(format!("/proc/{w}/fd")).unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        sockets += 1;
+        let n = e.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{w}/fdinfo/{n}")).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .expect("flags");
+        assert!(
+            flags & 0o2_000_000 != 0,
+            "socket descriptor {n} of the worker is inherited by the programs it starts ({info})"
+        );
+    }
+    assert!(sockets >= 3, "the worker's sockets: {sockets}");
+}
+
+/// SIGTERM: while a request finishes, new clients are refused at once (the master
+/// and the worker close their copies of the listening sockets first), not left
+/// waiting in a queue nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_refuses_new_clients_at_once() {
+    let dir = module_tempdir();
+    let hang = dir.path().join("hang.so");
+    cc_shared(&[&fixture("c/hang.c")], &hang, &[]);
+    let mut p = Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}]\nmodule_timeout = \"20s\"\nshutdown_grace = \"3s\"\n\
+             [[listener]]\nname = \"h\"\naddress = \"127.0.0.1:0\"\nmodules = [\"hang\"]\n\
+             [[listener]]\nname = \"other\"\naddress = \"127.0.0.1:0\"\n",
+            hang.display().to_string()
+        ),
+        &[],
+    );
+    let addrs = p.addrs();
+    let mut busy = Client::connect(&addrs[0]).await;
+    busy.send(&postfix_request(&[("x_hang", "1")])).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.signal(Signal::SIGTERM);
+    assert!(p.wait_for_log("shutting down", Duration::from_secs(5)));
+    let t = Instant::now();
+    let mut refused = false;
+    while t.elapsed() < Duration::from_secs(2) {
+        if tokio::net::TcpStream::connect(&addrs[1]).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused,
+        "a new client was not refused while the daemon stopped:\n{}",
+        p.log()
+    );
+    let _ = p.wait_exit(Duration::from_secs(30));
+}

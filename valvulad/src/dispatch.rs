@@ -552,6 +552,9 @@ impl Dispatcher {
 
     /// Runs `reconf` on the module's pool under the module timeout.
     pub async fn reconf(&self, section: toml::Table) -> Result<(), HandlerError> {
+        if self.disabled().is_some() {
+            return Ok(());
+        }
         let h = self.handler.clone();
         self.on_pool_plain(self.settings().timeout, move || h.reconf(&section))
             .await?
@@ -559,6 +562,10 @@ impl Dispatcher {
 
     /// Runs `tick` on the module's pool under the module timeout; failures are logged.
     pub async fn tick(&self, kinds: u32, now: i64) {
+        // A disabled module has no threads, and is called for nothing.
+        if self.disabled().is_some() {
+            return;
+        }
         let h = self.handler.clone();
         let timeout = self.settings().timeout;
         if let Err(e) = self

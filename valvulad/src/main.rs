@@ -197,9 +197,18 @@ fn one_shot(args: &Args) -> ExitCode {
     }
 }
 
+/// The configuration this process starts with: the file, or in a restarted worker the
+/// configuration the previous worker ran (a restart is not a reload).
+fn start_config(path: &std::path::Path) -> Result<config::Loaded, config::ConfigError> {
+    match valvulad::supervisor::worker::link().and_then(|l| l.start_config()) {
+        Some(text) => config::load_text(text, path),
+        None => config::load_file(path),
+    }
+}
+
 fn run(args: Args, raw: Vec<String>, worker: bool) -> anyhow::Result<()> {
     // Logging needs the config; a broken config is reported on stderr as is.
-    let pre = config::load_file(&args.config)?;
+    let pre = start_config(&args.config)?;
     let level = if args.debug {
         Some("debug")
     } else if args.debug_queries {
@@ -297,7 +306,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let first = config::load_file(&args.config)?;
+    let first = start_config(&args.config)?;
     let (store, ping) = open_store(&first.config, args.check).await?;
     let link = valvulad::supervisor::worker::link();
     let mut services = host::Services::new(store.clone(), valvula_store::Clock::system());
@@ -305,8 +314,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         services.disabled = Arc::new(l.disabled.clone());
     }
     let (path, s) = (args.config.clone(), services.clone());
-    let (config, modules, _) =
-        tokio::task::spawn_blocking(move || valvulad::server::load(&path, None, &s)).await??;
+    let text = link.and_then(|l| l.start_config()).map(str::to_owned);
+    let (config, modules, _) = tokio::task::spawn_blocking(move || {
+        valvulad::server::load_from(&path, text.as_deref(), None, &s)
+    })
+    .await??;
     if args.check {
         println!(
             "valvulad: {} is valid: {} listener(s), {} module(s) loaded and initialised",
@@ -375,10 +387,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }
         }
         valvulad::privileges::drop_to(&u, gid).context("cannot drop privileges")?;
+        if let Some(l) = link {
+            l.after_privilege_drop();
+        }
     }
     tracing::info!(config = %args.config.display(), pid = std::process::id(), "valvulad ready");
     match link {
-        Some(l) => l.ready(),
+        Some(l) => {
+            l.ready();
+            // The master tells the --detach parent, which then exits.
+            valvulad::process::quiet_after_detach();
+        }
         None => valvulad::process::notify_ready(),
     }
     let master_gone = async {

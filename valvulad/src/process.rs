@@ -124,6 +124,22 @@ pub fn become_detached() {
     let _ = nix::unistd::setsid();
 }
 
+/// A detached process, once its `--detach` parent has what it waited for: stdout and
+/// stderr (pipes to that parent, which has exited) go to /dev/null. Writing to them
+/// would fail with EPIPE, and a log line that cannot be written panics the logger.
+pub fn quiet_after_detach() {
+    if std::env::var_os(DETACHED_ENV).is_none() {
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        for fd in [1, 2] {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
+}
+
 /// Tells a `--detach` parent (through stdout) and systemd (`NOTIFY_SOCKET`) that the
 /// daemon is serving.
 pub fn notify_ready() {
@@ -131,6 +147,7 @@ pub fn notify_ready() {
         let mut o = std::io::stdout();
         let _ = o.write_all(b"READY\n");
         let _ = o.flush();
+        quiet_after_detach();
     }
     if let Some(sock) = std::env::var_os("NOTIFY_SOCKET") {
         let s = sock.to_string_lossy();

@@ -62,6 +62,13 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
         file: path.to_owned(),
         errors: vec![format!("cannot read the file: {e}")],
     })?;
+    load_text(&text, path)
+}
+
+/// [`load_file`] of `text`, as if read from `path` (relative paths, valvula's XML
+/// includes and pointer files are found from there): a configuration kept in memory.
+pub fn load_text(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
+    let text = text.to_owned();
     if valvula_conf::is_xml(&text) {
         let t = valvula_conf::translate(&text, path).map_err(|e| ConfigError {
             file: path.to_owned(),

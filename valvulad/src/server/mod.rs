@@ -32,7 +32,7 @@ use listener::{Bound, RunningListener, accept_loop, bind, runtime_for};
 use shared::ListenerShared;
 
 pub use chain::valvula_line;
-pub use reload::{RELOADED_BUT, load};
+pub use reload::{RELOADED_BUT, load, load_from};
 pub use shared::{ListenerRuntime, ListenerStats};
 pub use ticks::tick_kinds;
 
@@ -253,6 +253,11 @@ impl Daemon {
     /// Stops accepting, lets in-flight requests finish (at most `grace`), closes modules.
     pub async fn shutdown(self, grace: Duration) {
         tracing::info!("shutting down: no new connections; finishing requests in flight");
+        // The copies kept for the master go now: with them the sockets would stay open
+        // and new clients would wait out the grace period instead of being refused.
+        for l in self.state.locked().listeners.values_mut() {
+            l.held = None;
+        }
         self.shutdown.cancel();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())

@@ -34,7 +34,21 @@ pub fn load(
     previous: Option<&ModuleSet>,
     services: &Services,
 ) -> Result<(Config, ModuleSet, Vec<String>), LoadFailed> {
-    let loaded = valvula_config::load_file(path)?;
+    load_from(path, None, previous, services)
+}
+
+/// [`load`] from `text` (the configuration as it was read earlier) instead of the file
+/// at `path` (which still places relative paths), when given.
+pub fn load_from(
+    path: &Path,
+    text: Option<&str>,
+    previous: Option<&ModuleSet>,
+    services: &Services,
+) -> Result<(Config, ModuleSet, Vec<String>), LoadFailed> {
+    let loaded = match text {
+        Some(t) => valvula_config::load_text(t, path)?,
+        None => valvula_config::load_file(path)?,
+    };
     for w in &loaded.warnings {
         tracing::warn!("{}: {w}", path.display());
     }

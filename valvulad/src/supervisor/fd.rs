@@ -16,7 +16,17 @@ pub(super) fn adopt(raw: RawFd) -> Option<OwnedFd> {
     // SAFETY: the master put this open descriptor at this number for this process
     // alone (checked open above), nothing else in the worker knows its number, and it
     // is adopted once, so the OwnedFd is its only owner.
-    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // Inherited without close-on-exec (that is how it got here): set it again, or every
+    // program a module starts (a notify_command) would hold the listening sockets and
+    // the master's link open after valvulad is gone.
+    if let Err(e) = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    ) {
+        tracing::warn!("cannot set close-on-exec on an inherited descriptor: {e}");
+    }
+    Some(fd)
 }
 
 /// Received with a message (SCM_RIGHTS): new descriptors this process now holds.

@@ -16,7 +16,7 @@ use nix::sys::socket::{
 use tokio::signal::unix::{SignalKind, signal};
 use valvula_config::Config;
 
-use super::{DISABLED_ENV, LISTEN_ENV, WORKER_ENV, fd, hex};
+use super::{CONFIG_ENV, DISABLED_ENV, LISTEN_ENV, WORKER_ENV, fd, hex};
 
 /// How the master was started.
 #[derive(Debug)]
@@ -171,11 +171,29 @@ struct Master {
     restarts: u64,
     /// The last crash packet of the running worker.
     crash: Option<(i32, Option<String>, Option<String>)>,
+    /// The configuration file as the running worker read it (at its start or its last
+    /// reload): a worker started after a crash runs this, not whatever the file says
+    /// now (an edit waiting for SIGHUP, or a broken file, would take every listener
+    /// down with it).
+    last_good: Option<String>,
 }
 
 impl Master {
     fn spawn(&self) -> anyhow::Result<tokio::process::Child> {
         let exe = std::env::current_exe().context("cannot find this program")?;
+        // Unlinked already: gone with the last descriptor.
+        let config = match &self.last_good {
+            Some(text) => {
+                use std::io::{Seek, Write};
+                let mut f = tempfile::tempfile().context("a file for the configuration")?;
+                f.write_all(text.as_bytes())
+                    .and_then(|()| f.rewind())
+                    .context("a file for the configuration")?;
+                inheritable(&f).context("the configuration file")?;
+                Some(f)
+            }
+            None => None,
+        };
         inheritable(&self.theirs).context("the worker link")?;
         let mut listen = Vec::new();
         for (key, f) in &self.held {
@@ -201,6 +219,13 @@ impl Master {
             )
             .env(LISTEN_ENV, listen.join(";"))
             .env(DISABLED_ENV, disabled.join(";"))
+            .env(
+                CONFIG_ENV,
+                config
+                    .as_ref()
+                    .map(|f| f.as_raw_fd().to_string())
+                    .unwrap_or_default(),
+            )
             // Readiness is the master's to tell.
             .env_remove("NOTIFY_SOCKET")
             .stdin(std::process::Stdio::null())
@@ -213,6 +238,9 @@ impl Master {
         match m {
             Message::Ready => {
                 self.worker_ready = true;
+                if self.last_good.is_none() {
+                    self.last_good = std::fs::read_to_string(&self.args.config_path).ok();
+                }
                 if let Some(pid) = self.pending_hup.take() {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP);
                 }
@@ -231,6 +259,7 @@ impl Master {
                 }
                 self.crashes.disabled.clear();
                 self.crashes.seen.clear();
+                self.last_good = std::fs::read_to_string(&self.args.config_path).ok();
                 if let Ok(l) = valvula_config::load_file(&self.args.config_path) {
                     self.crashes.limit = l.config.server.crash_limit;
                     self.crashes.window = l.config.server.crash_window;
@@ -280,13 +309,35 @@ impl Master {
         if let Some(pid) = child.id() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
+        // Stopping: new clients are refused at once (Postfix tries its next server or
+        // its default action) instead of waiting in a queue nobody will read.
+        self.held.clear();
         let wait = self.grace + Duration::from_secs(5);
-        if tokio::time::timeout(wait, child.wait()).await.is_err() {
-            tracing::error!(
-                seconds = wait.as_secs(),
-                "the worker did not stop in time; killing it"
-            );
-            let _ = child.kill().await;
+        match tokio::time::timeout(wait, child.wait()).await {
+            Err(_) => {
+                tracing::error!(
+                    seconds = wait.as_secs(),
+                    "the worker did not stop in time; killing it"
+                );
+                let _ = child.kill().await;
+            }
+            Ok(Ok(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                if let Some(sig) = status.signal() {
+                    self.drain();
+                    let module = match self.crash.take() {
+                        Some((_, Some(hook), Some(module))) => {
+                            format!(" in module {module} ({hook})")
+                        }
+                        _ => String::new(),
+                    };
+                    tracing::error!(
+                        "the worker died of {}{module} while stopping",
+                        signal_name(sig)
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("waiting for the worker: {e}"),
         }
     }
 }
@@ -320,6 +371,7 @@ pub async fn run(
         },
         ready_once: false,
         worker_ready: false,
+        last_good: None,
         pending_hup: None,
         restarts: 0,
         crash: None,
@@ -415,6 +467,17 @@ pub async fn run(
             failed_starts = 0;
         } else {
             failed_starts += 1;
+        }
+        if failed_starts >= 3 && !m.held.is_empty() {
+            // No worker can start (a database refusing it, a module's init failing):
+            // with the sockets held, Postfix would wait in their queues for its policy
+            // timeout on every message. Closed, it is refused at once and falls back to
+            // its default action; the next worker that starts binds them again.
+            tracing::error!(
+                failed_starts,
+                "no worker could start {failed_starts} times in a row: the listening sockets are closed until one does"
+            );
+            m.held.clear();
         }
         if failed_starts > 1 {
             let pause =

@@ -26,6 +26,9 @@ pub const WORKER_ENV: &str = "VALVULAD_WORKER";
 pub const LISTEN_ENV: &str = "VALVULAD_LISTEN_FDS";
 /// Modules the worker starts disabled: `HEX(name):HEX(reason)` entries, `;`-separated.
 pub const DISABLED_ENV: &str = "VALVULAD_DISABLED";
+/// A descriptor holding the configuration the last worker ran (a restart is not a
+/// reload: a file edited meanwhile, or broken, waits for SIGHUP).
+pub const CONFIG_ENV: &str = "VALVULAD_CONFIG_FD";
 
 fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()

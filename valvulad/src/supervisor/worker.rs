@@ -8,18 +8,22 @@ use std::sync::{Mutex, OnceLock};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use valvula_store::sync::Unpoisoned;
 
-use super::{DISABLED_ENV, LISTEN_ENV, WORKER_ENV, fd, unhex};
+use super::{CONFIG_ENV, DISABLED_ENV, LISTEN_ENV, WORKER_ENV, fd, unhex};
 
 /// This process as a worker: its link to the master and what it inherited.
 #[derive(Debug)]
 pub struct Link {
     ctl: OwnedFd,
+    master: i32,
     /// Workers started before this one (0: the first).
     pub restarts: u64,
     /// Listening sockets by [`super::listen_key`], until a listener takes its own.
     inherited: Mutex<HashMap<String, OwnedFd>>,
     /// Modules to start disabled, with why.
     pub disabled: HashMap<String, String>,
+    /// The configuration the previous worker ran, for this worker's start (`None`: the
+    /// first worker, which reads the file).
+    config: Option<String>,
 }
 
 static LINK: OnceLock<Option<Link>> = OnceLock::new();
@@ -36,13 +40,7 @@ fn from_env() -> Option<Link> {
     let master: i32 = it.next()?.parse().ok()?;
     let restarts: u64 = it.next()?.parse().ok()?;
     let ctl = fd::adopt(ctl)?;
-    // The worker never outlives its master: a master killed (SIGKILL by an operator or
-    // the OOM killer) takes its worker along, as one process did before. The master
-    // may have died before this line: then our parent is no longer it.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if nix::unistd::getppid().as_raw() != master {
-        std::process::exit(1);
-    }
+    die_with(master);
     let mut inherited = HashMap::new();
     for entry in std::env::var(LISTEN_ENV).unwrap_or_default().split(';') {
         if let Some((n, key)) = entry.split_once(' ')
@@ -60,19 +58,54 @@ fn from_env() -> Option<Link> {
             disabled.insert(n, why);
         }
     }
+    let config = std::env::var(CONFIG_ENV)
+        .ok()
+        .and_then(|n| n.parse::<RawFd>().ok())
+        .and_then(fd::adopt)
+        .and_then(|f| {
+            use std::io::Read;
+            let mut text = String::new();
+            std::fs::File::from(f).read_to_string(&mut text).ok()?;
+            Some(text)
+        });
     crate::host::crash::install(ctl.as_raw_fd());
     Some(Link {
+        config,
         ctl,
+        master,
         restarts,
         inherited: Mutex::new(inherited),
         disabled,
     })
 }
 
+/// The worker never outlives its master: a master killed (SIGKILL by an operator or
+/// the OOM killer) takes its worker along, as one process did before. The master may
+/// have died already: then our parent is no longer it.
+fn die_with(master: i32) {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if nix::unistd::getppid().as_raw() != master {
+        std::process::exit(1);
+    }
+}
+
 impl Link {
+    /// After a change of user: Linux clears the parent-death signal on setuid, and a
+    /// worker left behind would keep the ports (its copies of the sockets) until its
+    /// requests finished.
+    pub fn after_privilege_drop(&self) {
+        die_with(self.master);
+    }
+
     /// The listening socket the master holds for this configured address, if any.
     pub fn take_listener(&self, key: &str) -> Option<OwnedFd> {
         self.inherited.locked().remove(key)
+    }
+
+    /// The configuration the previous worker ran: what this worker starts with (its
+    /// reloads read the file).
+    pub fn start_config(&self) -> Option<&str> {
+        self.config.as_deref()
     }
 
     /// Closes the inherited sockets no listener took (the configuration changed since
