@@ -417,8 +417,7 @@ async fn drops_privileges_after_binding() {
     p.signal(Signal::SIGKILL);
     let _ = p.wait_exit(Duration::from_secs(10));
     let gone = std::time::Instant::now();
-    while std::fs::read_to_string(format!("/proc/{worker}/stat"))
-        .is_ok_and(|s| !s.contains(") Z "))
+    while std::fs::read_to_string(format!("/proc/{worker}/stat")).is_ok_and(|s| !s.contains(") Z "))
     {
         assert!(
             gone.elapsed() < Duration::from_secs(2),

@@ -390,21 +390,35 @@ async fn a_restart_after_a_crash_is_not_a_reload() {
     let (crashy, healthy) = listeners(&p);
     let good = std::fs::read_to_string(&p.config_path).unwrap();
     for (what, edited) in [
-        ("a broken file", good.replace("[[listener]]", "[[listener]]\naddress = 5\n")),
-        ("a renamed listener", good.replace("name = \"healthy\"", "name = \"healthy2\"")),
+        (
+            "a broken file",
+            good.replace("[[listener]]", "[[listener]]\naddress = 5\n"),
+        ),
+        (
+            "a renamed listener",
+            good.replace("name = \"healthy\"", "name = \"healthy2\""),
+        ),
     ] {
         std::fs::write(&p.config_path, &edited).unwrap();
         crash_it(&crashy, "crash@example.com").await;
-        let (a, took) =
-            answer_soon(&healthy, &sender("bob@example.com"), Duration::from_secs(10)).await;
+        let (a, took) = answer_soon(
+            &healthy,
+            &sender("bob@example.com"),
+            Duration::from_secs(10),
+        )
+        .await;
         assert_eq!(a, "action=dunno\n\n", "after a crash with {what} on disk");
         assert!(
             took < Duration::from_secs(2),
             "after a crash with {what} on disk the healthy listener took {took:?}:\n{}",
             p.log()
         );
-        let (a, _) =
-            answer_soon(&crashy, &sender("alice@example.com"), Duration::from_secs(10)).await;
+        let (a, _) = answer_soon(
+            &crashy,
+            &sender("alice@example.com"),
+            Duration::from_secs(10),
+        )
+        .await;
         assert_eq!(a, "action=ok crash-module\n\n", "{what}");
     }
     std::fs::write(&p.config_path, &good).unwrap();
@@ -421,7 +435,10 @@ fn a_workers_sockets_are_close_on_exec() {
     let p = Proc::start(&config(&so, ""), &[]);
     let w = p.worker_pid();
     let mut sockets = 0;
-    for e in std::fs::read_dir(format!("/proc/{w}/fd")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{w}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
         };
@@ -482,4 +499,34 @@ async fn stopping_refuses_new_clients_at_once() {
         p.log()
     );
     let _ = p.wait_exit(Duration::from_secs(30));
+}
+
+/// A crash on a thread the module started itself (in no hook) is blamed on the module
+/// whose code faulted, counted, and the module disabled like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_on_a_modules_own_thread_is_blamed_on_it() {
+    let dir = module_tempdir();
+    let so = dir.path().join("crash.so");
+    cc_shared(&[&fixture("c/crash.c")], &so, &["CRASH_IN_THREAD"]);
+    let p = Proc::spawn(&config(&so, ""), &[]);
+    assert!(
+        p.wait_for_log("module crash started DISABLED", Duration::from_secs(30)),
+        "{}",
+        p.log()
+    );
+    assert!(
+        p.log().contains("died of SIGSEGV in module crash (thread)"),
+        "{}",
+        p.log()
+    );
+    let (crashy, healthy) = listeners(&p);
+    let (a, _) = answer_soon(
+        &healthy,
+        &sender("bob@example.com"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(a, "action=dunno\n\n");
+    let (a, _) = answer_soon(&crashy, &sender("bob@example.com"), Duration::from_secs(10)).await;
+    assert_eq!(a, "action=defer Policy service error, try again later\n\n");
 }

@@ -8,7 +8,7 @@
 //! named is the one that crashed, not merely one that was running.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 
 /// The module call running on this thread: its name (borrowed from the module, which
 /// outlives the call) and hook.
@@ -33,6 +33,110 @@ thread_local! {
 
 /// The control socket the crash packet goes to (-1: none, a process without a master).
 static CRASH_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// Where each loaded module's code is mapped: a crash on a thread that is in no module
+/// call (a thread the module started itself) is blamed on the module whose code the
+/// faulting instruction is in. Filled at load, read lock-free by the signal handler.
+struct Range {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    name: AtomicPtr<u8>,
+    /// Written last: a slot is complete once this is not 0.
+    len: AtomicUsize,
+}
+
+const RANGES_MAX: usize = 512;
+static RANGES: [Range; RANGES_MAX] = [const {
+    Range {
+        start: AtomicUsize::new(0),
+        end: AtomicUsize::new(0),
+        name: AtomicPtr::new(std::ptr::null_mut()),
+        len: AtomicUsize::new(0),
+    }
+}; RANGES_MAX];
+static RANGES_USED: AtomicUsize = AtomicUsize::new(0);
+
+/// Records where the module `name`, loaded from the file `(dev, ino)`, has its code
+/// (its executable mappings in /proc/self/maps).
+pub fn register_module(name: &str, dev: u64, ino: u64) {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let (major, minor) = (
+        libc::major(dev as libc::dev_t),
+        libc::minor(dev as libc::dev_t),
+    );
+    // Leaked once per module load: the handler may read it at any time.
+    let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_), Some(devs), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let same_dev = devs.split_once(':').is_some_and(|(a, b)| {
+            u32::from_str_radix(a, 16).ok() == Some(major)
+                && u32::from_str_radix(b, 16).ok() == Some(minor)
+        });
+        if !perms.contains('x') || !same_dev || inode.parse::<u64>().ok() != Some(ino) {
+            continue;
+        }
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else {
+            continue;
+        };
+        let i = RANGES_USED.fetch_add(1, Ordering::AcqRel);
+        let Some(slot) = RANGES.get(i) else {
+            return;
+        };
+        slot.start.store(s, Ordering::Relaxed);
+        slot.end.store(e, Ordering::Relaxed);
+        slot.name.store(name.as_ptr().cast_mut(), Ordering::Relaxed);
+        slot.len.store(name.len(), Ordering::Release);
+    }
+}
+
+/// The module whose code holds address `pc`, if any (async-signal-safe).
+fn module_at(pc: usize) -> Option<(*const u8, usize)> {
+    let n = RANGES_USED.load(Ordering::Acquire).min(RANGES_MAX);
+    RANGES[..n].iter().find_map(|r| {
+        let len = r.len.load(Ordering::Acquire);
+        (len != 0 && r.start.load(Ordering::Relaxed) <= pc && pc < r.end.load(Ordering::Relaxed))
+            .then(|| (r.name.load(Ordering::Relaxed).cast_const(), len))
+    })
+}
+
+/// The address of the faulting instruction, from the signal's context.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn faulting_pc(ctx: *mut libc::c_void) -> usize {
+    if ctx.is_null() {
+        return 0;
+    }
+    // SAFETY: with SA_SIGINFO the kernel passes a valid ucontext_t as the third
+    // argument; only the saved instruction pointer is read.
+    unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] as usize }
+}
+
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+fn faulting_pc(ctx: *mut libc::c_void) -> usize {
+    if ctx.is_null() {
+        return 0;
+    }
+    // SAFETY: with SA_SIGINFO the kernel passes a valid ucontext_t as the third
+    // argument; only the saved program counter is read.
+    unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.pc as usize }
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+fn faulting_pc(_ctx: *mut libc::c_void) -> usize {
+    0
+}
 
 /// Runs `f`, a call into module `name`'s `hook`, recorded as this thread's current
 /// module call.
@@ -80,8 +184,10 @@ pub fn install(fd: std::os::fd::RawFd) {
         // while reporting kills the process at once.
         unsafe {
             let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_fatal as extern "C" fn(libc::c_int) as usize;
-            act.sa_flags = libc::SA_ONSTACK | libc::SA_RESETHAND;
+            act.sa_sigaction = on_fatal
+                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as usize;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESETHAND;
             libc::sigemptyset(&mut act.sa_mask);
             if libc::sigaction(sig, &act, std::ptr::null_mut()) != 0 {
                 tracing::warn!(
@@ -129,12 +235,22 @@ fn packet(buf: &mut [u8; 320], sig: libc::c_int, cur: Current, name: &[u8]) -> u
     n
 }
 
-/// Async-signal-safe: reads a thread-local `Cell`, formats into a stack buffer, and
-/// calls write(2), signal(2) and raise(3) only.
-extern "C" fn on_fatal(sig: libc::c_int) {
+/// Async-signal-safe: reads a thread-local `Cell` and atomics, formats into a stack
+/// buffer, and calls write(2), signal(2) and raise(3) only.
+extern "C" fn on_fatal(sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let fd = CRASH_FD.load(Ordering::Acquire);
     if fd >= 0 {
-        let cur = CURRENT.try_with(Cell::get).unwrap_or(NONE);
+        let mut cur = CURRENT.try_with(Cell::get).unwrap_or(NONE);
+        if cur.len == 0
+            && let Some((name, len)) = module_at(faulting_pc(ctx))
+        {
+            // Not in a module call, but in a module's code: a thread it started.
+            cur = Current {
+                name,
+                len,
+                hook: "thread",
+            };
+        }
         let name: &[u8] = if cur.len == 0 {
             &[]
         } else {

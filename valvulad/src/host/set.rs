@@ -170,6 +170,8 @@ impl ModuleSet {
                     .insert(d.name.clone(), Dispatcher::new(Arc::new(d), settings));
                 continue;
             }
+            // Before init: a thread its init starts may crash at once.
+            super::crash::register_module(&opened.name, id.0, id.1);
             let section = config.module_sections.get(&opened.name).unwrap_or(&empty);
             match opened.init(section, services) {
                 Ok(m) => {

@@ -381,6 +381,10 @@ pub async fn run(
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     // Workers that died before they were ready, in a row: their restarts are spaced.
     let mut failed_starts = 0u32;
+    // Every worker death of the last minute: a worker that keeps dying for a reason no
+    // module is named for (a crash in a library, the OOM killer) is restarted less and
+    // less often too.
+    let mut deaths: VecDeque<Instant> = VecDeque::new();
     loop {
         m.crash = None;
         m.worker_ready = false;
@@ -478,6 +482,29 @@ pub async fn run(
                 "no worker could start {failed_starts} times in a row: the listening sockets are closed until one does"
             );
             m.held.clear();
+        }
+        let now = Instant::now();
+        deaths.push_back(now);
+        while deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            deaths.pop_front();
+        }
+        if deaths.len() >= 5 && failed_starts <= 1 {
+            let pause = Duration::from_millis(250u64 << (deaths.len() - 5).min(6))
+                .min(Duration::from_secs(10));
+            tracing::warn!(
+                deaths = deaths.len(),
+                pause_ms = pause.as_millis() as u64,
+                "the worker died {} times in the last minute; pausing before the next start",
+                deaths.len()
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
         }
         if failed_starts > 1 {
             let pause =
