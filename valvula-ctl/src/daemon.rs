@@ -39,6 +39,14 @@ fn ask(config: &Path, command: &str) -> anyhow::Result<String> {
 /// settings only a restart applies, if any.
 pub fn reload(config: &Path) -> anyhow::Result<Result<String, String>> {
     let a = ask(config, "reload")?;
+    if a.trim().is_empty() {
+        // The connection closed without an answer: the worker died during the reload
+        // (a module crashing in its reconf); the master started a new one.
+        return Ok(Err(
+            "no answer: its worker stopped during the reload (a module crashed?); see the log"
+                .into(),
+        ));
+    }
     Ok(match a.strip_prefix("ok configuration reloaded") {
         Some(note) => Ok(note.trim_start_matches([';', ' ']).to_owned()),
         None => Err(a.trim_start_matches("error ").to_owned()),
