@@ -74,6 +74,47 @@ fn config_for(modules: &[&Path], chain: &[&str], extra: &str) -> valvula_config:
     ))
 }
 
+/// A valvulad process loading `modules` (files), with one listener per `(name, chain)`
+/// (on_error defer) and `extra` TOML after them.
+fn daemon_with(
+    modules: &[&Path],
+    listeners: &[(&str, &str)],
+    server: &str,
+    extra: &str,
+) -> valvula_tests::daemon::Proc {
+    let mods: Vec<String> = modules
+        .iter()
+        .map(|m| format!("{:?}", m.display().to_string()))
+        .collect();
+    let ls: String = listeners
+        .iter()
+        .map(|(name, chain)| {
+            format!(
+                "[[listener]]\nname = {name:?}\naddress = \"127.0.0.1:0\"\nmodules = [{chain}]\non_error = \"defer\"\n"
+            )
+        })
+        .collect();
+    valvula_tests::daemon::Proc::start(
+        &format!(
+            "[server]\nmodules = [{}]\n{server}{ls}{extra}",
+            mods.join(", ")
+        ),
+        &[],
+    )
+}
+
+/// One request with `attrs` on a new connection, from a test without a runtime.
+fn ask_blocking(addr: &str, attrs: &[(&str, &str)]) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = Client::connect(addr).await;
+        c.ask(&postfix_request(attrs)).await
+    })
+}
+
 /// Loads the modules `cfg` names (for real, with dlopen) and starts a daemon on them.
 async fn start_loaded(cfg: valvula_config::Config) -> (valvulad::server::Daemon, Vec<String>) {
     let (modules, _) =
@@ -1182,14 +1223,11 @@ fn no_hook_runs_after_close_even_for_calls_still_pending() {
 async fn a_stalled_nonblocking_module_is_bounded_and_stalls_no_other_listener() {
     let dir = module_tempdir();
     let so = build(dir.path(), "c/nonblocking.c", "nonblocking.so", &[]);
-    let p = valvula_tests::daemon::Proc::start(
-        &format!(
-            "[server]\nmodules = [{:?}]\nmodule_timeout = \"500ms\"\nquarantine_after = 100\n\
-             [[listener]]\nname = \"nb\"\naddress = \"127.0.0.1:0\"\nmodules = [\"nonblocking\"]\non_error = \"defer\"\n\
-             [[listener]]\nname = \"empty\"\naddress = \"127.0.0.1:0\"\n",
-            so.display().to_string()
-        ),
-        &[],
+    let p = daemon_with(
+        &[&so],
+        &[("nb", "\"nonblocking\""), ("empty", "")],
+        "module_timeout = \"500ms\"\nquarantine_after = 100\n",
+        "",
     );
     let addrs = p.addrs();
     let (nb, empty) = (addrs[0].clone(), addrs[1].clone());
@@ -1244,23 +1282,16 @@ async fn a_stalled_nonblocking_module_is_bounded_and_stalls_no_other_listener() 
 fn shutdown_never_waits_for_a_hung_serialized_call() {
     let dir = module_tempdir();
     let so = build(dir.path(), "c/hang.c", "hang.so", &["HANG_SERIALIZE"]);
-    let mut p = valvula_tests::daemon::Proc::start(
-        &format!(
-            "[server]\nmodules = [{:?}]\nmodule_timeout = \"300ms\"\nshutdown_grace = \"1s\"\n\
-             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"hang\"]\non_error = \"defer\"\n",
-            so.display().to_string()
-        ),
-        &[],
+    let mut p = daemon_with(
+        &[&so],
+        &[("l", "\"hang\"")],
+        "module_timeout = \"300ms\"\nshutdown_grace = \"1s\"\n",
+        "",
     );
-    let addr = p.addrs()[0].clone();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut c = Client::connect(&addr).await;
-        assert_eq!(
-            c.ask(&postfix_request(&[("x_hang", "1")])).await,
-            "action=defer Policy service error, try again later\n\n"
-        );
-    });
+    assert_eq!(
+        ask_blocking(&p.addrs()[0], &[("x_hang", "1")]),
+        "action=defer Policy service error, try again later\n\n"
+    );
     let t = std::time::Instant::now();
     p.signal(nix::sys::signal::Signal::SIGTERM);
     let st = p.wait_exit(Duration::from_secs(30));
@@ -1300,25 +1331,14 @@ fn a_module_cannot_name_another_modules_tables_or_the_hosts() {
         String::new(),
         format!("[storage]\nbackend = \"mysql\"\nurl = \"{}\"\n", db.url()),
     ] {
-        let p = valvula_tests::daemon::Proc::start(
-            &format!(
-                "[server]\nmodules = [{:?}, {:?}]\n\
-                 [[listener]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nmodules = [\"sqlns_a\"]\n\
-                 [[listener]]\nname = \"b\"\naddress = \"127.0.0.1:0\"\nmodules = [\"sqlns_b\"]\n{storage}",
-                a.display().to_string(),
-                b.display().to_string()
-            ),
-            &[],
+        let p = daemon_with(
+            &[&a, &b],
+            &[("a", "\"sqlns_a\""), ("b", "\"sqlns_b\"")],
+            "",
+            &storage,
         );
         let addrs = p.addrs();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let ask = |addr: &str, sql: &str| {
-            let (addr, sql) = (addr.to_owned(), sql.to_owned());
-            rt.block_on(async move {
-                let mut c = Client::connect(&addr).await;
-                c.ask(&postfix_request(&[("x_sql", &sql)])).await
-            })
-        };
+        let ask = |addr: &str, sql: &str| ask_blocking(addr, &[("x_sql", sql)]);
         let (la, lb) = (&addrs[0], &addrs[1]);
         for (addr, sql, status) in [
             (la, "INSERT INTO sqlns_a_t (id) VALUES (1)", 0),
@@ -1365,24 +1385,13 @@ fn a_module_cannot_name_another_modules_tables_or_the_hosts() {
 /// logged by the daemon with what was wrong with it, not only as a status number.
 #[test]
 fn a_refused_verdict_is_logged_with_its_reason() {
-    let p = valvula_tests::daemon::Proc::start(
-        &format!(
-            "[server]\nmodules = [{:?}]\n[log]\nlevel = \"info\"\n\
-             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\non_error = \"defer\"\n",
-            module_path("mod_test").display().to_string()
-        ),
-        &[],
+    let p = daemon_with(
+        &[&module_path("mod_test")],
+        &[("l", "\"mod-test\"")],
+        "",
+        "[log]\nlevel = \"info\"\n",
     );
-    let addr = p.addrs()[0].clone();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut c = Client::connect(&addr).await;
-        assert!(
-            c.ask(&postfix_request(&[("x_test_invalid", "1")]))
-                .await
-                .starts_with("action=defer")
-        );
-    });
+    assert!(ask_blocking(&p.addrs()[0], &[("x_test_invalid", "1")]).starts_with("action=defer"));
     assert!(
         p.wait_for_log(
             "module gave an invalid reply: reply text contains a CR, LF or NUL byte",
@@ -1430,24 +1439,14 @@ fn the_rust_template_builds_out_of_tree_and_answers() {
     let dir = module_tempdir();
     let so = dir.path().join("mod-template.so");
     std::fs::copy(work.join("target/debug/libmod_template.so"), &so).unwrap();
-    let p = valvula_tests::daemon::Proc::start(
-        &format!(
-            "[server]\nmodules = [{:?}]\n\
-             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-template\"]\n\
-             [module.mod-template]\nblocked_senders = [\"Spammer@example.com\"]\ntext = \"go away\"\n",
-            so.display().to_string()
-        ),
-        &[],
+    let p = daemon_with(
+        &[&so],
+        &[("l", "\"mod-template\"")],
+        "",
+        "[module.mod-template]\nblocked_senders = [\"Spammer@example.com\"]\ntext = \"go away\"\n",
     );
     let addr = p.addrs()[0].clone();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ask = |sender: &str| {
-        let (addr, sender) = (addr.clone(), sender.to_owned());
-        rt.block_on(async move {
-            let mut c = Client::connect(&addr).await;
-            c.ask(&postfix_request(&[("sender", &sender)])).await
-        })
-    };
+    let ask = |sender: &str| ask_blocking(&addr, &[("sender", sender)]);
     assert_eq!(ask("spammer@example.com"), "action=reject go away\n\n");
     assert_eq!(ask("friend@example.com"), "action=dunno\n\n");
     // A reload with a new list takes effect.
@@ -1560,15 +1559,11 @@ fn modules_built_against_the_frozen_1_0_header_load_on_this_host() {
         &counter,
         &["FIXTURE_LIMIT=2"],
     );
-    let p = valvula_tests::daemon::Proc::start(
-        &format!(
-            "[server]\nmodules = [{:?}, {:?}]\n\
-             [module.mod-example]\nblocked_sender = \"spammer@example.com\"\n\
-             [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-example\", \"async-counter\"]\n",
-            example.display().to_string(),
-            counter.display().to_string()
-        ),
-        &[],
+    let p = daemon_with(
+        &[&example, &counter],
+        &[("l", "\"mod-example\", \"async-counter\"")],
+        "",
+        "[module.mod-example]\nblocked_sender = \"spammer@example.com\"\n",
     );
     let addr = p.addrs()[0].clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
