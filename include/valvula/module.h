@@ -361,12 +361,16 @@ typedef struct vlv_host_api {
      * as a `?` parameter, so no request value is ever part of SQL text. Schema
      * statements (CREATE, ALTER) may quote: `note VARCHAR(20) DEFAULT ''`.
      *
-     * TABLES: a table belongs to the first module that runs CREATE TABLE for
-     * it (create yours, IF NOT EXISTS, in init). A statement that names
-     * another module's table, or any name starting with vlv_ (the host's
-     * counters and tokens), anywhere in its text, is refused (VLV_E_INVALID)
-     * before it reaches the database. Prefix your tables with your module's
-     * name.
+     * TABLES: a table belongs, for the daemon's run, to the first module that
+     * runs CREATE TABLE for it: run CREATE TABLE IF NOT EXISTS for each of
+     * yours in init, at every start (modules init in configuration order). A
+     * statement that names another module's table, or any name starting with
+     * vlv_ (the host's counters and tokens), anywhere outside its comments and
+     * string literals, is refused (VLV_E_INVALID) before it reaches the
+     * database; so are PRAGMA, ATTACH, SET, PREPARE and EXECUTE statements,
+     * writes to sqlite_master, and tables named like an SQL word. Prefix your
+     * tables with your module's name: a table named like another module's
+     * column would make that module's statements refused.
      *
      * SCHEMA CHANGES: CREATE TABLE, CREATE INDEX, ALTER TABLE and DROP of your
      * own tables are allowed on both databases, from init or tick (they may

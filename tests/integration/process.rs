@@ -1329,13 +1329,22 @@ fn checks_write_nothing() {
     ));
     let cfg_path = dir.path().join("valvulad.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
+    // Where a check would put a copy of the database: it must be gone afterwards.
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
     let run = |args: &[&str]| {
         let o = std::process::Command::new(valvulad_bin())
             .arg("-c")
             .arg(&cfg_path)
             .args(args)
+            .env("TMPDIR", &scratch)
             .output()
             .unwrap();
+        assert_eq!(
+            std::fs::read_dir(&scratch).unwrap().count(),
+            0,
+            "valvulad {args:?} left its copy of the database behind"
+        );
         (
             o.status.code(),
             format!(
@@ -1354,13 +1363,21 @@ fn checks_write_nothing() {
             db_dir.display()
         );
     }
-    // A database a daemon made: the check leaves every byte of it.
+    // A database a daemon made: the check leaves every byte of it, and, closed cleanly
+    // (no -wal file), gets no -wal or -shm file beside it either.
     let mut p = Proc::start(&cfg, &[]);
     p.signal(Signal::SIGTERM);
     assert!(
         p.wait_exit(Duration::from_secs(30)).success(),
         "{}",
         p.log()
+    );
+    rusqlite::Connection::open(db_dir.join("valvula.db"))
+        .and_then(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
+        .unwrap();
+    assert!(
+        !db_dir.join("valvula.db-wal").exists(),
+        "the last connection removes the -wal file"
     );
     std::fs::write(db_dir.join("marker"), "").unwrap();
     let before = files_of(&db_dir);
@@ -1381,6 +1398,26 @@ fn checks_write_nothing() {
             after == before,
             "valvulad {args:?} changed the database's files: {out}"
         );
+    }
+
+    // A path valvulad could not create is an error, not "checked against an empty
+    // database".
+    std::fs::write(
+        &cfg_path,
+        both_modules(&format!(
+            "[storage]\npath = \"{}/v.db\"\n",
+            cfg_path.display()
+        )),
+    )
+    .unwrap();
+    for args in [&["-t"][..], &["-b"]] {
+        let (code, out) = run(args);
+        assert_ne!(
+            code,
+            Some(0),
+            "valvulad {args:?} under a regular file: {out}"
+        );
+        assert!(out.contains("is not a directory"), "{out}");
     }
 
     // MariaDB: a fresh database stays empty.

@@ -517,3 +517,63 @@ async fn a_crash_on_a_modules_own_thread_is_blamed_on_it() {
     let (a, _) = answer_soon(&crashy, &sender("bob@example.com"), Duration::from_secs(10)).await;
     assert_eq!(a, "action=defer Policy service error, try again later\n\n");
 }
+
+/// A process_poll that never returns holds an event-loop thread nothing can stop: the
+/// watchdog ends the worker as a crash in that poll (the module timeout and a second
+/// later), the master starts a new one, and the crash counts against the module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_that_never_returns_ends_the_worker_not_the_service() {
+    let dir = module_tempdir();
+    let so = dir.path().join("async_counter.so");
+    cc_shared(&[&fixture("c/async_counter.c")], &so, &[]);
+    let p = Proc::start(
+        &format!(
+            "[server]\nmodules = [{:?}]\nmodule_timeout = \"500ms\"\n\
+             [[listener]]\nname = \"poll\"\naddress = \"127.0.0.1:0\"\nmodules = [\"async-counter\"]\n\
+             [[listener]]\nname = \"other\"\naddress = \"127.0.0.1:0\"\n",
+            so.display().to_string()
+        ),
+        &[],
+    );
+    let addrs = p.addrs();
+    let t = Instant::now();
+    let mut c = Client::connect(&addrs[0]).await;
+    c.send(&postfix_request(&[
+        ("sender", "hang@x"),
+        ("instance", "h1"),
+    ]))
+    .await;
+    let a = c.answer(Duration::from_secs(20)).await;
+    assert!(matches!(a, Answer::Closed(_)), "the hung request got {a:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the worker was ended after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        p.wait_for_log(
+            "died of SIGABRT in module async-counter (process_poll)",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        p.log()
+    );
+    assert!(
+        p.log()
+            .contains("process_poll of module async-counter has run for over 1500 ms")
+    );
+    let (a, _) = answer_soon(&addrs[1], &postfix_request(&[]), Duration::from_secs(10)).await;
+    assert_eq!(a, "action=dunno\n\n");
+    let (a, _) = answer_soon(
+        &addrs[0],
+        &postfix_request(&[("sender", "a@x"), ("instance", "a1")]),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        a,
+        "action=dunno\n\n",
+        "the module serves again:\n{}",
+        p.log()
+    );
+}

@@ -184,8 +184,8 @@ fn one_shot(args: &Args) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(format!("ERROR: {e}")),
     };
-    // A check writes nothing: no database file, table or zone is created.
-    let ok = Store::open_check(&loaded.config.storage, rt.handle().clone()).and_then(|s| s.ping());
+    // A check writes nothing (no database file, table or zone) and copies nothing.
+    let ok = Store::check_reachable(&loaded.config.storage, rt.handle().clone());
     match ok {
         Ok(()) => {
             println!("INFO: Database connection working OK");
@@ -308,6 +308,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let first = start_config(&args.config)?;
     let (store, ping) = open_store(&first.config, args.check).await?;
+    // A check's private copy of the database goes when the check ends, however it ends
+    // (the modules keep the store itself until the process exits).
+    struct CheckCopy(Arc<Store>);
+    impl Drop for CheckCopy {
+        fn drop(&mut self) {
+            self.0.discard_check_copy();
+        }
+    }
+    let _copy = args.check.then(|| CheckCopy(store.clone()));
     let link = valvulad::supervisor::worker::link();
     let mut services = host::Services::new(store.clone(), valvula_store::Clock::system());
     if let Some(l) = link {
@@ -343,6 +352,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(l) = link {
         l.drop_unclaimed();
         daemon.tell_master_listeners();
+        let d = daemon.clone();
+        l.spawn_poll_watchdog(move || d.config().server.module_timeout + Duration::from_secs(1));
     }
 
     let (reload_tx, mut reload_rx) =

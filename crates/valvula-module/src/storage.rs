@@ -679,18 +679,22 @@ impl Host {
         fn ty<'c>(mysql: bool, c: &Column<'c>) -> &'c str {
             if mysql { c.mysql } else { c.sqlite }
         }
-        let mut have = self.table_columns(table)?;
+        let before = self.table_columns(table)?;
+        let first = columns.first().ok_or(StorageError::Invalid)?;
+        // Run even when the table exists: the daemon gives a table to the first module
+        // that creates it in its run, and this makes it ours again at every start
+        // (another module can then neither drop nor squat it).
+        self.exec(
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {table} ({} {})",
+                first.name,
+                ty(mysql, first)
+            ),
+            &[],
+        )?;
         let mut added = Vec::new();
+        let mut have = before;
         if have.is_empty() {
-            let first = columns.first().ok_or(StorageError::Invalid)?;
-            self.exec(
-                &format!(
-                    "CREATE TABLE IF NOT EXISTS {table} ({} {})",
-                    first.name,
-                    ty(mysql, first)
-                ),
-                &[],
-            )?;
             have = self.table_columns(table)?;
             added.push(first.name.to_owned());
         }

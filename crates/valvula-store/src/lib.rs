@@ -387,6 +387,38 @@ pub struct Charge<'a> {
     pub windows: &'a [Window],
 }
 
+/// Whether valvulad could create an SQLite database at `path` (it does not exist
+/// yet): the daemon makes missing directories, so the nearest one that exists must be a
+/// directory this process may write in.
+fn sqlite_creatable(path: &std::path::Path) -> Result<()> {
+    let mut dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let problem = loop {
+        match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => break Some(format!("{} is not a directory", dir.display())),
+            Ok(_) => {
+                break rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
+                    .err()
+                    .map(|e| format!("{} is not writable: {e}", dir.display()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
+                Some(up) if !up.as_os_str().is_empty() => dir = up,
+                _ => break None,
+            },
+            Err(e) => break Some(format!("{}: {e}", dir.display())),
+        }
+    };
+    match problem {
+        Some(p) => Err(StoreError::Unavailable(format!(
+            "{}: the database cannot be created: {p}",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Store {
     /// Opens the configured backend. Never fails because the database is down: the
     /// backends connect lazily and retry; see [`Store::ping`].
@@ -458,6 +490,7 @@ impl Store {
                 if path.exists() {
                     sqlite::snapshot(path, &copy)?;
                 } else {
+                    sqlite_creatable(path)?;
                     tracing::info!(target: LOG_TARGET,
                         "{} does not exist yet: checked against an empty database (valvulad creates it at its first start)",
                         path.display()
@@ -499,6 +532,46 @@ impl Store {
                 _scratch: None,
             })),
         }
+    }
+
+    /// Whether the configured database answers, writing nothing and copying nothing
+    /// (`valvulad -b`): SQLite's file is opened to read (or, when there is none yet,
+    /// its directory must let the daemon create it); MySQL is asked as by a check.
+    pub fn check_reachable(config: &StorageConfig, runtime: tokio::runtime::Handle) -> Result<()> {
+        match &config.backend {
+            Backend::Sqlite { path, .. } if path.exists() => {
+                let c = sqlite::open_read_only(path)?;
+                let stored: Option<String> = c
+                    .query_row(
+                        "SELECT value FROM vlv_meta WHERE name = ?1",
+                        ["time_zone"],
+                        |r| r.get(0),
+                    )
+                    .ok();
+                agree_on_zone(stored.as_deref(), config.zone)
+            }
+            Backend::Sqlite { path, .. } => sqlite_creatable(path),
+            Backend::Mysql { .. } => Store::open_check(config, runtime)?.ping(),
+        }
+    }
+
+    /// Removes a check's private copy of the database now (the store itself may live
+    /// on in modules that keep it until the process exits).
+    pub fn discard_check_copy(&self) {
+        if let Some(dir) = &self._scratch {
+            let _ = std::fs::remove_dir_all(dir.path());
+        }
+    }
+
+    /// In a check on MySQL: counters are neither charged nor reset (the database is
+    /// the daemons' own; SQLite checks run on a copy).
+    fn no_writes_in_check(&self) -> Result<()> {
+        if self.check && self.dialect == Dialect::Mysql {
+            return Err(StoreError::Unavailable(
+                "a check (valvulad -t) writes nothing".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// In a check on MySQL, whether `sql` is left unrun (anything but a query).
@@ -578,6 +651,11 @@ impl Store {
     pub fn query(&self, stmt: Stmt) -> Result<Rows> {
         check_sql(&stmt.sql)?;
         tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "query");
+        if self.skipped_in_check(&stmt.sql) {
+            return Err(StoreError::Unavailable(
+                "a check (valvulad -t) writes nothing".into(),
+            ));
+        }
         self.engine.query(stmt)
     }
 
@@ -626,6 +704,9 @@ impl Store {
         once: Option<&str>,
         now: i64,
     ) -> Result<consume::Request> {
+        if !peek {
+            self.no_writes_in_check()?;
+        }
         sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
         if charges.is_empty() || charges.len() > MAX_PARTS {
             return Err(StoreError::Invalid(format!(
@@ -779,6 +860,11 @@ impl Store {
         if let Err(e) = check_sql(&stmt.sql) {
             return ready(Err(e));
         }
+        if self.skipped_in_check(&stmt.sql) {
+            return ready(Err(StoreError::Unavailable(
+                "a check (valvulad -t) writes nothing".into(),
+            )));
+        }
         tracing::debug!(target: "valvulad::sql", sql = %stmt.sql, params = stmt.params.len(), "query");
         self.engine.query_async(stmt)
     }
@@ -793,6 +879,9 @@ impl Store {
         now: i64,
     ) -> StoreFuture<Option<Exec>> {
         if let Err(e) = check_sql(&stmt.sql) {
+            return ready(Err(e));
+        }
+        if let Err(e) = self.no_writes_in_check() {
             return ready(Err(e));
         }
         if !is_dml(&stmt.sql) {
@@ -822,6 +911,7 @@ impl Store {
 
     /// Forgets every counter of `key` (all windows). Returns the rows removed.
     pub fn reset(&self, ns: &str, key: &str) -> Result<u64> {
+        self.no_writes_in_check()?;
         sized("namespace", ns, MAX_NAMESPACE_BYTES)?;
         let key = stored_key("key", key)?;
         self.engine.reset(ns, &key)

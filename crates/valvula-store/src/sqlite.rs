@@ -610,16 +610,48 @@ fn run_batch(w: &mut Writer, jobs: Vec<Job>, inline: bool) -> Option<Vec<Job>> {
 /// 5 ms.)
 const LEAD_INLINE_UNDER: Duration = Duration::from_millis(10);
 
-/// Copies the database at `from` into a new file `to` (SQLite's online backup: a
-/// consistent snapshot while a daemon writes), opening `from` read-only.
-pub fn snapshot(from: &Path, to: &Path) -> Result<()> {
-    let src = Connection::open_with_flags(
-        from,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+/// Opens the database at `path` to read only, creating nothing: a database closed
+/// cleanly (no `-wal` file) is opened immutable, so SQLite makes no `-wal` or `-shm`
+/// file beside it; one a daemon has open is read through its shared index, as any
+/// reader does.
+pub fn open_read_only(path: &Path) -> Result<Connection> {
+    let wal = {
+        let mut p = path.as_os_str().to_owned();
+        p.push("-wal");
+        PathBuf::from(p)
+    };
+    let mut uri = String::from("file:");
+    for c in path.display().to_string().chars() {
+        match c {
+            '%' | '?' | '#' => uri.push_str(&format!("%{:02X}", c as u32)),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?mode=ro");
+    if !wal.exists() {
+        uri.push_str("&immutable=1");
+    }
+    let c = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| StoreError::Unavailable(format!("{}: {e}", from.display())))?;
-    src.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
-    src.backup(rusqlite::MAIN_DB, to, None)
+    .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+    c.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+    // Opening is lazy: read the schema now, so an unreadable file fails here.
+    c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |_| Ok(()))
+        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+    Ok(c)
+}
+
+/// Copies the database at `from` into a new file `to`: `VACUUM INTO`, one read
+/// transaction, so a daemon writing meanwhile neither waits for it nor restarts it (an
+/// online backup restarted at every commit of a busy daemon, for ever).
+pub fn snapshot(from: &Path, to: &Path) -> Result<()> {
+    let src = open_read_only(from)?;
+    src.execute("VACUUM INTO ?1", [to.display().to_string()])
+        .map(|_| ())
         .map_err(|e| StoreError::Unavailable(format!("a snapshot of {}: {e}", from.display())))
 }
 

@@ -8,7 +8,9 @@
 //! named is the one that crashed, not merely one that was running.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// The module call running on this thread: its name (borrowed from the module, which
 /// outlives the call) and hook.
@@ -138,9 +140,113 @@ fn faulting_pc(_ctx: *mut libc::c_void) -> usize {
     0
 }
 
+/// Polls in progress, one slot per event-loop thread that ever polled: the thread, the
+/// module, and since when (milliseconds after [`epoch`], 0: none). A poll runs on an
+/// event-loop thread, where no timeout can stop it: the watchdog reads these.
+const POLL_SLOTS: usize = 256;
+struct PollSlot {
+    thread: AtomicUsize,
+    since_ms: AtomicU64,
+    name: AtomicPtr<u8>,
+    len: AtomicUsize,
+}
+static POLLS: [PollSlot; POLL_SLOTS] = [const {
+    PollSlot {
+        thread: AtomicUsize::new(0),
+        since_ms: AtomicU64::new(0),
+        name: AtomicPtr::new(std::ptr::null_mut()),
+        len: AtomicUsize::new(0),
+    }
+}; POLL_SLOTS];
+static POLL_SLOTS_USED: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static POLL_SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    // At least 1: 0 means "no poll".
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+/// This thread's poll slot, taken the first time it polls.
+fn poll_slot() -> Option<&'static PollSlot> {
+    let mut i = POLL_SLOT.with(Cell::get);
+    if i == usize::MAX {
+        i = POLL_SLOTS_USED.fetch_add(1, Ordering::AcqRel);
+        POLL_SLOT.with(|c| c.set(i));
+        if let Some(s) = POLLS.get(i) {
+            // SAFETY: pthread_self has no preconditions.
+            s.thread
+                .store(unsafe { libc::pthread_self() } as usize, Ordering::Release);
+        }
+    }
+    POLLS.get(i)
+}
+
+/// The module polls that have run longer than `limit`: (thread, module name).
+pub fn stuck_polls(limit: Duration) -> Vec<(usize, String)> {
+    let now = now_ms();
+    let n = POLL_SLOTS_USED.load(Ordering::Acquire).min(POLL_SLOTS);
+    POLLS[..n]
+        .iter()
+        .filter_map(|s| {
+            let since = s.since_ms.load(Ordering::Acquire);
+            if since == 0 || now.saturating_sub(since) <= limit.as_millis() as u64 {
+                return None;
+            }
+            let (ptr, len) = (
+                s.name.load(Ordering::Acquire),
+                s.len.load(Ordering::Acquire),
+            );
+            // SAFETY: a module's name leaked by the loader (`'static`), stored with its
+            // length before `since_ms` was set.
+            let name = unsafe { std::slice::from_raw_parts(ptr.cast_const(), len) };
+            Some((
+                s.thread.load(Ordering::Acquire),
+                String::from_utf8_lossy(name).into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Ends the worker the way a crash in that poll would: SIGABRT on the polling thread,
+/// whose crash record names the module, so the master counts it against the module.
+pub fn abort_thread(thread: usize) {
+    // SAFETY: `thread` is a live event-loop thread's pthread_t (those threads run until
+    // the process ends), and SIGABRT's handler is the crash reporter.
+    unsafe {
+        libc::pthread_kill(thread as libc::pthread_t, libc::SIGABRT);
+    }
+}
+
 /// Runs `f`, a call into module `name`'s `hook`, recorded as this thread's current
-/// module call.
+/// module call. A `process_poll` call is also timed for the watchdog (`name` must then
+/// be the module's `'static` name).
 pub fn running<R>(name: &str, hook: &'static str, f: impl FnOnce() -> R) -> R {
+    let poll = if hook == "process_poll" {
+        poll_slot()
+    } else {
+        None
+    };
+    if let Some(s) = poll {
+        s.name.store(name.as_ptr().cast_mut(), Ordering::Relaxed);
+        s.len.store(name.len(), Ordering::Relaxed);
+        s.since_ms.store(now_ms(), Ordering::Release);
+    }
+    struct PollDone(Option<&'static PollSlot>);
+    impl Drop for PollDone {
+        fn drop(&mut self) {
+            if let Some(s) = self.0 {
+                s.since_ms.store(0, Ordering::Release);
+            }
+        }
+    }
+    let _poll = PollDone(poll);
     let before = CURRENT.with(|c| {
         c.replace(Current {
             name: name.as_ptr(),

@@ -90,6 +90,37 @@ fn die_with(master: i32) {
 }
 
 impl Link {
+    /// Watches the modules' polls: one that has run past `limit()` (the module timeout
+    /// and a second) holds an event-loop thread nothing can take back, and the requests
+    /// queued behind it on every listener. The worker is ended as by a crash in that
+    /// poll, so the master starts a new one at once and counts the crash against the
+    /// module. Only in a worker: a process without a master would end for good.
+    pub fn spawn_poll_watchdog(&self, limit: impl Fn() -> std::time::Duration + Send + 'static) {
+        let spawned = std::thread::Builder::new()
+            .name("vlv-watchdog".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let limit = limit();
+                    if let Some((thread, module)) =
+                        crate::host::crash::stuck_polls(limit).into_iter().next()
+                    {
+                        tracing::error!(
+                            module = %module,
+                            "process_poll of module {module} has run for over {} ms on an event-loop \
+                             thread, where nothing can stop it: ending the worker as a crash in it",
+                            limit.as_millis()
+                        );
+                        crate::host::crash::abort_thread(thread);
+                        std::thread::sleep(std::time::Duration::from_secs(5));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the poll watchdog: {e}");
+        }
+    }
+
     /// After a change of user: Linux clears the parent-death signal on setuid, and a
     /// worker left behind would keep the ports (its copies of the sockets) until its
     /// requests finished.
