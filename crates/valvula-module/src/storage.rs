@@ -684,14 +684,24 @@ impl Host {
         // Run even when the table exists: the daemon gives a table to the first module
         // that creates it in its run, and this makes it ours again at every start
         // (another module can then neither drop nor squat it).
-        self.exec(
+        let created = self.exec(
             &format!(
                 "CREATE TABLE IF NOT EXISTS {table} ({} {})",
                 first.name,
                 ty(mysql, first)
             ),
             &[],
-        )?;
+        );
+        // A table that exists serves as it is when the statement is refused (an account
+        // without the CREATE privilege, as least-privilege setups grant).
+        if before.is_empty() {
+            created?;
+        } else if let Err(e) = created {
+            tracing::debug!(
+                table,
+                "CREATE TABLE IF NOT EXISTS on an existing table failed: {e}"
+            );
+        }
         let mut added = Vec::new();
         let mut have = before;
         if have.is_empty() {
