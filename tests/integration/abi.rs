@@ -258,6 +258,19 @@ fn each_load_error_is_specific() {
         ),
         "{t}"
     );
+    // A struct_size larger than the symbol: the symbol table's size wins.
+    let (e, t) = one("lying_size");
+    assert!(
+        matches!(
+            e,
+            LoadError::ShortStruct {
+                size: 104,
+                need: 120,
+                ..
+            }
+        ),
+        "{t}"
+    );
     let (e, t) = one("init_fail");
     assert!(matches!(e, LoadError::InitFailed { status: -5, .. }), "{t}");
 

@@ -132,6 +132,12 @@ pub(super) fn load_checked(path: &Path, checked: file::Checked) -> Result<Opened
             ptr.add(12).cast::<u32>().read_unaligned(),
         )
     };
+    // A struct_size larger than the symbol itself would have the loader read past it:
+    // believe the symbol table where it says.
+    let size = match symbol_size(ptr) {
+        Some(real) if real < size as usize => real as u32,
+        _ => size,
+    };
     let (hmaj, hmin) = (abi::VLV_ABI_MAJOR, abi::VLV_ABI_MINOR);
     // 0.x modules up to 0.5 (the layout 1.0 froze) load as they are.
     let legacy = major == 0 && minor <= abi::VLV_ABI_LEGACY_MINOR;
@@ -265,6 +271,31 @@ impl Opened {
 
 /// How long `close` waits for a VLV_FLAG_SERIALIZE module's lock.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The size the ELF symbol table gives the definition at `ptr` (glibc's dladdr1), if it
+/// says one.
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+fn symbol_size(ptr: *const u8) -> Option<usize> {
+    const RTLD_DL_SYMENT: libc::c_int = 1;
+    // SAFETY: all-zero is a valid Dl_info (null pointers), filled in by dladdr1.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let mut sym: *mut libc::c_void = std::ptr::null_mut();
+    // SAFETY: `ptr` is the address dlsym gave for a loaded library's symbol; dladdr1
+    // only looks it up and writes the two out pointers, which are ours.
+    let found = unsafe { libc::dladdr1(ptr.cast(), &mut info, &mut sym, RTLD_DL_SYMENT) };
+    if found == 0 || sym.is_null() {
+        return None;
+    }
+    // SAFETY: with RTLD_DL_SYMENT, `sym` points at the symbol's ElfW(Sym) entry in the
+    // library's symbol table, which stays mapped (libraries are never unloaded).
+    let size = unsafe { (*sym.cast::<libc::Elf64_Sym>()).st_size };
+    (size > 0).then_some(size as usize)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64")))]
+fn symbol_size(_ptr: *const u8) -> Option<usize> {
+    None
+}
 
 /// An initialised module.
 pub struct LoadedModule {
