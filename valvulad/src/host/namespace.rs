@@ -258,8 +258,10 @@ const REFUSED_FIRST: &[&str] = &[
     "use",
 ];
 
-/// The names of a statement that can only be dynamic SQL.
-const REFUSED_ANYWHERE: &[&str] = &["prepare", "execute", "sqlite_master", "sqlite_schema"];
+/// Names no statement of a module may hold: dynamic SQL (text the check never sees).
+const REFUSED_ANYWHERE: &[&str] = &["prepare", "execute"];
+/// SQLite's schema table: read, never written.
+const READ_ONLY: &[&str] = &["sqlite_master", "sqlite_schema", "sqlite_temp_master"];
 
 /// The table a `CREATE [OR REPLACE] [TEMPORARY] TABLE [IF NOT EXISTS] [schema.]name`
 /// statement creates (`Err` for a name in another schema).
@@ -340,7 +342,14 @@ pub(crate) fn check(
             _ => None,
         })
     };
+    let reads_only = matches!(
+        toks.first(),
+        Some(Tok::Name { text, quoted: false }) if text == "select"
+    );
     for (n, quoted) in names() {
+        if !reads_only && READ_ONLY.contains(&n) {
+            return refused(format!("{n} is read, never written, by modules"));
+        }
         if n.starts_with("vlv_") {
             return refused(format!(
                 "{n} is a name of the host's (vlv_...): modules may not name it"
