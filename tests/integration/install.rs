@@ -192,6 +192,7 @@ fn debian_package_contents() {
         "Depends:",
         "adduser",
         "postinst",
+        "prerm",
         "conffiles",
         // valvula (C)'s packages own /usr/bin/valvulad, its init script and
         // /usr/lib/valvulad/modules/mod-ticket.so, which this package ships too.
@@ -230,6 +231,16 @@ fn debian_package_contents() {
     assert_eq!(conffiles.trim(), "/etc/valvula/valvulad.toml");
     let post = std::fs::read_to_string(ctl_dir.path().join("c/postinst")).unwrap();
     assert!(post.contains("adduser --system"), "{post}");
+    let prerm = std::fs::read_to_string(ctl_dir.path().join("c/prerm")).unwrap();
+    assert!(prerm.contains("systemctl stop valvulad.service"), "{prerm}");
+    for script in ["postinst", "prerm"] {
+        let o = Command::new("sh")
+            .arg("-n")
+            .arg(ctl_dir.path().join("c").join(script))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{script} is not valid sh: {o:?}");
+    }
     let v = Command::new(root.path().join("usr/sbin/valvulad"))
         .arg("-v")
         .output()
