@@ -115,6 +115,24 @@ fn ask_blocking(addr: &str, attrs: &[(&str, &str)]) -> String {
     })
 }
 
+/// `cargo build --quiet` with `args` in `dir` (this test's cargo, no inherited target
+/// directory); fails the test with `what` and cargo's output.
+fn cargo_build(dir: &Path, args: &[&str], env: &[(&str, &str)], what: &str) {
+    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--quiet"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("CARGO_TARGET_DIR")
+        .current_dir(dir)
+        .output()
+        .expect("run cargo");
+    assert!(
+        o.status.success(),
+        "{what}:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Loads the modules `cfg` names (for real, with dlopen) and starts a daemon on them.
 async fn start_loaded(cfg: valvula_config::Config) -> (valvulad::server::Daemon, Vec<String>) {
     let (modules, _) =
@@ -823,24 +841,17 @@ fn a_rust_module_built_with_panic_abort_is_refused_and_told_why() {
         .parent()
         .expect("target directory")
         .join("panic-abort");
-    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--quiet",
+    cargo_build(
+        &repo_root(),
+        &[
             "--locked",
             "-p",
             "mod-test",
             "--target-dir",
-        ])
-        .arg(&out_dir)
-        .env("CARGO_PROFILE_DEV_PANIC", "abort")
-        .current_dir(repo_root())
-        .output()
-        .expect("run cargo");
-    assert!(
-        o.status.success(),
-        "cargo build with panic = abort:\n{}",
-        String::from_utf8_lossy(&o.stderr)
+            &out_dir.display().to_string(),
+        ],
+        &[("CARGO_PROFILE_DEV_PANIC", "abort")],
+        "cargo build with panic = abort",
     );
     let dir = module_tempdir();
     let mods = mkdir(&dir.path().join("mods"), 0o755);
@@ -1438,16 +1449,11 @@ fn the_rust_template_builds_out_of_tree_and_answers() {
     std::fs::copy(tmpl.join("src/lib.rs"), work.join("src/lib.rs")).unwrap();
     // The versions valvula itself is tested with (and no registry needed).
     std::fs::copy(repo_root().join("Cargo.lock"), work.join("Cargo.lock")).unwrap();
-    let o = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--offline"])
-        .current_dir(&work)
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .expect("run cargo");
-    assert!(
-        o.status.success(),
-        "the template does not build out of tree:\n{}",
-        String::from_utf8_lossy(&o.stderr)
+    cargo_build(
+        &work,
+        &["--offline"],
+        &[],
+        "the template does not build out of tree",
     );
     let dir = module_tempdir();
     let so = dir.path().join("mod-template.so");

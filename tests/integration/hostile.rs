@@ -288,13 +288,7 @@ async fn hostile_clients_do_not_stop_or_slow_the_others() {
 
 /// `valvulad_malformed_requests_total` of the listener, from /metrics.
 async fn malformed_total(p: &Proc) -> u64 {
-    let log = p.log();
-    let addr = log
-        .lines()
-        .find(|l| l.contains("metrics listener ready"))
-        .and_then(|l| l.split("address=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap().to_owned())
-        .unwrap_or_else(|| panic!("no metrics listener:\n{log}"));
+    let addr = p.metrics_addr();
     let mut s = TcpStream::connect(&addr).await.expect("metrics");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await

@@ -331,10 +331,9 @@ fn monitoring_rules_and_dashboard_match_the_metrics() {
         .unwrap_or_else(|e| panic!("a dashboard query is not valid PromQL: {e}"));
 
     // What a running daemon exports (a module, so the per-module series are there).
-    let port = valvula_tests::free_port();
     let p = valvula_tests::daemon::Proc::start(
         &format!(
-            "[server]\nmodule_dirs = [{:?}]\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+            "[server]\nmodule_dirs = [{:?}]\nmetrics_listen = \"127.0.0.1:0\"\n\
              [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\nmodules = [\"mod-test\"]\n",
             valvula_tests::module_path("mod_test")
                 .parent()
@@ -346,7 +345,7 @@ fn monitoring_rules_and_dashboard_match_the_metrics() {
     );
     let scrape = {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+        let mut s = std::net::TcpStream::connect(p.metrics_addr()).expect("metrics listener");
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut out = String::new();

@@ -748,16 +748,6 @@ fn admin_socket_refuses_other_users() {
     );
 }
 
-/// The address of the `/metrics` listener, from its "ready" log line.
-fn metrics_addr(p: &Proc) -> String {
-    let log = p.log();
-    log.lines()
-        .find(|l| l.contains("metrics listener ready"))
-        .and_then(|l| l.split("address=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap().to_owned())
-        .unwrap_or_else(|| panic!("no metrics listener:\n{log}"))
-}
-
 fn with_metrics() -> String {
     base("\"mod-test\"", "").replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n")
 }
@@ -789,7 +779,7 @@ fn rss_mb(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_listener_speaks_bounded_http() {
     let p = Proc::start(&with_metrics(), &[]);
-    let m = metrics_addr(&p);
+    let m = p.metrics_addr();
     let r = http(
         &m,
         b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -895,7 +885,7 @@ async fn metrics_listener_speaks_bounded_http() {
 async fn metrics_listener_survives_endless_and_slow_requests() {
     use tokio::io::AsyncWriteExt;
     let p = Proc::start(&with_metrics(), &[]);
-    let m = metrics_addr(&p);
+    let m = p.metrics_addr();
     let pid = p.worker_pid();
     let rss_before = rss_mb(pid);
     let mut streams = tokio::task::JoinSet::new();

@@ -219,6 +219,17 @@ impl Proc {
             .collect()
     }
 
+    /// The address of the `/metrics` listener (`metrics_listen`, `:0` resolved), from
+    /// its "ready" log line.
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log();
+        log.lines()
+            .find(|l| l.contains("metrics listener ready"))
+            .and_then(|l| l.split("address=").nth(1))
+            .map(|a| a.split_whitespace().next().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no metrics listener:\n{log}"))
+    }
+
     /// The worker's pid: the process that serves, loads the modules and holds their
     /// memory (the one started, the master, only keeps the sockets and restarts it).
     /// Waits for it to be there; with `--single-process`, the process itself.

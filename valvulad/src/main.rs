@@ -427,13 +427,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 break;
             }
             _ = hup.recv() => {
-                let r = daemon.reload(&args.config, &services).await;
-                reloaded(&daemon, &r);
+                let _ = daemon.reload(&args.config, &services).await;
             }
             Some(answer) = reload_rx.recv() => {
-                let r = daemon.reload(&args.config, &services).await;
-                reloaded(&daemon, &r);
-                let _ = answer.send(r);
+                let _ = answer.send(daemon.reload(&args.config, &services).await);
             }
         }
     }
@@ -447,23 +444,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("valvulad stopped");
     Ok(())
-}
-
-/// After a reload, a worker tells its master the listening sockets now in use and,
-/// when the new configuration is in force, that modules disabled for crashing are
-/// loaded again.
-fn reloaded(daemon: &Daemon, r: &Result<String, String>) {
-    let Some(link) = valvulad::supervisor::worker::link() else {
-        return;
-    };
-    daemon.tell_master_listeners();
-    let in_force = match r {
-        Ok(_) => true,
-        Err(e) => e.starts_with(valvulad::server::RELOADED_BUT),
-    };
-    if in_force {
-        link.reloaded();
-    }
 }
 
 /// Once a minute: drop sliding-window buckets no window counts any more.

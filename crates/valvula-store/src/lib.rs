@@ -449,6 +449,7 @@ impl Store {
                     config.zone,
                     config.timeout,
                     config.record_zone,
+                    false,
                     runtime,
                 )?),
                 Dialect::Mysql,
@@ -517,12 +518,14 @@ impl Store {
                 password,
                 pool_size,
             } => Ok(Arc::new(Store {
-                engine: Box::new(mysql::Mysql::open_check(
+                engine: Box::new(mysql::Mysql::open(
                     url,
                     password.clone(),
                     *pool_size,
                     config.zone,
                     config.timeout,
+                    false,
+                    true,
                     runtime,
                 )?),
                 dialect: Dialect::Mysql,

@@ -1044,43 +1044,9 @@ async fn lane(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<
 }
 
 impl Mysql {
-    pub fn open(
-        url: &str,
-        password: Option<String>,
-        pool_size: usize,
-        zone: Zone,
-        timeout: Duration,
-        record_zone: bool,
-        runtime: tokio::runtime::Handle,
-    ) -> Result<Mysql> {
-        Self::open_with(
-            url,
-            password,
-            pool_size,
-            zone,
-            timeout,
-            record_zone,
-            false,
-            runtime,
-        )
-    }
-
-    /// For a check: the host's tables are looked at, never created.
-    pub fn open_check(
-        url: &str,
-        password: Option<String>,
-        pool_size: usize,
-        zone: Zone,
-        timeout: Duration,
-        runtime: tokio::runtime::Handle,
-    ) -> Result<Mysql> {
-        Self::open_with(
-            url, password, pool_size, zone, timeout, false, true, runtime,
-        )
-    }
-
+    /// `check`: for a check, whose host tables are looked at, never created.
     #[allow(clippy::too_many_arguments)]
-    fn open_with(
+    pub fn open(
         url: &str,
         password: Option<String>,
         pool_size: usize,

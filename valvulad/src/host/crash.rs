@@ -224,29 +224,34 @@ pub fn abort_thread(thread: usize) {
     }
 }
 
-/// Runs `f`, a call into module `name`'s `hook`, recorded as this thread's current
-/// module call. A `process_poll` call is also timed for the watchdog (`name` must then
-/// be the module's `'static` name).
-pub fn running<R>(name: &str, hook: &'static str, f: impl FnOnce() -> R) -> R {
-    let poll = if hook == "process_poll" {
-        poll_slot()
-    } else {
-        None
-    };
-    if let Some(s) = poll {
+/// [`running`] for a `process_poll` call, also timed for the watchdog, which can see
+/// it from another thread: returns what `f` returned and how long it ran.
+pub fn polling<R>(name: &'static str, f: impl FnOnce() -> R) -> (R, Duration) {
+    let slot = poll_slot();
+    let since = now_ms();
+    if let Some(s) = slot {
         s.name.store(name.as_ptr().cast_mut(), Ordering::Relaxed);
         s.len.store(name.len(), Ordering::Relaxed);
-        s.since_ms.store(now_ms(), Ordering::Release);
+        s.since_ms.store(since, Ordering::Release);
     }
-    struct PollDone(Option<&'static PollSlot>);
-    impl Drop for PollDone {
+    // Cleared even when `f` unwinds.
+    struct Done(Option<&'static PollSlot>);
+    impl Drop for Done {
         fn drop(&mut self) {
             if let Some(s) = self.0 {
                 s.since_ms.store(0, Ordering::Release);
             }
         }
     }
-    let _poll = PollDone(poll);
+    let done = Done(slot);
+    let r = running(name, "process_poll", f);
+    drop(done);
+    (r, Duration::from_millis(now_ms() - since))
+}
+
+/// Runs `f`, a call into module `name`'s `hook`, recorded as this thread's current
+/// module call.
+pub fn running<R>(name: &str, hook: &'static str, f: impl FnOnce() -> R) -> R {
     let before = CURRENT.with(|c| {
         c.replace(Current {
             name: name.as_ptr(),

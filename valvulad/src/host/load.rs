@@ -438,18 +438,16 @@ impl Handler for LoadedModule {
                         return Err(HandlerError::Other("module is closed".into()));
                     }
                     let mut cp = abandon.call as *mut c_void;
-                    let started = std::time::Instant::now();
                     // SAFETY: state is what init returned; `call` lives across every poll
                     // of this request and is reached only through the host functions, on
                     // the thread running the poll; cp is the module's own call pointer.
-                    let status = super::crash::running(name, "process_poll", || unsafe {
+                    let (status, took) = super::crash::polling(name, || unsafe {
                         poll(
                             state as *mut c_void,
                             (&mut call as *mut RequestCall<'_>).cast::<vlv_request>(),
                             &mut cp,
                         )
                     });
-                    let took = started.elapsed();
                     if took > POLL_BLOCKED
                         && !blocked.swap(true, std::sync::atomic::Ordering::Relaxed)
                     {

@@ -32,7 +32,7 @@ use listener::{Bound, RunningListener, accept_loop, bind, runtime_for};
 use shared::ListenerShared;
 
 pub use chain::valvula_line;
-pub use reload::{RELOADED_BUT, load, load_from};
+pub use reload::{load, load_from};
 pub use shared::{ListenerRuntime, ListenerStats};
 pub use ticks::tick_kinds;
 

@@ -10,10 +10,6 @@ use valvula_config::Config;
 use super::Daemon;
 use crate::host::{self, ModuleSet, Services};
 
-/// How a reload's error starts when the new configuration is in force all the same
-/// (a module kept its previous settings).
-pub const RELOADED_BUT: &str = "configuration reloaded, but ";
-
 /// Why a configuration could not be loaded; the running one stays.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadFailed {
@@ -151,6 +147,12 @@ impl Daemon {
             }
         }
         self.switch(config, modules, fresh);
+        // In force: a worker's master learns the sockets now in use (a later worker
+        // inherits them) and forgets the crashes it counted.
+        if let Some(link) = crate::supervisor::worker::link() {
+            self.tell_master_listeners();
+            link.reloaded();
+        }
         if kept.is_empty() {
             tracing::info!("configuration reloaded");
             Ok(if later.is_empty() {
@@ -159,8 +161,8 @@ impl Daemon {
                 format!("; at the next restart: {}", later.join(", "))
             })
         } else {
-            tracing::warn!("{RELOADED_BUT}{}", kept.join("; "));
-            Err(format!("{RELOADED_BUT}{}", kept.join("; ")))
+            tracing::warn!("configuration reloaded, but {}", kept.join("; "));
+            Err(format!("configuration reloaded, but {}", kept.join("; ")))
         }
     }
 }

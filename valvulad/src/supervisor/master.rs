@@ -260,7 +260,11 @@ impl Master {
                 self.crashes.disabled.clear();
                 self.crashes.seen.clear();
                 self.last_good = std::fs::read_to_string(&self.args.config_path).ok();
-                if let Ok(l) = valvula_config::load_file(&self.args.config_path) {
+                if let Some(Ok(l)) = self
+                    .last_good
+                    .as_deref()
+                    .map(|t| valvula_config::load_text(t, &self.args.config_path))
+                {
                     self.crashes.limit = l.config.server.crash_limit;
                     self.crashes.window = l.config.server.crash_window;
                     self.grace = l.config.server.shutdown_grace;
